@@ -1,0 +1,41 @@
+"""Text generation: greedy, temperature and nucleus (top-p) sampling from a `model.py` Transformer.
+
+Each new token re-runs the model over the whole prefix (no KV cache yet), which is simple and exact
+but costs O(length^2); it is meant for the short samples printed during training.
+"""
+import torch
+
+
+def sample_next_token(logits, temperature: float, top_p: float, generator=None):
+    """Pick one token id per row of `logits` (batch, vocab). temperature 0 means greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    # Keep the smallest set of most likely tokens whose probability reaches top_p (always at least one).
+    outside_nucleus = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
+    sorted_probs = sorted_probs.masked_fill(outside_nucleus, 0.0)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.8, top_p: float = 0.9,
+             eos_id=None, generator=None):
+    """Continue `prompt_ids` (a list of ints) by up to `max_new_tokens` tokens; returns the new ids."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    new_ids = []
+    for _ in range(max_new_tokens):
+        logits = model(tokens[:, -model.args.max_seq_len:])[:, -1]
+        next_id = sample_next_token(logits, temperature, top_p, generator)
+        if eos_id is not None and int(next_id) == eos_id:
+            break
+        new_ids.append(int(next_id))
+        tokens = torch.cat([tokens, next_id[:, None]], dim=1)
+    model.train(was_training)
+    return new_ids

@@ -1,0 +1,257 @@
+"""LOMO: SGD fused into the backward pass, so that at most one parameter gradient is alive at a time.
+
+Lv et al., "Full Parameter Fine-tuning for Large Language Models with Limited Resources" (2023).
+
+How it works:
+- Every trainable parameter gets one `register_post_accumulate_grad_hook`. Autograd calls it the moment
+  that parameter's gradient is complete; the hook takes the gradient out of `.grad`, updates the
+  parameter with SGD in fp32 maths, writes the result back in the parameter's dtype, and lets the
+  gradient go. Gradient memory is therefore one tensor (the largest), not the whole model.
+  (The official code hooks the gradient *before* it is accumulated and scans all parameters for the
+  previous one, so it lags one parameter behind and needs a manual call after backward; the
+  post-accumulate hook, PyTorch >= 2.1, needs neither.)
+- There is no `optimizer.step()`: `LOMO.step(loss, lr)` runs the backward pass(es) and is the step.
+- Clipping by global gradient norm needs the norm of *all* gradients before *any* parameter is
+  updated, but the update happens inside backward, parameter by parameter. So clipping runs backward
+  twice: pass 1 only adds each gradient's squared norm into one scalar on the device (no host sync
+  per parameter) and frees the gradient; one sync reads the norm and decides the clip factor; pass 2
+  runs backward again over the retained graph and updates. Clipping by value needs one pass.
+- fp16 needs dynamic loss scaling, and an overflow must be known before any weight changes, so fp16
+  always takes the norm pass: a non-finite norm means overflow, the step is skipped with every weight
+  untouched, and the scale is halved. It doubles after `growth_interval` clean steps (the official
+  code never grows it back).
+- bf16/fp32: a non-finite loss is caught before backward and the step skipped. With a norm pass a
+  non-finite norm skips the step as well. Without one, a tensor whose gradient is non-finite is left
+  unchanged (a device-side check, no sync) and the step is reported as partial; use clipping for an
+  all-or-nothing guarantee. Many bad steps in a row stop training with an error naming the step.
+
+Weight decay is L2 regularization added to the gradient (g + wd * w), exactly as `torch.optim.SGD`'s
+`weight_decay`; with a constant lr this equals decoupled decay with factor lr * wd.
+
+Left out: momentum (it is optimizer state, which LOMO exists to avoid), fp32 master weights (each
+step rounds back to the parameter's dtype, as in the paper), gradient accumulation (an update made
+inside backward cannot wait for later micro-batches), and AdaLomo.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# The fp32 update of a bf16/fp16 parameter runs in chunks of this many elements, so its temporaries
+# stay bounded (2**24 elements = 64 MiB per fp32 temporary) however large the parameter.
+UPDATE_CHUNK_NUMEL = 2**24
+
+
+@dataclass
+class StepResult:
+    """What one `LOMO.step` did."""
+    step: int
+    loss: float
+    lr: float
+    grad_norm: Optional[float] = None  # computed only when a norm pass ran (clipping or fp16)
+    skipped: bool = False  # True: no weight changed
+    reason: str = ""  # why the step was skipped or partial
+    nonfinite_tensors: int = 0  # single-pass mode: tensors left unchanged for a non-finite gradient
+    loss_scale: Optional[float] = None  # fp16 only: the scale used for this step
+
+
+class DynamicLossScaler:
+    """Loss scaling for fp16: multiply the loss so small gradients do not underflow fp16.
+
+    Start at `init_scale`; halve on overflow (the step is skipped); double after `growth_interval`
+    steps in a row without overflow. An overflow at `min_scale` is an error: the gradients overflow
+    fp16 even without scaling, so no scale can help.
+    """
+
+    def __init__(self, init_scale=2.0**16, growth_interval=1000, min_scale=1.0):
+        if init_scale < min_scale:
+            raise ValueError(f"init_scale={init_scale} is below min_scale={min_scale}")
+        self.scale, self.growth_interval, self.min_scale = float(init_scale), growth_interval, float(min_scale)
+        self.clean_steps = 0
+
+    def update(self, overflow: bool, step: int):
+        if overflow:
+            if self.scale <= self.min_scale:
+                raise FloatingPointError(
+                    f"step {step}: fp16 gradients overflow even at the minimum loss scale {self.min_scale}; "
+                    f"train in bf16 (--dtype bf16), lower the learning rate, or clip gradients")
+            self.scale = max(self.scale / 2, self.min_scale)
+            self.clean_steps = 0
+        else:
+            self.clean_steps += 1
+            if self.clean_steps == self.growth_interval:
+                self.scale *= 2
+                self.clean_steps = 0
+
+    def state_dict(self):
+        return dict(scale=self.scale, clean_steps=self.clean_steps,
+                    growth_interval=self.growth_interval, min_scale=self.min_scale)
+
+    def load_state_dict(self, state):
+        self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
+        self.growth_interval, self.min_scale = int(state["growth_interval"]), float(state["min_scale"])
+
+
+class LOMO:
+    """Fused backward + SGD update. Usage: `result = lomo.step(loss, lr)` instead of backward/step."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
+                 clip_grad_norm: Optional[float] = None, clip_grad_value: Optional[float] = None,
+                 loss_scaler: Optional[DynamicLossScaler] = None, max_consecutive_skips: int = 25):
+        for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value} must be a finite number >= 0")
+        for name, value in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}={value} must be a positive number, or None to turn it off")
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
+        if any(p.dtype == torch.float16 for p in self.params) and loss_scaler is None:
+            loss_scaler = DynamicLossScaler()  # fp16 without loss scaling underflows; never run it bare
+        self.lr, self.weight_decay = lr, weight_decay
+        self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
+        self.loss_scaler, self.max_consecutive_skips = loss_scaler, max_consecutive_skips
+        self.step_count, self.consecutive_skips = 0, 0
+        # What the hooks do is set by step() for each pass: None (plain autograd, hooks do nothing),
+        # "norm" (pass 1: accumulate the squared norm) or "update" (apply SGD).
+        self._mode = None
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+
+    # ------------------------------------------------------------------------------------------------
+    # The hook: runs once per parameter per backward pass, as soon as its gradient is complete.
+
+    def _hook(self, param):
+        if self._mode is None:
+            return  # a backward outside step() (a diagnostic, a test) leaves .grad to the caller
+        grad = param.grad
+        param.grad = None  # free it now: this is where LOMO's memory saving comes from
+        with torch.no_grad():
+            if self._mode == "norm":
+                self._accumulate_norm(grad)
+            else:
+                self._update(param, grad)
+
+    def _accumulate_norm(self, grad):
+        for chunk in grad.view(-1).split(UPDATE_CHUNK_NUMEL):
+            if self.clip_grad_value is not None:
+                # The norm must be of the gradients that pass 2 will use, i.e. after value clipping.
+                chunk = (chunk.float() * self._inv_scale).clamp_(-self.clip_grad_value, self.clip_grad_value)
+                self._norm_sq += torch.linalg.vector_norm(chunk).square()
+            else:
+                # norm first, then unscale: squaring a scaled fp16 gradient could overflow fp32.
+                self._norm_sq += (torch.linalg.vector_norm(chunk, dtype=torch.float32) * self._inv_scale).square()
+
+    def _update(self, param, grad):
+        finite = None
+        if self._single_pass:
+            # No norm pass vouched for this gradient: check it on the device (no host sync); a
+            # non-finite gradient becomes "leave this tensor unchanged" (its update is zeroed below).
+            finite = torch.isfinite(grad).all()
+            self._nonfinite_tensors += ~finite
+        # fp32 parameters are updated in place with exactly torch.optim.SGD's operations, which keeps
+        # them bit-identical to it. Lower-precision parameters go through fp32 in bounded chunks.
+        if param.dtype == torch.float32:
+            pieces = [(param, grad)]
+        else:
+            pieces = zip(param.view(-1).split(UPDATE_CHUNK_NUMEL), grad.view(-1).split(UPDATE_CHUNK_NUMEL))
+        for p_piece, g_piece in pieces:
+            g32, p32 = g_piece.float(), p_piece.float()  # no copy when already fp32
+            if self._inv_scale != 1.0:
+                g32.mul_(self._inv_scale)
+            if self.clip_grad_value is not None:
+                g32.clamp_(-self.clip_grad_value, self.clip_grad_value)
+            if self._clip_coef != 1.0:
+                g32.mul_(self._clip_coef)
+            if self.weight_decay:
+                g32 = g32.add(p32, alpha=self.weight_decay)
+            if finite is not None:
+                g32.masked_fill_(~finite, 0.0)  # w - lr * 0 == w exactly
+            p32.add_(g32, alpha=-self._lr)
+            if p32.data_ptr() != p_piece.data_ptr():
+                p_piece.copy_(p32)  # round the fp32 result back into the bf16/fp16 parameter
+
+    # ------------------------------------------------------------------------------------------------
+    # One training step.
+
+    @property
+    def needs_norm_pass(self) -> bool:
+        return self.clip_grad_norm is not None or self.loss_scaler is not None
+
+    def step(self, loss: torch.Tensor, lr: Optional[float] = None) -> StepResult:
+        """Backward (once, or twice with clipping/fp16) with the update fused in. Returns what happened."""
+        self.step_count += 1
+        lr = self.lr if lr is None else lr
+        scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+        result = StepResult(step=self.step_count, loss=float(loss.detach()), lr=lr,
+                            loss_scale=scale if self.loss_scaler is not None else None)
+        # One host sync, before any backward: a non-finite loss would give non-finite gradients.
+        if not math.isfinite(result.loss):
+            return self._skip(result, f"non-finite loss {result.loss}")
+        scaled_loss = loss * scale if scale != 1.0 else loss
+        self._inv_scale, self._clip_coef, self._lr = 1.0 / scale, 1.0, lr
+        device = loss.device
+        try:
+            if self.needs_norm_pass:
+                self._mode, self._norm_sq = "norm", torch.zeros((), device=device, dtype=torch.float32)
+                scaled_loss.backward(retain_graph=True)
+                grad_norm = float(self._norm_sq.sqrt())  # the one host sync of the step
+                result.grad_norm = grad_norm
+                if not math.isfinite(grad_norm):
+                    if self.loss_scaler is not None:
+                        self.loss_scaler.update(overflow=True, step=self.step_count)
+                        return self._skip(result, f"fp16 gradient overflow at loss scale {scale:g}")
+                    return self._skip(result, f"non-finite gradient norm {grad_norm}")
+                if self.clip_grad_norm is not None:
+                    # The same formula as torch.nn.utils.clip_grad_norm_.
+                    self._clip_coef = min(1.0, self.clip_grad_norm / (grad_norm + 1e-6))
+            self._mode, self._single_pass = "update", not self.needs_norm_pass
+            self._nonfinite_tensors = torch.zeros((), device=device, dtype=torch.int64)
+            scaled_loss.backward()
+        finally:
+            self._mode = None
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(overflow=False, step=self.step_count)
+        if self._single_pass:
+            result.nonfinite_tensors = int(self._nonfinite_tensors)
+            if result.nonfinite_tensors:
+                result.reason = (f"{result.nonfinite_tensors} tensors had non-finite gradients and were left "
+                                 f"unchanged; the others were updated")
+                return self._count_bad_step(result)
+        self.consecutive_skips = 0
+        return result
+
+    def _skip(self, result: StepResult, reason: str) -> StepResult:
+        for p in self.params:
+            p.grad = None  # nothing of this step may leak into the next
+        result.skipped, result.reason = True, reason
+        return self._count_bad_step(result)
+
+    def _count_bad_step(self, result: StepResult) -> StepResult:
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            raise FloatingPointError(
+                f"step {result.step}: {self.consecutive_skips} bad steps in a row (last: {result.reason}); "
+                f"training is diverging: lower the learning rate, enable --clip-grad-norm, or use bf16")
+        return result
+
+    # ------------------------------------------------------------------------------------------------
+    # State: SGD has none; the step counter and the loss scaler are all there is to save.
+
+    def state_dict(self):
+        return dict(step_count=self.step_count, consecutive_skips=self.consecutive_skips,
+                    loss_scaler=self.loss_scaler.state_dict() if self.loss_scaler is not None else None)
+
+    def load_state_dict(self, state):
+        self.step_count, self.consecutive_skips = int(state["step_count"]), int(state["consecutive_skips"])
+        if (state["loss_scaler"] is None) != (self.loss_scaler is None):
+            raise ValueError("the saved state and this LOMO disagree on loss scaling (fp16 vs bf16/fp32): "
+                             "resume with the --dtype the run was started with")
+        if self.loss_scaler is not None:
+            self.loss_scaler.load_state_dict(state["loss_scaler"])
+
+    def remove_hooks(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -1,0 +1,276 @@
+"""The LLaMA transformer, in plain PyTorch: a readable, trainable copy of Meta's reference model.
+
+Choices, each matching Meta's `llama/model.py` so that its checkpoints load without renaming:
+- `ModelArgs` uses params.json's field names, so `ModelArgs(**json.load(f))` works; the FFN width and
+  head_dim are derived the way Meta derives them (11008 for 7B).
+- Pre-norm blocks: x + attention(attention_norm(x)), then x + feed_forward(ffn_norm(x)); a final norm
+  and an output head. No biases anywhere. Parameter names are Meta's (wq, wk, wv, wo, w1, w2, w3, ...).
+- RMSNorm is computed in fp32 and cast back, because the mean of squares of a bf16/fp16 activation
+  loses too many bits (and can overflow in fp16).
+- Rotary embeddings in Meta's layout: each head's dims (2i, 2i+1) form one rotated pair ("interleaved").
+  Hugging Face checkpoints use the other layout (i, i + head_dim/2); the loader permutes their q/k rows.
+- Grouped-query attention: n_kv_heads key/value heads serve n_heads query heads; query head j reads
+  kv head j // (n_heads / n_kv_heads). Attention is `F.scaled_dot_product_attention` with a causal
+  mask, which picks a fused kernel on GPUs and softmaxes in fp32 internally.
+- SwiGLU feed-forward: w2(silu(w1 x) * w3 x).
+- The output head is untied from the embedding by default; `tie_embeddings=True` shares them.
+- `init_weights(model, seed)` is deterministic: each parameter's values depend only on the seed and the
+  parameter's name (not on the order of construction or the device count).
+- Activation checkpointing per block is one switch (`model.activation_checkpointing = True`).
+
+Left out on purpose: process groups (shard.py rewrites this model for tensor parallelism), files
+(checkpoint.py), optimizers (lomo.py), dropout (LLaMA uses none), RoPE frequency scaling (Llama 3.1),
+and a KV cache (generation recomputes the prefix for now).
+"""
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None means multi-head attention (n_kv_heads = n_heads)
+    vocab_size: int = -1  # -1 means "take it from the tokenizer" (Meta's convention)
+    multiple_of: int = 256  # the FFN width is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False  # not a Meta field: LLaMA-1/2 never tie; some small models do
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads != 0:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}: "
+                             f"choose n_heads among the divisors of dim (head_dim = dim / n_heads)")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}: "
+                             f"each key/value head must serve a whole number of query heads")
+        if (self.dim // self.n_heads) % 2 != 0:
+            raise ValueError(f"head_dim={self.dim // self.n_heads} is odd: rotary embeddings rotate "
+                             f"pairs of dimensions, so dim / n_heads must be even")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        # Meta's rule: start from 4*dim, take 2/3 of it (SwiGLU has three matrices instead of two, so
+        # this keeps the parameter count of a 4*dim MLP), scale, round up to a multiple of multiple_of.
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+# Named sizes. The real shapes are LLaMA-1 (Touvron et al. 2023, Table 2) and Llama-2's params.json;
+# their vocabulary is 32000. "tiny" is for tests and the default CPU run; its vocabulary comes from the
+# tokenizer trained on the bundled corpus.
+LLAMA_SIZES = {
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5, max_seq_len=256),
+    "1B": dict(dim=2048, n_layers=16, n_heads=16, vocab_size=32000, multiple_of=256, norm_eps=1e-5),
+    "7B": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-6),
+    "13B": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, norm_eps=1e-6),
+    "30B": dict(dim=6656, n_layers=60, n_heads=52, vocab_size=32000, multiple_of=256, norm_eps=1e-6),
+    "65B": dict(dim=8192, n_layers=80, n_heads=64, vocab_size=32000, multiple_of=256, norm_eps=1e-5),
+    "llama2-7B": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-5,
+                      max_seq_len=4096),
+    "llama2-13B": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, norm_eps=1e-5,
+                       max_seq_len=4096),
+    "llama2-70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, multiple_of=4096,
+                       ffn_dim_multiplier=1.3, norm_eps=1e-5, max_seq_len=4096),
+}
+
+
+def model_args(name: str, **overrides) -> ModelArgs:
+    """ModelArgs for a named size, with fields overridden (e.g. vocab_size from the tokenizer)."""
+    if name not in LLAMA_SIZES:
+        raise ValueError(f"unknown model size {name!r}: choose one of {sorted(LLAMA_SIZES)}")
+    return ModelArgs(**{**LLAMA_SIZES[name], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalize in fp32 and cast back before the weight, as Meta does.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rotary_cos_sin(head_dim: int, seq_len: int, theta: float, device=None):
+    """cos and sin of position * inv_freq, shape (seq_len, head_dim // 2), computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its angle (Meta's layout).
+
+    x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim // 2). This is Meta's complex product
+    (x[2i] + j x[2i+1]) * e^{j angle}, written with real numbers, in fp32, cast back to x's dtype.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        batch, seq, _ = x.shape
+        # The head counts are read from the weights, not from args: after tensor-parallel sharding a
+        # rank holds n_heads / tp query heads and n_kv_heads / tp key/value heads, and this code is unchanged.
+        q = self.wq(x).view(batch, seq, -1, self.head_dim)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
+        if k.shape[1] != q.shape[1]:
+            # Grouped-query attention: query head j uses kv head j // n_rep, i.e. repeat_interleave.
+            n_rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)  # gate
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin):
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ValueError(f"vocab_size={args.vocab_size}: set it from the tokenizer before building the model "
+                             f"(Meta's params.json uses -1 for 'take it from tokenizer.model')")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Recompute each block's activations in backward instead of storing them: memory falls from
+        # all intermediate activations to one (batch, seq, dim) input per block, for ~1/3 more compute.
+        self.activation_checkpointing = False
+
+    def forward(self, tokens):
+        """tokens: (batch, seq) int64 -> logits (batch, seq, vocab) in the parameters' dtype."""
+        seq = tokens.shape[1]
+        if seq > self.args.max_seq_len:
+            raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.args.max_seq_len}: "
+                             f"shorten the sequences (--seq-len) or raise max_seq_len")
+        cos, sin = rotary_cos_sin(self.args.head_dim, seq, self.args.rope_theta, device=tokens.device)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # Non-reentrant checkpointing works with hooks on parameters and with backward run twice
+                # over a retained graph (LOMO's clipping pass), which the reentrant variant does not.
+                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin)
+        return self.output(self.norm(h))
+
+
+def cross_entropy_loss(logits, labels):
+    """Mean next-token loss in fp32 over positions whose label is not -100.
+
+    labels are already shifted (labels[t] is the token after tokens[t]); fp32 because a softmax over
+    32000 classes in bf16 loses the small probabilities the loss is made of.
+    """
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Initialization
+
+
+def init_std(name: str, args: ModelArgs) -> Optional[float]:
+    """Standard deviation of the normal init for a parameter name; None for norm weights (ones).
+
+    GPT-2's scheme, as nanoGPT and HF LLaMA use it: N(0, 0.02) for every matrix, with the two matrices
+    that write into the residual stream (wo, w2) scaled down by 1/sqrt(2 * n_layers), so the residual
+    stream's variance does not grow with depth.
+    """
+    if name.endswith("norm.weight"):
+        return None
+    if name.endswith(("wo.weight", "w2.weight")):
+        return 0.02 / math.sqrt(2 * args.n_layers)
+    return 0.02
+
+
+def init_parameter(name: str, shape, args: ModelArgs, seed: int, device=None, dtype=torch.float32):
+    """The full initial value of one parameter, a function of (seed, name) only.
+
+    Each parameter draws from its own generator seeded by the seed and a hash of its name, so a model
+    built in another order, on another device count, or one slice at a time (tensor parallelism)
+    gets the same numbers.
+    """
+    std = init_std(name, args)
+    if std is None:
+        return torch.ones(shape, device=device, dtype=dtype)
+    generator = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    # Drawn on the CPU in fp32 so that the numbers do not depend on the device or dtype.
+    return torch.randn(shape, generator=generator).mul_(std).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, seed: int):
+    for name, param in model.named_parameters():
+        param.copy_(init_parameter(name, param.shape, model.args, seed, device=param.device, dtype=param.dtype))
+    return model
