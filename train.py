@@ -98,7 +98,9 @@ def main(argv=None):
     # -------------------------------------------------------------------------------- tokenizer, data
     tokenizer = (Tokenizer(args.tokenizer) if args.tokenizer else
                  cached_tokenizer(args.corpus, args.vocab_size, Path(__file__).parent / "data" / ".cache"))
-    margs = model_args(args.model, **({"vocab_size": tokenizer.vocab_size} if args.model == "tiny" else {}))
+    margs = model_args(args.model)
+    if margs.vocab_size <= 0:  # sizes without a fixed vocabulary (tiny) take the tokenizer's
+        margs.vocab_size = tokenizer.vocab_size
     if args.seq_len > margs.max_seq_len:
         raise ValueError(f"--seq-len={args.seq_len} exceeds the {args.model} model's max_seq_len={margs.max_seq_len}: "
                          f"use --seq-len <= {margs.max_seq_len}")

@@ -1,0 +1,217 @@
+"""LOMO against independent references: torch.optim.SGD, clip_grad_norm_, clip_grad_value_, and the
+guarantees of the fused update (one gradient alive at a time, nothing non-finite reaches a weight)."""
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from lomo import LOMO, DynamicLossScaler
+from model import cross_entropy_loss
+
+
+def loss_of(model, batch):
+    inputs, targets = batch
+    return cross_entropy_loss(model(inputs), targets)
+
+
+def weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def sgd_reference(model, batch, lr, weight_decay=0.0, clip_norm=None, clip_value=None, steps=1):
+    """The unfused way: full backward, optional clipping, torch.optim.SGD (single-tensor path)."""
+    sgd = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=False)
+    norms = []
+    for _ in range(steps):
+        sgd.zero_grad(set_to_none=True)
+        loss_of(model, batch).backward()
+        if clip_value is not None:
+            torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
+        if clip_norm is not None:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)))
+        sgd.step()
+    return norms
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_fp32_step_equals_torch_sgd_bit_for_bit(batch, weight_decay):
+    model, reference = tiny_model(), tiny_model()
+    lomo = LOMO(model, lr=0.3, weight_decay=weight_decay)
+    for _ in range(3):
+        result = lomo.step(loss_of(model, batch))
+        assert not result.skipped and result.grad_norm is None
+    sgd_reference(reference, batch, lr=0.3, weight_decay=weight_decay, steps=3)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(weights(model)[0], weights(tiny_model())[0])  # the weights did move
+
+
+def test_tied_embeddings_are_updated_once_like_sgd(batch):
+    model, reference = tiny_model(tie_embeddings=True), tiny_model(tie_embeddings=True)
+    assert model.output.weight is model.tok_embeddings.weight
+    LOMO(model, lr=0.3).step(loss_of(model, batch))
+    sgd_reference(reference, batch, lr=0.3)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_global_norm_clipping_matches_clip_grad_norm(batch):
+    model, reference = tiny_model(), tiny_model()
+    lomo = LOMO(model, lr=0.3, weight_decay=0.01, clip_grad_norm=0.5)
+    reported = [lomo.step(loss_of(model, batch)).grad_norm for _ in range(2)]
+    expected = sgd_reference(reference, batch, lr=0.3, weight_decay=0.01, clip_norm=0.5, steps=2)
+    assert all(n > 0.5 for n in expected)  # clipping was active, so the test can tell
+    assert reported == pytest.approx(expected, rel=1e-5)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_value_clipping_matches_clip_grad_value(batch):
+    model, reference = tiny_model(), tiny_model()
+    LOMO(model, lr=0.3, clip_grad_value=1e-3).step(loss_of(model, batch))
+    sgd_reference(reference, batch, lr=0.3, clip_value=1e-3)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_only_one_gradient_is_alive_during_backward(batch, clip):
+    model = tiny_model()
+    params = list(model.parameters())
+    alive = []
+
+    def count_alive(_):
+        alive.append(sum(p.grad is not None for p in params))
+
+    for p in params:  # registered before LOMO's hooks, so each runs just before LOMO frees the gradient
+        p.register_post_accumulate_grad_hook(count_alive)
+    LOMO(model, lr=0.1, clip_grad_norm=clip).step(loss_of(model, batch))
+    passes = 2 if clip else 1
+    assert alive == [1] * (len(params) * passes)
+    assert all(p.grad is None for p in params)
+
+
+def test_backward_outside_step_leaves_weights_and_grads_to_the_caller(batch):
+    model = tiny_model()
+    before = weights(model)
+    LOMO(model, lr=0.1)
+    loss_of(model, batch).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def inject(model, value, name="layers.0.attention.wq.weight"):
+    """Make one element of one parameter's gradient `value` (inf or nan)."""
+    param = dict(model.named_parameters())[name]
+
+    def corrupt(grad):
+        grad = grad.clone()
+        grad.view(-1)[0] = value
+        return grad
+
+    return param.register_hook(corrupt)
+
+
+def test_fp16_overflow_skips_step_halves_scale_and_keeps_weights(batch):
+    model = tiny_model(dtype=torch.float16)
+    lomo = LOMO(model, lr=0.1)
+    assert lomo.loss_scaler is not None and lomo.loss_scaler.scale == 2.0**16
+    before = weights(model)
+    handle = inject(model, float("inf"))
+    result = lomo.step(loss_of(model, batch))
+    assert result.skipped and "overflow" in result.reason and result.loss_scale == 2.0**16
+    assert lomo.loss_scaler.scale == 2.0**15
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)  # bit-identical: pass 1 saw the overflow before any update
+    assert all(p.grad is None for p in model.parameters())
+    handle.remove()
+    result = lomo.step(loss_of(model, batch))
+    assert not result.skipped and result.loss_scale == 2.0**15
+    assert not torch.equal(next(model.parameters()), before[0])
+
+
+def test_fp16_step_matches_fp32_sgd_on_the_same_weights(batch):
+    """Loss scaling is undone exactly: an fp16 LOMO step moves weights as fp32 SGD does, up to fp16 rounding."""
+    model = tiny_model(dtype=torch.float16)
+    reference = copy.deepcopy(model).float()
+    LOMO(model, lr=0.5).step(loss_of(model, batch))
+    sgd_reference(reference, batch, lr=0.5)
+    for p, q, p0 in zip(model.parameters(), reference.parameters(), tiny_model(dtype=torch.float16).parameters()):
+        ours, theirs = (p.detach().float() - p0.detach().float()).flatten(), (q.detach() - p0.detach().float()).flatten()
+        # Matrices hold small values, where fp16 resolves updates finely; norm weights sit at 1.0, where
+        # fp16's spacing (2**-10) is a sizeable part of an update, hence the looser bound there.
+        close = 0.999 if p.ndim == 2 else 0.85
+        assert torch.cosine_similarity(ours, theirs, dim=0) > close
+        assert abs(float(ours.norm() / theirs.norm()) - 1) < (0.01 if p.ndim == 2 else 0.2)
+
+
+def test_loss_scale_grows_after_clean_window_and_state_round_trips(batch):
+    model = tiny_model(dtype=torch.float16)
+    lomo = LOMO(model, lr=0.01, loss_scaler=DynamicLossScaler(init_scale=256.0, growth_interval=3))
+    scales = [lomo.step(loss_of(model, batch)).loss_scale for _ in range(4)]
+    assert scales == [256.0, 256.0, 256.0, 512.0]
+    state = lomo.state_dict()
+    other = LOMO(tiny_model(dtype=torch.float16), lr=0.01, loss_scaler=DynamicLossScaler())
+    other.load_state_dict(state)
+    assert other.state_dict() == state and other.loss_scaler.scale == 512.0
+
+
+def test_loss_scale_floor_is_a_clear_error():
+    scaler = DynamicLossScaler(init_scale=2.0, min_scale=1.0)
+    scaler.update(overflow=True, step=1)
+    assert scaler.scale == 1.0
+    with pytest.raises(FloatingPointError, match="step 2: fp16 gradients overflow even at the minimum loss scale"):
+        scaler.update(overflow=True, step=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_nan_loss_never_reaches_weights(batch, dtype, clip):
+    model = tiny_model(dtype=dtype)
+    before = weights(model)
+    result = LOMO(model, lr=0.1, clip_grad_norm=clip).step(loss_of(model, batch) * float("nan"))
+    assert result.skipped and "non-finite loss" in result.reason
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_gradient_never_reaches_weights(batch, dtype, value):
+    # Single pass: the bad tensor is left unchanged, the step is reported as partial.
+    model = tiny_model(dtype=dtype)
+    before = dict((n, p.detach().clone()) for n, p in model.named_parameters())
+    inject(model, value)
+    result = LOMO(model, lr=0.1, weight_decay=0.1).step(loss_of(model, batch))
+    assert result.nonfinite_tensors == 1 and "non-finite" in result.reason and not result.skipped
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.equal(model.layers[0].attention.wq.weight, before["layers.0.attention.wq.weight"])
+    assert not torch.equal(model.layers[0].attention.wk.weight, before["layers.0.attention.wk.weight"])
+    # With clipping the norm pass sees it first and no weight moves at all.
+    model = tiny_model(dtype=dtype)
+    inject(model, value)
+    result = LOMO(model, lr=0.1, clip_grad_norm=1.0).step(loss_of(model, batch))
+    assert result.skipped and "non-finite gradient norm" in result.reason
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_many_bad_steps_in_a_row_stop_training_naming_the_step(batch):
+    model = tiny_model()
+    lomo = LOMO(model, lr=0.1, max_consecutive_skips=3)
+    lomo.step(loss_of(model, batch) * float("nan"))
+    lomo.step(loss_of(model, batch))  # a good step resets the count
+    lomo.step(loss_of(model, batch) * float("nan"))
+    lomo.step(loss_of(model, batch) * float("nan"))
+    with pytest.raises(FloatingPointError, match="step 5: 3 bad steps in a row"):
+        lomo.step(loss_of(model, batch) * float("nan"))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=-1.0), "lr=-1.0"),
+    (dict(lr=0.1, weight_decay=float("nan")), "weight_decay=nan"),
+    (dict(lr=0.1, clip_grad_norm=0.0), "clip_grad_norm=0.0"),
+    (dict(lr=0.1, clip_grad_value=-2.0), "clip_grad_value=-2.0"),
+])
+def test_bad_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LOMO(tiny_model(), **kwargs)

@@ -1,0 +1,135 @@
+"""The LLaMA model: shapes of the real sizes, and properties checked against independent computations
+(Meta's complex-number rotary, multi-head attention with repeated kv weights, float64 formulas)."""
+import pytest
+import torch
+
+from conftest import VOCAB, tiny_model
+from model import (LLAMA_SIZES, ModelArgs, RMSNorm, Transformer, apply_rotary, cross_entropy_loss, init_parameter,
+                   init_weights, model_args, rotary_cos_sin)
+
+
+@pytest.mark.parametrize("name, hidden, n_params", [
+    ("7B", 11008, 6_738_415_616), ("13B", 13824, 13_015_864_320), ("30B", 17920, 32_528_943_616),
+    ("65B", 22016, 65_285_660_672), ("llama2-7B", 11008, 6_738_415_616), ("llama2-70B", 28672, 68_976_648_192),
+])
+def test_real_sizes_have_meta_shapes(name, hidden, n_params):
+    # Parameter counts as Meta's checkpoints hold them; built on the meta device, so nothing is allocated.
+    args = model_args(name)
+    assert args.ffn_hidden_dim == hidden
+    with torch.device("meta"):
+        model = Transformer(args)
+    assert sum(p.numel() for p in model.parameters()) == n_params
+
+
+def test_params_json_fields_construct_model_args():
+    params = {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-06, "vocab_size": -1}
+    args = ModelArgs(**params)
+    assert (args.head_dim, args.n_kv_heads, args.ffn_hidden_dim) == (128, 32, 11008)
+    assert set(LLAMA_SIZES) >= {"tiny", "7B", "13B", "30B", "65B", "llama2-7B", "llama2-13B", "llama2-70B"}
+
+
+def test_causality_later_tokens_do_not_change_earlier_logits():
+    model = tiny_model()
+    tokens = torch.randint(0, VOCAB, (1, 12))
+    changed = tokens.clone()
+    changed[0, 7:] = (changed[0, 7:] + 1) % VOCAB
+    a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_grouped_query_attention_equals_mha_with_repeated_kv_weights():
+    gqa = tiny_model(n_heads=4, n_kv_heads=2)
+    mha = tiny_model(n_heads=4, n_kv_heads=4)
+    state = gqa.state_dict()
+    head_dim = gqa.args.head_dim
+    for key, value in list(state.items()):
+        if key.endswith(("wk.weight", "wv.weight")):
+            # kv head h serves query heads 2h and 2h+1: repeat each head's rows twice, in place.
+            state[key] = value.view(2, head_dim, -1).repeat_interleave(2, dim=0).reshape(4 * head_dim, -1)
+    mha.load_state_dict(state)
+    tokens = torch.randint(0, VOCAB, (2, 10))
+    torch.testing.assert_close(gqa(tokens), mha(tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_rotary_is_metas_complex_rotation_of_adjacent_pairs():
+    x = torch.randn(2, 6, 3, 8, dtype=torch.float32)
+    cos, sin = rotary_cos_sin(8, 6, theta=10000.0)
+    # Meta: view adjacent pairs as complex numbers and multiply by e^{i * pos * theta^(-2i/d)}.
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))
+    angles = torch.outer(torch.arange(6, dtype=torch.float64), freqs)
+    expected = torch.view_as_real(torch.view_as_complex(x.double().reshape(2, 6, 3, 4, 2))
+                                  * torch.polar(torch.ones_like(angles), angles)[None, :, None, :]).flatten(-2)
+    torch.testing.assert_close(apply_rotary(x, cos, sin).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    cos, sin = rotary_cos_sin(16, 40, theta=10000.0)
+
+    def score(m, n):
+        return float((apply_rotary(q, cos[m:m + 1], sin[m:m + 1]) * apply_rotary(k, cos[n:n + 1], sin[n:n + 1])).sum())
+
+    assert score(5, 2) == pytest.approx(score(35, 32), rel=1e-4, abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 4), rel=1e-3)
+
+
+def test_rmsnorm_matches_float64_formula_and_keeps_dtype():
+    norm = RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16))
+    x = torch.randn(3, 16)
+    expected = x.double() / torch.sqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
+    torch.testing.assert_close(norm(x).double(), expected, rtol=1e-6, atol=1e-6)
+    assert norm.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_checkpointed_and_plain_blocks_give_identical_gradients():
+    tokens = torch.randint(0, VOCAB, (2, 12))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        model.activation_checkpointing = checkpointing
+        cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for plain, recomputed in zip(*grads):
+        assert torch.equal(plain, recomputed)
+
+
+def test_init_is_deterministic_and_depends_only_on_seed_and_name():
+    a, b, c = tiny_model(seed=3), tiny_model(seed=3), tiny_model(seed=4)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.layers[0].attention.wq.weight, c.layers[0].attention.wq.weight)
+    # The same parameter's value, computed on its own, is the one the model got.
+    alone = init_parameter("layers.1.feed_forward.w2.weight", a.layers[1].feed_forward.w2.weight.shape, a.args, seed=3)
+    assert torch.equal(alone, a.layers[1].feed_forward.w2.weight)
+    # Documented stds: 0.02, residual projections 0.02 / sqrt(2 * n_layers), norms ones.
+    assert float(a.tok_embeddings.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
+    assert float(a.layers[0].feed_forward.w2.weight.detach().std()) == pytest.approx(0.02 / 2, rel=0.05)
+    assert torch.equal(a.norm.weight, torch.ones_like(a.norm.weight))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(dim=100, n_heads=3), "dim=100 is not divisible by n_heads=3"),
+    (dict(dim=64, n_heads=4, n_kv_heads=3), "n_kv_heads=3 does not divide n_heads=4"),
+])
+def test_bad_shapes_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ModelArgs(**fields)
+
+
+def test_other_bad_input_is_refused():
+    with pytest.raises(ValueError, match="unknown model size '8B'"):
+        model_args("8B")
+    with pytest.raises(ValueError, match="vocab_size=-1"):
+        Transformer(model_args("tiny"))
+    model = tiny_model()
+    with pytest.raises(ValueError, match="sequence length 65 exceeds max_seq_len=64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_tied_option_shares_one_tensor():
+    model = init_weights(Transformer(model_args("tiny", vocab_size=VOCAB, tie_embeddings=True)), 0)
+    assert model.output.weight is model.tok_embeddings.weight
+    untied = tiny_model()
+    assert untied.output.weight is not untied.tok_embeddings.weight

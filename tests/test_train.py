@@ -1,0 +1,73 @@
+"""The default run, shortened: it learns, it logs what it promises, and it refuses bad input up front."""
+import json
+
+import pytest
+import torch
+
+import train
+
+
+def run(tmp_path, *flags):
+    return train.main(["--out", str(tmp_path), "--sample-tokens", "4", "--eval-batches", "4", *flags])
+
+
+def rows(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_shortened_default_run_lowers_validation_loss(tmp_path, capsys):
+    summary = run(tmp_path, "--steps", "150", "--eval-every", "75")
+    logged = rows(tmp_path)
+    assert [r["step"] for r in logged] == list(range(151))
+    evaluations = [r for r in logged if "val_loss" in r]
+    assert [r["step"] for r in evaluations] == [0, 75, 150] and logged[-1] is evaluations[-1]
+    assert evaluations[-1]["val_loss"] < evaluations[0]["val_loss"] - 1.0  # from ~7.6 (uniform over 2048)
+    assert summary["val_loss"] == evaluations[-1]["val_loss"]
+    step = logged[1]
+    assert set(step) >= {"loss", "lr", "grad_norm", "skipped", "loss_scale", "tokens_per_s"}
+    assert step["grad_norm"] is None and step["skipped"] is False and step["tokens_per_s"] > 0
+    out = capsys.readouterr().out
+    assert "val loss" in out and "sample: " in out
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_low_precision_runs_with_clipping_log_norm_and_scale(tmp_path, dtype):
+    run(tmp_path, "--steps", "3", "--eval-every", "3", "--dtype", dtype, "--clip-grad-norm", "1.0",
+        "--activation-checkpointing")
+    logged = rows(tmp_path)[1:]
+    assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in logged)
+    assert all((r["loss_scale"] is not None) == (dtype == "fp16") for r in logged)
+
+
+@pytest.mark.parametrize("flags, error, message", [
+    (["--dtype", "fp8"], ValueError, "unknown dtype 'fp8': choose one of fp32, bf16, fp16"),
+    (["--device", "meta"], ValueError, "unsupported device 'meta'"),
+    (["--device", "banana"], ValueError, "unknown device 'banana'"),
+    (["--seq-len", "300"], ValueError, "--seq-len=300 exceeds the tiny model's max_seq_len=256"),
+    (["--steps", "0"], ValueError, "--steps=0 must be a positive integer"),
+    (["--corpus", "/nonexistent/corpus.txt"], FileNotFoundError, "corpus /nonexistent/corpus.txt does not exist"),
+])
+def test_bad_input_is_refused_before_training(tmp_path, flags, error, message):
+    with pytest.raises(error, match=message):
+        run(tmp_path, *flags)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_tokenizer_larger_than_model_vocabulary_is_refused(tmp_path, monkeypatch):
+    import model
+    monkeypatch.setitem(model.LLAMA_SIZES, "small-vocab", {**model.LLAMA_SIZES["tiny"], "vocab_size": 1000})
+    with pytest.raises(ValueError, match="the tokenizer has 2048 tokens but the small-vocab model only 1000"):
+        run(tmp_path, "--model", "small-vocab")
+
+
+def test_empty_corpus_is_refused(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        run(tmp_path, "--corpus", str(empty))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_gpu_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no CUDA GPU: use --device cpu"):
+        run(tmp_path, "--device", "cuda")
