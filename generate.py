@@ -21,8 +21,13 @@ def sample_next_token(logits, temperature: float, top_p: float, generator=None):
 
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.8, top_p: float = 0.9,
-             eos_id=None, generator=None):
-    """Continue `prompt_ids` (a list of ints) by up to `max_new_tokens` tokens; returns the new ids."""
+             eos_id=None, generator=None, gather_logits=None):
+    """Continue `prompt_ids` (a list of ints) by up to `max_new_tokens` tokens; returns the new ids.
+
+    Under tensor parallelism the model returns this rank's vocabulary slice of the logits:
+    `gather_logits` (shard.gather_from_tp) assembles the full last-position logits, and every rank of
+    the tp group samples the same token because they share the generator's seed.
+    """
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
     was_training = model.training
@@ -32,6 +37,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.8, t
     new_ids = []
     for _ in range(max_new_tokens):
         logits = model(tokens[:, -model.args.max_seq_len:])[:, -1]
+        if gather_logits is not None:
+            logits = gather_logits(logits)
         next_id = sample_next_token(logits, temperature, top_p, generator)
         if eos_id is not None and int(next_id) == eos_id:
             break

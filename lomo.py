@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 # The fp32 update of a bf16/fp16 parameter runs in chunks of this many elements, so its temporaries
 # stay bounded (2**24 elements = 64 MiB per fp32 temporary) however large the parameter.
@@ -98,7 +99,8 @@ class LOMO:
 
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
                  clip_grad_norm: Optional[float] = None, clip_grad_value: Optional[float] = None,
-                 loss_scaler: Optional[DynamicLossScaler] = None, max_consecutive_skips: int = 25):
+                 loss_scaler: Optional[DynamicLossScaler] = None, max_consecutive_skips: int = 25,
+                 tp_group=None, dp_group=None):
         for name, value in (("lr", lr), ("weight_decay", weight_decay)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}={value} must be a finite number >= 0")
@@ -114,6 +116,11 @@ class LOMO:
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
         self.loss_scaler, self.max_consecutive_skips = loss_scaler, max_consecutive_skips
         self.step_count, self.consecutive_skips = 0, 0
+        # Parallelism (shard.py): a parameter with a `tensor_parallel_dim` attribute is split across the
+        # tp group; one without is replicated there. Every parameter is replicated across the dp group.
+        self.tp_group, self.dp_group = tp_group, dp_group
+        self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
+        self._single_pass = False
         # What the hooks do is set by step() for each pass: None (plain autograd, hooks do nothing),
         # "norm" (pass 1: accumulate the squared norm) or "update" (apply SGD).
         self._mode = None
@@ -128,20 +135,28 @@ class LOMO:
         grad = param.grad
         param.grad = None  # free it now: this is where LOMO's memory saving comes from
         with torch.no_grad():
+            if self.dp_group is not None:
+                # Data parallelism: average this gradient over the dp replicas before using it, so
+                # every replica computes the same norm and applies the same update and they stay equal.
+                dist.all_reduce(grad, group=self.dp_group)
+                grad.div_(self.dp_size)
             if self._mode == "norm":
-                self._accumulate_norm(grad)
+                self._accumulate_norm(grad, sharded=hasattr(param, "tensor_parallel_dim"))
             else:
                 self._update(param, grad)
 
-    def _accumulate_norm(self, grad):
+    def _accumulate_norm(self, grad, sharded: bool):
+        # Sharded tensors' squares are summed over the tp group after the pass; replicated ones (norm
+        # weights) hold the same gradient on every tp rank and must be counted once, so they go apart.
+        total = self._norm_sq_sharded if sharded else self._norm_sq
         for chunk in grad.view(-1).split(UPDATE_CHUNK_NUMEL):
             if self.clip_grad_value is not None:
                 # The norm must be of the gradients that pass 2 will use, i.e. after value clipping.
                 chunk = (chunk.float() * self._inv_scale).clamp_(-self.clip_grad_value, self.clip_grad_value)
-                self._norm_sq += torch.linalg.vector_norm(chunk).square()
+                total += torch.linalg.vector_norm(chunk).square()
             else:
                 # norm first, then unscale: squaring a scaled fp16 gradient could overflow fp32.
-                self._norm_sq += (torch.linalg.vector_norm(chunk, dtype=torch.float32) * self._inv_scale).square()
+                total += (torch.linalg.vector_norm(chunk, dtype=torch.float32) * self._inv_scale).square()
 
     def _update(self, param, grad):
         finite = None
@@ -184,7 +199,14 @@ class LOMO:
         self.step_count += 1
         lr = self.lr if lr is None else lr
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
-        result = StepResult(step=self.step_count, loss=float(loss.detach()), lr=lr,
+        mean_loss = loss.detach().clone()
+        if self.dp_group is not None:
+            # The mean over the dp replicas, for the report, and so that a non-finite loss on any
+            # replica is seen by all of them: they must take the same decision or the next
+            # collective would hang.
+            dist.all_reduce(mean_loss, group=self.dp_group)
+            mean_loss /= self.dp_size
+        result = StepResult(step=self.step_count, loss=float(mean_loss), lr=lr,
                             loss_scale=scale if self.loss_scaler is not None else None)
         # One host sync, before any backward: a non-finite loss would give non-finite gradients.
         if not math.isfinite(result.loss):
@@ -194,9 +216,13 @@ class LOMO:
         device = loss.device
         try:
             if self.needs_norm_pass:
-                self._mode, self._norm_sq = "norm", torch.zeros((), device=device, dtype=torch.float32)
+                self._mode = "norm"
+                self._norm_sq, self._norm_sq_sharded = (torch.zeros((), device=device) for _ in range(2))
                 scaled_loss.backward(retain_graph=True)
-                grad_norm = float(self._norm_sq.sqrt())  # the one host sync of the step
+                if self.tp_group is not None:
+                    dist.all_reduce(self._norm_sq_sharded, group=self.tp_group)
+                # Gradients were averaged over dp inside the hooks, so every dp replica has this same norm.
+                grad_norm = float((self._norm_sq + self._norm_sq_sharded).sqrt())  # the one host sync
                 result.grad_norm = grad_norm
                 if not math.isfinite(grad_norm):
                     if self.loss_scaler is not None:
@@ -214,6 +240,8 @@ class LOMO:
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow=False, step=self.step_count)
         if self._single_pass:
+            if self.tp_group is not None:
+                dist.all_reduce(self._nonfinite_tensors, group=self.tp_group)
             result.nonfinite_tensors = int(self._nonfinite_tensors)
             if result.nonfinite_tensors:
                 result.reason = (f"{result.nonfinite_tensors} tensors had non-finite gradients and were left "
