@@ -108,7 +108,9 @@ def main(argv=None):
 def train(args, grid, dtype):
     device = grid.device
     print0 = print if grid.is_main else (lambda *a, **k: None)
-    print0(f"processes: {grid.world_size} = dp {grid.dp} x tp {grid.tp}, device {device}")
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print0(f"processes: {grid.world_size} = dp {grid.dp} x tp {grid.tp}, device {device}{name}, "
+           f"torch {torch.__version__}")
     torch.manual_seed(args.seed)
     out = Path(args.out)
     if grid.is_main:
