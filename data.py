@@ -1,25 +1,36 @@
-"""Tokenizer and data: a SentencePiece wrapper, a LLaMA-style tokenizer trainer, and a plain-text dataset.
+"""Tokenizer and data: SentencePiece, the file formats users bring, prompt masking, packing, batching,
+and a deterministic sampler whose position can be saved.
 
-- `Tokenizer` wraps a SentencePiece model file (LLaMA's `tokenizer.model` or one trained here) and
-  encodes with BOS (id 1) and optionally EOS (id 2), as LLaMA does.
-- `train_tokenizer` reproduces LLaMA's SentencePiece settings (BPE, byte fallback so that no text is
-  ever out of vocabulary, digits split one by one, identity normalization, whitespace kept as is) on
-  a corpus; `cached_tokenizer` trains once per corpus content and vocabulary size and keeps the file in
-  a cache folder, so the binary is rebuilt, never committed.
-- `TextDataset` tokenizes one text file into a single token stream and splits it: the last
-  `val_fraction` of the tokens is the validation set (a contiguous tail, so no sentence is in both).
-  Training batches are random windows (as nanoGPT does); validation uses fixed, non-overlapping windows
-  so every evaluation sees the same tokens.
+- `Tokenizer` wraps a SentencePiece model (LLaMA's `tokenizer.model` or one trained here) and encodes
+  with BOS (id 1) and optionally EOS (id 2), as LLaMA does. `train_tokenizer` reproduces LLaMA's
+  settings (BPE, byte fallback, digits split, identity normalization); `cached_tokenizer` trains once per
+  corpus and vocabulary size and keeps the file in a cache folder (rebuilt, never committed).
+- Formats (`load_dataset`): plain text (.txt), jsonl with a "text" field, Alpaca instruction data (.json
+  list or .jsonl with instruction/input/output), multiple-choice jsonl ({"prompt", "choices", "label"}),
+  the SuperGLUE task files as distributed (tasks.py turns them into prompts and choices), and
+  pre-tokenized ids (.npy of one token stream, or jsonl with "input_ids") for tokenizers we do not
+  ship, such as Llama 3's. Malformed lines are errors that name the file and the line.
+- Text is packed: all documents, each wrapped in BOS ... EOS, form one stream cut into windows of
+  seq_len + 1 tokens, so no position is padding. Prompt/answer examples are one sequence each; by
+  default the loss is on the answer only (labels -100 on the prompt), `train_on_prompt` trains on both.
+  Examples longer than seq_len + 1 are truncated (from the left of the prompt, so the answer stays) or
+  dropped, and counted.
+- `ShuffledSampler` walks a seeded permutation per epoch; its position is one integer, so a resumed run
+  continues at the exact example. Every rank draws the same global batch and keeps its dp slice.
 
-Left out for now: instruction and multiple-choice data, prompt masking, a resumable sampler.
+Left out: chat templates, streaming datasets larger than memory, tokenizers other than SentencePiece
+(bring their ids pre-tokenized).
 """
 import hashlib
 import io
+import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 import sentencepiece as spm
+import torch
 
 # LLaMA-1/2's SentencePiece training settings (read off their tokenizer.model's trainer_spec).
 LLAMA_TOKENIZER_SETTINGS = dict(
@@ -28,6 +39,11 @@ LLAMA_TOKENIZER_SETTINGS = dict(
     character_coverage=0.99995, max_sentencepiece_length=16,
     unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
 )
+IGNORE = -100  # label of positions that carry no loss (prompt tokens, padding)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
 
 
 class Tokenizer:
@@ -41,7 +57,8 @@ class Tokenizer:
             self.sp.Load(str(model_path))
         except (RuntimeError, OSError) as error:
             raise ValueError(f"{model_path} is not a SentencePiece model ({error}); a Llama 3 tiktoken file or a "
-                             f"git-lfs pointer looks like this: pass the tokenizer.model of a LLaMA-1/2 model") from None
+                             f"git-lfs pointer looks like this: pass the tokenizer.model of a LLaMA-1/2 model, or "
+                             f"bring pre-tokenized ids") from None
         self.path = model_path
         self.vocab_size, self.bos_id, self.eos_id = self.sp.GetPieceSize(), self.sp.bos_id(), self.sp.eos_id()
 
@@ -56,11 +73,11 @@ class Tokenizer:
 def read_corpus(path) -> str:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"corpus {path} does not exist: pass --corpus PATH to a UTF-8 text file "
+        raise FileNotFoundError(f"corpus {path} does not exist: pass --data PATH to a UTF-8 text file "
                                 f"(the bundled one is data/botchan.txt)")
     text = path.read_text(encoding="utf-8")
     if not text.strip():
-        raise ValueError(f"corpus {path} is empty: pass --corpus PATH to a text file with some text in it")
+        raise ValueError(f"corpus {path} is empty: pass --data PATH to a file with some text in it")
     return text
 
 
@@ -92,36 +109,164 @@ def cached_tokenizer(corpus_path, vocab_size: int, cache_dir) -> Tokenizer:
     return Tokenizer(model_path)
 
 
-class TextDataset:
-    """One text file as a token stream, split into a training head and a validation tail."""
+# ----------------------------------------------------------------------------------------------------
+# Reading files
 
-    def __init__(self, corpus_path, tokenizer: Tokenizer, seq_len: int, val_fraction: float = 0.1):
-        if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1")
-        text = read_corpus(corpus_path)
-        tokens = torch.tensor(tokenizer.encode(text, bos=True, eos=True), dtype=torch.long)
-        n_val = int(len(tokens) * val_fraction)
-        self.train, self.val = tokens[:-n_val], tokens[-n_val:]
-        self.seq_len = seq_len
-        for split, part in (("training", self.train), ("validation", self.val)):
-            if len(part) < seq_len + 1:
-                raise ValueError(f"the {split} split of {corpus_path} has {len(part)} tokens, fewer than one sequence "
-                                 f"of seq_len+1={seq_len + 1}: use a longer corpus or a shorter --seq-len")
 
-    def train_batch(self, batch_size: int, generator: torch.Generator):
-        """Random windows: inputs tokens[i:i+seq_len] and targets shifted by one."""
-        starts = torch.randint(0, len(self.train) - self.seq_len, (batch_size,), generator=generator)
-        return self._windows(self.train, starts)
+def read_jsonl(path) -> list:
+    """Rows of a .jsonl file (or the list in a .json file); each must be a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError(f"{path}: a .json data file must hold a list of objects (or use .jsonl, one per line)")
+        return rows
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}): {line[:80]!r}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        row["_line"] = number  # kept so that later errors can name the line
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no examples")
+    return rows
 
-    def val_batches(self, batch_size: int, max_batches: int):
-        """The same non-overlapping validation windows every time, in order."""
-        starts = torch.arange(0, len(self.val) - self.seq_len, self.seq_len)[: batch_size * max_batches]
-        for i in range(0, len(starts), batch_size):
-            yield self._windows(self.val, starts[i:i + batch_size])
 
-    def _windows(self, tokens, starts):
-        rows = torch.stack([tokens[s:s + self.seq_len + 1] for s in starts.tolist()])
-        return rows[:, :-1], rows[:, 1:]
+def field_of(row: dict, name: str, path, kind=str):
+    """row[name], or an error naming the file, the line and the missing or mistyped field."""
+    if name not in row:
+        raise ValueError(f"{path}:{row.get('_line', '?')}: missing field {name!r} (fields: "
+                         f"{sorted(k for k in row if k != '_line')})")
+    if not isinstance(row[name], kind):
+        raise ValueError(f"{path}:{row.get('_line', '?')}: field {name!r} should be {kind.__name__}, "
+                         f"got {type(row[name]).__name__}")
+    return row[name]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sequences: token ids with their labels
+
+
+@dataclass
+class Sequences:
+    """Training or evaluation sequences: ids and labels of equal length (labels IGNORE where no loss),
+    plus, for multiple-choice data, the examples to score."""
+    items: list  # [(ids, labels)] as lists of ints
+    choices: list = field(default_factory=list)  # [MultipleChoice] aligned with items, empty unless the task has choices
+    truncated: int = 0
+    dropped: int = 0
+    packed: bool = False  # windows of one token stream (text), rather than one example each
+
+
+@dataclass
+class MultipleChoice:
+    prompt: str
+    choices: list
+    label: int
+
+
+def pack(token_stream: list, seq_len: int) -> list:
+    """Cut one token stream into windows of seq_len + 1 (inputs and shifted targets share a window);
+    consecutive windows overlap by one token so that every token is a target exactly once."""
+    windows = []
+    for start in range(0, len(token_stream) - seq_len, seq_len):
+        window = token_stream[start:start + seq_len + 1]
+        windows.append((window, list(window)))
+    return windows
+
+
+def encode_prompt_answer(tokenizer, prompt: str, answer: str, seq_len: int, train_on_prompt: bool, long: str,
+                         answer_eos: bool = True):
+    """BOS prompt answer EOS, labels IGNORE on the prompt unless train_on_prompt; None if dropped.
+
+    The answer is encoded on its own, so SentencePiece's dummy prefix gives it its leading space
+    ("Answer:" + "yes" -> "Answer: yes"), and the prompt/answer boundary is exact in tokens.
+    """
+    prompt_ids, answer_ids = tokenizer.encode(prompt, bos=True), tokenizer.encode(answer, bos=False, eos=answer_eos)
+    limit, truncated = seq_len + 1, False
+    if len(prompt_ids) + len(answer_ids) > limit:
+        if long == "drop":
+            return None, False
+        truncated = True
+        answer_ids = answer_ids[:limit - 1]  # an answer longer than everything keeps BOS and its start
+        keep = limit - len(answer_ids)  # keep BOS and the end of the prompt, next to the answer
+        prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep + 1:] if keep > 1 else prompt_ids[:1]
+    ids = prompt_ids + answer_ids
+    labels = list(ids) if train_on_prompt else [IGNORE] * len(prompt_ids) + answer_ids
+    return (ids, labels), truncated
+
+
+def prompt_answer_sequences(pairs, tokenizer, seq_len, train_on_prompt, long, choices=None):
+    result = Sequences(items=[])
+    for i, (prompt, answer) in enumerate(pairs):
+        encoded, truncated = encode_prompt_answer(tokenizer, prompt, answer, seq_len, train_on_prompt, long)
+        if encoded is None:
+            result.dropped += 1
+            continue
+        result.items.append(encoded)
+        result.truncated += truncated
+        if choices is not None:
+            result.choices.append(choices[i])
+    return result
+
+
+def load_dataset(path, fmt: str, tokenizer, seq_len: int, train_on_prompt: bool = False, long: str = "truncate"):
+    """Read a data file in one of the formats above and turn it into Sequences."""
+    from tasks import SUPERGLUE_TASKS, alpaca_prompt, superglue_examples  # tasks.py builds on this file
+    path = Path(path)
+    if long not in ("truncate", "drop"):
+        raise ValueError(f"unknown policy {long!r} for long examples: use truncate or drop")
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "text":
+        texts = [read_corpus(path)] if path.suffix == ".txt" else [field_of(r, "text", path) for r in read_jsonl(path)]
+        stream = [t for text in texts for t in tokenizer.encode(text, bos=True, eos=True)]
+        return Sequences(items=pack(stream, seq_len), packed=True)
+    if fmt == "ids":
+        if path.suffix == ".npy":
+            return Sequences(items=pack(np.load(path).astype(np.int64).reshape(-1).tolist(), seq_len), packed=True)
+        rows = [field_of(r, "input_ids", path, list) for r in read_jsonl(path)]
+        too_long = sum(len(r) > seq_len + 1 for r in rows)
+        items = [(r[:seq_len + 1], list(r[:seq_len + 1])) for r in rows if long == "truncate" or len(r) <= seq_len + 1]
+        return Sequences(items=items, truncated=too_long if long == "truncate" else 0,
+                         dropped=too_long if long == "drop" else 0)
+    if fmt == "alpaca":
+        rows = read_jsonl(path)
+        pairs = [(alpaca_prompt(field_of(r, "instruction", path), r.get("input", "")), field_of(r, "output", path))
+                 for r in rows]
+        return prompt_answer_sequences(pairs, tokenizer, seq_len, train_on_prompt, long)
+    if fmt == "mc" or fmt in SUPERGLUE_TASKS:
+        examples = superglue_examples(fmt, read_jsonl(path), path)
+        pairs = [(e.prompt, e.choices[e.label]) for e in examples]
+        return prompt_answer_sequences(pairs, tokenizer, seq_len, train_on_prompt, long, choices=examples)
+    raise ValueError(f"unknown data format {fmt!r}: use auto, text, ids, alpaca, mc or one of {sorted(SUPERGLUE_TASKS)}")
+
+
+def detect_format(path: Path) -> str:
+    if path.suffix == ".txt":
+        return "text"
+    if path.suffix == ".npy":
+        return "ids"
+    if path.suffix not in (".json", ".jsonl"):
+        raise ValueError(f"cannot tell the format of {path} from its extension: use .txt, .json, .jsonl or .npy, "
+                         f"or pass --format")
+    keys = set(read_jsonl(path)[0])
+    for fmt, required in (("text", {"text"}), ("alpaca", {"instruction", "output"}), ("ids", {"input_ids"}),
+                          ("mc", {"prompt", "choices", "label"})):
+        if required <= keys:
+            return fmt
+    raise ValueError(f"cannot tell the format of {path} from its fields {sorted(keys - {'_line'})}: pass --format "
+                     f"(boolq, cb, copa, multirc, rte, wic, wsc, record for SuperGLUE files)")
 
 
 def check_token_ids(tokens: torch.Tensor, vocab_size: int, what: str):
@@ -131,3 +276,69 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int, what: str):
         raise ValueError(f"{what} holds token id {high if high >= vocab_size else low}, outside the model's "
                          f"vocabulary [0, {vocab_size}): the tokenizer and the model's vocab_size disagree; "
                          f"build the model with vocab_size >= the tokenizer's size")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling and batching
+
+
+class ShuffledSampler:
+    """An endless stream of example indices: a fresh seeded permutation each epoch. The state is the
+    number of indices handed out, so saving and restoring it resumes at the exact example."""
+
+    def __init__(self, n_items: int, seed: int):
+        if n_items <= 0:
+            raise ValueError("no training examples left (all dropped as too long?): raise --seq-len or "
+                             "use --long-examples truncate")
+        self.n_items, self.seed, self.position = n_items, seed, 0
+
+    def _permutation(self, epoch):
+        return torch.randperm(self.n_items, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
+    def next(self, count: int) -> list:
+        indices = []
+        while len(indices) < count:
+            epoch, offset = divmod(self.position, self.n_items)
+            take = min(count - len(indices), self.n_items - offset)
+            indices += self._permutation(epoch)[offset:offset + take]
+            self.position += take
+        return indices
+
+    def state_dict(self):
+        return dict(position=self.position, seed=self.seed, n_items=self.n_items)
+
+    def load_state_dict(self, state):
+        if state["n_items"] != self.n_items or state["seed"] != self.seed:
+            raise ValueError(f"the saved sampler covered {state['n_items']} examples with seed {state['seed']}, this "
+                             f"one {self.n_items} with seed {self.seed}: resume with the same data, --seq-len and --seed")
+        self.position = int(state["position"])
+
+
+def collate(items: list, pad_id: int = 0):
+    """Inputs and shifted targets, right-padded to the longest sequence (padding has label IGNORE)."""
+    length = max(len(ids) for ids, _ in items)
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), length), IGNORE, dtype=torch.long)
+    for row, (item_ids, item_labels) in enumerate(items):
+        ids[row, :len(item_ids)] = torch.tensor(item_ids)
+        labels[row, :len(item_labels)] = torch.tensor(item_labels)
+    return ids[:, :-1], labels[:, 1:]
+
+
+def split_train_val(sequences: Sequences, val_fraction: float):
+    """A validation tail for data that comes as one file. For packed text the tail is contiguous text
+    (no sentence in both); examples are shuffled with a fixed seed first."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1")
+    n = len(sequences.items)
+    n_val = max(1, int(n * val_fraction))
+    if n - n_val < 1:
+        raise ValueError(f"only {n} sequences: too few to split off a validation set; use a longer corpus, "
+                         f"a shorter --seq-len, or pass --val-data")
+    order = list(range(n)) if sequences.packed else torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+
+    def pick(indices):
+        return Sequences(items=[sequences.items[i] for i in indices], packed=sequences.packed,
+                         choices=[sequences.choices[i] for i in indices] if sequences.choices else [])
+
+    return pick(order[:n - n_val]), pick(order[n - n_val:])

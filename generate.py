@@ -1,9 +1,13 @@
-"""Text generation: greedy, temperature and nucleus (top-p) sampling from a `model.py` Transformer.
+"""Text generation: greedy, temperature and nucleus (top-p) sampling, with a KV cache.
 
-Each new token re-runs the model over the whole prefix (no KV cache yet), which is simple and exact
-but costs O(length^2); it is meant for the short samples printed during training.
+The prompt runs through the model once, filling the cache; each further step feeds only the newest
+token. Under tensor parallelism the model returns this rank's vocabulary slice of the logits, so the
+caller passes `gather_logits` (shard.gather_from_tp); every rank of the tp group then samples the
+same token, because they share the generator's seed.
 """
 import torch
+
+from model import KVCache
 
 
 def sample_next_token(logits, temperature: float, top_p: float, generator=None):
@@ -21,28 +25,29 @@ def sample_next_token(logits, temperature: float, top_p: float, generator=None):
 
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.8, top_p: float = 0.9,
-             eos_id=None, generator=None, gather_logits=None):
+             eos_id=None, generator=None, gather_logits=None, use_cache: bool = True):
     """Continue `prompt_ids` (a list of ints) by up to `max_new_tokens` tokens; returns the new ids.
 
-    Under tensor parallelism the model returns this rank's vocabulary slice of the logits:
-    `gather_logits` (shard.gather_from_tp) assembles the full last-position logits, and every rank of
-    the tp group samples the same token because they share the generator's seed.
+    use_cache=False recomputes the whole prefix at every step (the reference the cache is tested against).
     """
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    max_new_tokens = min(max_new_tokens, model.args.max_seq_len - len(prompt_ids))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    new_ids = []
+    cache = KVCache(len(model.layers)) if use_cache else None
+    new_ids, step_input = [], tokens
     for _ in range(max_new_tokens):
-        logits = model(tokens[:, -model.args.max_seq_len:])[:, -1]
+        logits = model(step_input, cache=cache)[:, -1] if use_cache else model(tokens)[:, -1]
         if gather_logits is not None:
             logits = gather_logits(logits)
         next_id = sample_next_token(logits, temperature, top_p, generator)
         if eos_id is not None and int(next_id) == eos_id:
             break
         new_ids.append(int(next_id))
-        tokens = torch.cat([tokens, next_id[:, None]], dim=1)
+        step_input = next_id[:, None]
+        tokens = torch.cat([tokens, step_input], dim=1)
     model.train(was_training)
     return new_ids

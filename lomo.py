@@ -283,3 +283,19 @@ class LOMO:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def learning_rate(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, schedule: str = "constant",
+                  min_lr_ratio: float = 0.0) -> float:
+    """The learning rate of step `step` (1-based): linear warmup from base_lr / warmup_steps up to base_lr
+    over `warmup_steps` steps, then constant, or a linear or cosine decay to min_lr_ratio * base_lr at
+    `total_steps`. LOMO applies it inside backward, so it is computed before the step and passed in."""
+    if schedule not in ("constant", "linear", "cosine"):
+        raise ValueError(f"unknown schedule {schedule!r}: use constant, linear or cosine")
+    if step <= warmup_steps:
+        return base_lr * step / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return base_lr
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * decay)

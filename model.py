@@ -17,10 +17,10 @@ Choices, each matching Meta's `llama/model.py` so that its checkpoints load with
 - `init_weights(model, seed)` is deterministic: each parameter's values depend only on the seed and the
   parameter's name (not on the order of construction or the device count).
 - Activation checkpointing per block is one switch (`model.activation_checkpointing = True`).
+- A `KVCache` for generation: each new token attends to the stored keys and values of earlier ones.
 
 Left out on purpose: process groups (shard.py rewrites this model for tensor parallelism), files
-(checkpoint.py), optimizers (lomo.py), dropout (LLaMA uses none), RoPE frequency scaling (Llama 3.1),
-and a KV cache (generation recomputes the prefix for now).
+(checkpoint.py), optimizers (lomo.py), dropout (LLaMA uses none), RoPE frequency scaling (Llama 3.1).
 """
 import math
 import zlib
@@ -150,7 +150,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache: Optional[dict] = None):
         batch, seq, _ = x.shape
         # The head counts are read from the weights, not from args: after tensor-parallel sharding a
         # rank holds n_heads / tp query heads and n_kv_heads / tp key/value heads, and this code is unchanged.
@@ -159,11 +159,20 @@ class Attention(nn.Module):
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
+        if cache is not None:  # generation: attend to the keys and values of earlier positions too
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
         if k.shape[1] != q.shape[1]:
             # Grouped-query attention: query head j uses kv head j // n_rep, i.e. repeat_interleave.
             n_rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        past = k.shape[2] - seq
+        if past == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # query i sits at position past + i and sees keys 0 .. past + i
+            visible = torch.ones(seq, past + seq, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -187,8 +196,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin):
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x, cos, sin, cache: Optional[dict] = None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -209,30 +218,54 @@ class Transformer(nn.Module):
         # all intermediate activations to one (batch, seq, dim) input per block, for ~1/3 more compute.
         self.activation_checkpointing = False
 
-    def forward(self, tokens):
-        """tokens: (batch, seq) int64 -> logits (batch, seq, vocab) in the parameters' dtype."""
-        seq = tokens.shape[1]
-        if seq > self.args.max_seq_len:
-            raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.args.max_seq_len}: "
+    def forward(self, tokens, cache: Optional["KVCache"] = None):
+        """tokens: (batch, seq) int64 -> logits (batch, seq, vocab) in the parameters' dtype.
+
+        With a KVCache (generation), tokens continue the positions the cache has already seen.
+        """
+        start, seq = (cache.length if cache is not None else 0), tokens.shape[1]
+        if start + seq > self.args.max_seq_len:
+            raise ValueError(f"sequence length {start + seq} exceeds max_seq_len={self.args.max_seq_len}: "
                              f"shorten the sequences (--seq-len) or raise max_seq_len")
-        cos, sin = rotary_cos_sin(self.args.head_dim, seq, self.args.rope_theta, device=tokens.device)
+        cos, sin = rotary_cos_sin(self.args.head_dim, start + seq, self.args.rope_theta, device=tokens.device)
+        cos, sin = cos[start:], sin[start:]
         h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled():
+        for i, layer in enumerate(self.layers):
+            if cache is not None:
+                h = layer(h, cos, sin, cache.layers[i])
+            elif self.activation_checkpointing and torch.is_grad_enabled():
                 # Non-reentrant checkpointing works with hooks on parameters and with backward run twice
                 # over a retained graph (LOMO's clipping pass), which the reentrant variant does not.
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False)
             else:
                 h = layer(h, cos, sin)
+        if cache is not None:
+            cache.length += seq
         return self.output(self.norm(h))
 
 
-def cross_entropy_loss(logits, labels):
-    """Mean next-token loss in fp32 over positions whose label is not -100.
+class KVCache:
+    """The keys and values of every position seen so far, per layer, so that generating one more token
+    costs one position's work instead of the whole prefix's. (A list that grows by concatenation:
+    simple, and fast enough for the short samples this project prints.)"""
+
+    def __init__(self, n_layers: int):
+        self.layers = [dict() for _ in range(n_layers)]
+        self.length = 0
+
+
+def token_losses(logits, labels):
+    """Next-token loss of every position in fp32, 0 where the label is -100; shape labels.shape.
 
     labels are already shifted (labels[t] is the token after tokens[t]); fp32 because a softmax over
     32000 classes in bf16 loses the small probabilities the loss is made of.
     """
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                           reduction="none").view(labels.shape)
+
+
+def cross_entropy_loss(logits, labels):
+    """Mean next-token loss over positions whose label is not -100."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 

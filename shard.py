@@ -202,7 +202,7 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class VocabParallelCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy over labels != -100 from logits split along the vocabulary.
+    """Per-token cross-entropy (0 where the label is -100) from logits split along the vocabulary.
 
     Three all-reduces of one number per token (max, target logit, sum of exp) replace gathering the
     (tokens x vocab) logits. Backward needs no communication: softmax minus one-hot, on local columns.
@@ -224,29 +224,34 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         exp = shifted.exp_()
         sum_exp = exp.sum(dim=-1)
         all_reduce(sum_exp, group)
-        count = (~ignored).sum().clamp(min=1)
-        loss = (sum_exp.log() - target).masked_fill(ignored, 0.0).sum() / count
+        losses = (sum_exp.log() - target).masked_fill(ignored, 0.0)
         softmax = exp.div_(sum_exp[:, None])
-        ctx.save_for_backward(softmax, local_labels, mine, ignored, count)
+        ctx.save_for_backward(softmax, local_labels, mine, ignored)
         ctx.input_dtype = local_logits.dtype
-        return loss
+        return losses
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        softmax, local_labels, mine, ignored, count = ctx.saved_tensors
-        scale = grad_loss / count
+    def backward(ctx, grad_losses):
+        softmax, local_labels, mine, ignored = ctx.saved_tensors
+        scale = grad_losses.masked_fill(ignored, 0.0)[:, None]
         # Out of place: the saved softmax must survive a second backward (LOMO's clipping pass).
         grad = softmax * scale
         rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, local_labels] -= mine.to(grad.dtype) * scale
-        grad.masked_fill_(ignored[:, None], 0.0)
+        grad[rows, local_labels] -= mine.to(grad.dtype) * scale[:, 0]
         return grad.to(ctx.input_dtype), None, None, None
 
 
-def vocab_parallel_cross_entropy(local_logits, labels, grid: Grid):
-    """Like model.cross_entropy_loss, on this rank's vocabulary slice of the logits."""
+def vocab_parallel_token_losses(local_logits, labels, grid: Grid):
+    """Like model.token_losses, on this rank's vocabulary slice of the logits: shape labels.shape."""
     vocab_start = grid.tp_rank * local_logits.shape[-1]
-    return VocabParallelCrossEntropy.apply(local_logits.flatten(0, 1), labels.flatten(), vocab_start, grid.tp_group)
+    losses = VocabParallelCrossEntropy.apply(local_logits.flatten(0, 1), labels.flatten(), vocab_start,
+                                             grid.tp_group)
+    return losses.view(labels.shape)
+
+
+def vocab_parallel_cross_entropy(local_logits, labels, grid: Grid):
+    """Like model.cross_entropy_loss: the mean over labels that are not -100."""
+    return vocab_parallel_token_losses(local_logits, labels, grid).sum() / (labels != -100).sum().clamp(min=1)
 
 
 def gather_from_tp(local, grid: Grid, dim=-1):

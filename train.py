@@ -1,46 +1,59 @@
 """Train a LLaMA model with LOMO. `python train.py` alone trains the tiny model on the bundled corpus on
-the CPU in a few minutes: validation loss before and after, a progress bar, a sample, metrics.jsonl.
+the CPU in about a minute and a half: validation loss before and after, a progress bar, samples.
 
-It reads top to bottom: flags -> device and dtype -> tokenizer and data -> model -> LOMO -> loop.
-Every step writes one JSON object to <out>/metrics.jsonl (loss, lr, grad_norm when computed, skipped,
-loss_scale, tokens_per_s); evaluation rows also carry val_loss and val_ppl, and the last row is one.
+It reads top to bottom: flags -> process grid -> tokenizer and data -> model -> LOMO -> loop.
+<out>/metrics.jsonl gets one JSON object per step (loss, lr, grad_norm when computed, skipped and
+skipped_steps, loss_scale, tokens_per_s, tokens_per_gpu_per_s, peak_memory_gib on GPUs); evaluation
+rows also carry val_loss and val_ppl (and acc, acc_norm for multiple-choice data); the last row is a
+summary (time, tokens/s, peak memory, best validation results) that carries the final val_loss too.
 
 Several processes: `torchrun --nproc_per_node N train.py --tp T` runs N/T data-parallel replicas of a
 model split T ways (shard.py); plain `python train.py` is one process with no launcher.
 """
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-import torch.distributed as dist
-
-from data import TextDataset, Tokenizer, cached_tokenizer, check_token_ids
+from data import ShuffledSampler, Tokenizer, cached_tokenizer, collate, load_dataset, split_train_val
+from evaluate import multiple_choice_accuracy, validation_loss
 from generate import generate
-from lomo import LOMO
-from model import LLAMA_SIZES, cross_entropy_loss, model_args
+from lomo import LOMO, learning_rate
+from model import LLAMA_SIZES, cross_entropy_loss, model_args, token_losses
 from shard import (build_model, check_tensor_parallel, destroy_distributed, gather_from_tp, init_distributed,
-                   padded_vocab_size, vocab_parallel_cross_entropy)
+                   padded_vocab_size, vocab_parallel_cross_entropy, vocab_parallel_token_losses)
 
+BUNDLED_CORPUS = Path(__file__).parent / "data" / "botchan.txt"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help=f"named size: {', '.join(LLAMA_SIZES)}")
-    p.add_argument("--corpus", default=str(Path(__file__).parent / "data" / "botchan.txt"), help="a UTF-8 text file")
-    p.add_argument("--tokenizer", default=None, help="a SentencePiece tokenizer.model; default: train one on the corpus")
-    p.add_argument("--vocab-size", type=int, default=2048, help="size of the tokenizer trained on the corpus")
+    p.add_argument("--data", "--corpus", default=str(BUNDLED_CORPUS),
+                   help=".txt, .jsonl (text, Alpaca, multiple choice, input_ids), .json (Alpaca) or .npy (ids)")
+    p.add_argument("--val-data", default=None, help="a validation file; default: hold out 10%% of --data")
+    p.add_argument("--format", default="auto", help="auto (from extension and fields), text, ids, alpaca, mc, "
+                   "or a SuperGLUE task: boolq, cb, copa, multirc, rte, wic, wsc, record")
+    p.add_argument("--train-on-prompt", action="store_true", help="also train on prompt tokens (default: "
+                   "loss on the answers only)")
+    p.add_argument("--long-examples", default="truncate", help="examples longer than --seq-len: truncate or drop")
+    p.add_argument("--tokenizer", default=None, help="a SentencePiece tokenizer.model; default: train one on the "
+                   "text data (or on the bundled corpus for other data)")
+    p.add_argument("--vocab-size", type=int, default=2048, help="size of the tokenizer trained here")
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step per data-parallel rank")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=1.0, help="SGD learning rate (LOMO is plain SGD: rates are "
                    "far larger than AdamW's)")
+    p.add_argument("--schedule", default="constant", help="constant, linear or cosine decay after warmup")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="where linear/cosine decay ends, times --lr")
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty added to the gradient, as torch SGD")
     p.add_argument("--clip-grad-norm", type=float, default=None, help="clip by global norm (costs a second backward)")
     p.add_argument("--clip-grad-value", type=float, default=None, help="clip each gradient element to +-value")
@@ -52,8 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--eval-every", type=int, default=200, help="evaluate every N steps (and before and after)")
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--sample-tokens", type=int, default=48, help="length of the sample printed at the end")
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches for the loss")
+    p.add_argument("--eval-examples", type=int, default=None, help="multiple-choice examples scored (default all)")
+    p.add_argument("--sample-tokens", type=int, default=48, help="length of the sample printed at each evaluation")
     p.add_argument("--out", default="out", help="output folder for metrics.jsonl")
     return p.parse_args(argv)
 
@@ -78,24 +92,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-@torch.no_grad()
-def evaluate(model, dataset, loss_fn, batch_size, max_batches, device):
-    """Mean validation loss over the fixed validation windows, and its perplexity. Every rank evaluates
-    the same windows (the tp ranks must; the dp ranks simply agree)."""
-    model.eval()
-    total, count = 0.0, 0
-    for inputs, targets in dataset.val_batches(batch_size, max_batches):
-        total += float(loss_fn(model(inputs.to(device)), targets.to(device))) * targets.numel()
-        count += targets.numel()
-    model.train()
-    return total / count, math.exp(total / count)
-
-
 def main(argv=None):
     args = parse_args(argv)
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
+    if args.warmup_steps < 0 or args.warmup_steps >= args.steps:
+        raise ValueError(f"--warmup-steps={args.warmup_steps} must be >= 0 and below --steps={args.steps}")
+    learning_rate(1, args.lr, args.steps, args.warmup_steps, args.schedule)  # refuses an unknown schedule
     dtype = resolve_dtype(args.dtype)
     resolve_device(args.device)  # refuse an unknown device before starting any process group
     grid = init_distributed(args.tp, args.device, args.backend)
@@ -106,6 +110,7 @@ def main(argv=None):
 
 
 def train(args, grid, dtype):
+    started = time.perf_counter()
     device = grid.device
     print0 = print if grid.is_main else (lambda *a, **k: None)
     name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
@@ -116,13 +121,15 @@ def train(args, grid, dtype):
     if grid.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
-    # -------------------------------------------------------------------------------- tokenizer, data
+    # -------------------------------------------------------------------------------- tokenizer
     cache = Path(__file__).parent / "data" / ".cache"
+    tokenizer_corpus = args.data if Path(args.data).suffix == ".txt" else BUNDLED_CORPUS
     if not args.tokenizer and grid.is_main:
-        cached_tokenizer(args.corpus, args.vocab_size, cache)  # rank 0 trains it once; the rest read it
+        cached_tokenizer(tokenizer_corpus, args.vocab_size, cache)  # rank 0 trains it once; the rest read it
     if grid.world_size > 1:
         dist.barrier()
-    tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else cached_tokenizer(args.corpus, args.vocab_size, cache)
+    tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else cached_tokenizer(tokenizer_corpus, args.vocab_size,
+                                                                                  cache)
     margs = model_args(args.model)
     if margs.vocab_size <= 0:  # sizes without a fixed vocabulary (tiny) take the tokenizer's
         margs.vocab_size = padded_vocab_size(tokenizer.vocab_size, grid.tp)
@@ -136,10 +143,26 @@ def train(args, grid, dtype):
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the {args.model} model only "
                          f"{margs.vocab_size}: use a matching tokenizer or model")
     check_tensor_parallel(margs, grid.tp)
-    dataset = TextDataset(args.corpus, tokenizer, args.seq_len)
-    check_token_ids(dataset.train, margs.vocab_size, f"corpus {args.corpus}")
-    print0(f"data: {len(dataset.train):,} training and {len(dataset.val):,} validation tokens, "
-           f"vocabulary {tokenizer.vocab_size} ({tokenizer.path.name})")
+
+    # -------------------------------------------------------------------------------- data
+    def load(path):
+        return load_dataset(path, args.format, tokenizer, args.seq_len, args.train_on_prompt, args.long_examples)
+
+    train_set = load(args.data)
+    train_set, val_set = (train_set, load(args.val_data)) if args.val_data else split_train_val(train_set, 0.1)
+    for split, part in (("training", train_set), ("validation", val_set)):
+        highest = max(max(ids) for ids, _ in part.items) if part.items else 0
+        if highest >= margs.vocab_size:
+            raise ValueError(f"the {split} data holds token id {highest}, outside the model's vocabulary "
+                             f"[0, {margs.vocab_size}): the data was tokenized for another vocabulary")
+        if part.truncated or part.dropped:
+            print0(f"{split}: {part.truncated} examples truncated, {part.dropped} dropped as longer than "
+                   f"--seq-len+1={args.seq_len + 1} tokens (--long-examples {args.long_examples})")
+    if not train_set.packed:
+        masking = "prompt and answer" if args.train_on_prompt else "answers only (prompt masked; --train-on-prompt)"
+        print0(f"loss on: {masking}")
+    print0(f"data: {len(train_set.items):,} training and {len(val_set.items):,} validation sequences"
+           f"{', packed' if train_set.packed else ''}; vocabulary {tokenizer.vocab_size} ({tokenizer.path.name})")
 
     # -------------------------------------------------------------------------------- model
     # Built on the meta device; each rank allocates only its shards, the slices of the seed's full init.
@@ -153,12 +176,36 @@ def train(args, grid, dtype):
             return vocab_parallel_cross_entropy(logits, targets, grid)
         return cross_entropy_loss(logits, targets)
 
+    def token_loss_fn(logits, targets):
+        return vocab_parallel_token_losses(logits, targets, grid) if grid.tp > 1 else token_losses(logits, targets)
+
     # -------------------------------------------------------------------------------- LOMO
     lomo = LOMO(model, lr=args.lr, weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm,
                 clip_grad_value=args.clip_grad_value, tp_group=grid.tp_group, dp_group=grid.dp_group)
-    print0(f"LOMO: lr {args.lr}, weight decay {args.weight_decay}, clip norm {args.clip_grad_norm}, "
-           f"clip value {args.clip_grad_value}, {'two backward passes' if lomo.needs_norm_pass else 'one backward pass'}"
+    print0(f"LOMO: lr {args.lr} ({args.schedule}, warmup {args.warmup_steps}), weight decay {args.weight_decay}, "
+           f"clip norm {args.clip_grad_norm}, clip value {args.clip_grad_value}, "
+           f"{'two backward passes' if lomo.needs_norm_pass else 'one backward pass'}"
            f"{', dynamic loss scaling' if lomo.loss_scaler else ''}")
+
+    # -------------------------------------------------------------------------------- evaluation
+    def evaluate(step):
+        """Validation loss, multiple-choice accuracy when the data has choices, and a sample."""
+        val_loss, val_ppl = validation_loss(model, val_set.items, token_loss_fn, args.batch_size, device,
+                                            args.eval_batches)
+        result = dict(val_loss=val_loss, val_ppl=val_ppl)
+        line = f"step {step}: val loss {val_loss:.4f}, val ppl {val_ppl:.1f}"
+        if val_set.choices:
+            result.update(multiple_choice_accuracy(model, val_set.choices[:args.eval_examples], tokenizer,
+                                                   token_loss_fn, args.seq_len, device, grid))
+            line += f", acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f} (n={result['n']})"
+        prompt = val_set.choices[0].prompt if val_set.choices else "I"
+        # Every rank samples (the tp ranks must, in step); padded or unused vocabulary rows are cut off.
+        sample = generate(model, tokenizer.encode(prompt), args.sample_tokens, eos_id=tokenizer.eos_id,
+                          generator=torch.Generator(device=device).manual_seed(args.seed),
+                          gather_logits=lambda logits: gather_from_tp(logits, grid)[..., :tokenizer.vocab_size])
+        if grid.is_main:
+            tqdm.write(f"{line}\n  sample: {prompt!r} -> {tokenizer.decode(sample)!r}")
+        return result
 
     # -------------------------------------------------------------------------------- loop
     metrics = open(out / "metrics.jsonl", "w") if grid.is_main else None
@@ -168,53 +215,62 @@ def train(args, grid, dtype):
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
 
-    val_loss, val_ppl = evaluate(model, dataset, loss_fn, args.batch_size, args.eval_batches, device)
-    first_val_loss = val_loss
-    print0(f"step 0: val loss {val_loss:.4f}, val ppl {val_ppl:.1f}")
-    log(dict(step=0, val_loss=val_loss, val_ppl=val_ppl))
-    # Every rank draws the same global batch of dp x batch-size windows and keeps its dp slice: the ranks
+    evaluations = [dict(step=0, **evaluate(0))]
+    log(evaluations[-1])
+    # Every rank draws the same global batch of dp x batch-size sequences and keeps its dp slice: the ranks
     # of a tp group see the same rows, the dp groups disjoint ones, and the run equals one process that
-    # sees the whole global batch.
-    generator = torch.Generator().manual_seed(args.seed)
-    tokens_per_step = args.batch_size * grid.dp * args.seq_len
+    # sees the whole global batch (exactly so when every rank has the same number of target tokens).
+    sampler = ShuffledSampler(len(train_set.items), args.seed)
     rows = slice(grid.dp_rank * args.batch_size, (grid.dp_rank + 1) * args.batch_size)
+    skipped_steps, trained_tokens, train_time = 0, 0, 0.0
     bar = tqdm(range(1, args.steps + 1), desc="train", dynamic_ncols=True, file=sys.stdout, disable=not grid.is_main)
     for step in bar:
-        started = time.perf_counter()
-        inputs, targets = dataset.train_batch(args.batch_size * grid.dp, generator)
-        loss = loss_fn(model(inputs[rows].to(device)), targets[rows].to(device))
-        result = lomo.step(loss, args.lr)
+        step_started = time.perf_counter()
+        batch = [train_set.items[i] for i in sampler.next(args.batch_size * grid.dp)[rows]]
+        inputs, targets = (t.to(device) for t in collate(batch))
+        lr = learning_rate(step, args.lr, args.steps, args.warmup_steps, args.schedule, args.min_lr_ratio)
+        result = lomo.step(loss_fn(model(inputs), targets), lr)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        tokens_per_s = tokens_per_step / (time.perf_counter() - started)
-        bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{result.lr:.3g}", tok_s=f"{tokens_per_s:,.0f}")
+        seconds = time.perf_counter() - step_started
+        tokens = targets.numel() * grid.dp
+        trained_tokens, train_time = trained_tokens + tokens, train_time + seconds
+        skipped_steps += result.skipped
+        bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.3g}", tok_s=f"{tokens / seconds:,.0f}")
         if result.reason and grid.is_main:
             tqdm.write(f"step {step}: {'skipped' if result.skipped else 'partial'}: {result.reason}")
-        row = dict(step=step, loss=result.loss, lr=result.lr, grad_norm=result.grad_norm, skipped=result.skipped,
-                   loss_scale=result.loss_scale, tokens_per_s=tokens_per_s,
-                   tokens_per_gpu_per_s=tokens_per_s / grid.world_size)
+        row = dict(step=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, skipped=result.skipped,
+                   skipped_steps=skipped_steps, loss_scale=result.loss_scale, tokens_per_s=tokens / seconds,
+                   tokens_per_gpu_per_s=tokens / seconds / grid.world_size)
         if device.type == "cuda":
             row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if step % args.eval_every == 0 or step == args.steps:
-            row["val_loss"], row["val_ppl"] = val_loss, val_ppl = evaluate(
-                model, dataset, loss_fn, args.batch_size, args.eval_batches, device)
-            if grid.is_main:
-                tqdm.write(f"step {step}: val loss {val_loss:.4f}, val ppl {val_ppl:.1f}")
+            evaluations.append(dict(step=step, **evaluate(step)))
+            row.update(evaluations[-1])
         log(row)
     bar.close()
+
+    # -------------------------------------------------------------------------------- summary
+    best = min(evaluations, key=lambda e: e["val_loss"])
+    summary = dict(summary=True, step=args.steps, time_s=time.perf_counter() - started,
+                   tokens_per_s=trained_tokens / train_time, tokens_per_gpu_per_s=trained_tokens / train_time /
+                   grid.world_size, skipped_steps=skipped_steps, best_val_loss=best["val_loss"],
+                   best_val_loss_step=best["step"], val_loss=evaluations[-1]["val_loss"],
+                   val_ppl=evaluations[-1]["val_ppl"])
+    if val_set.choices:
+        best_acc = max(evaluations, key=lambda e: e["acc"])
+        summary.update(best_acc=best_acc["acc"], best_acc_step=best_acc["step"], acc=evaluations[-1]["acc"],
+                       acc_norm=evaluations[-1]["acc_norm"])
+    if device.type == "cuda":
+        summary["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    log(summary)
     if metrics:
         metrics.close()
-
-    # -------------------------------------------------------------------------------- summary, sample
-    print0(f"validation loss {first_val_loss:.4f} -> {val_loss:.4f} (perplexity {val_ppl:.1f})")
-    prompt = "I"
-    # Every rank samples (the tp ranks must, in step); padded or unused vocabulary rows are cut off.
-    sample = generate(model, tokenizer.encode(prompt), args.sample_tokens, eos_id=tokenizer.eos_id,
-                      generator=torch.Generator(device=device).manual_seed(args.seed),
-                      gather_logits=lambda logits: gather_from_tp(logits, grid)[..., :tokenizer.vocab_size])
-    print0(f"sample: {tokenizer.decode(tokenizer.encode(prompt, bos=False) + sample)}")
-    print0(f"metrics written to {out / 'metrics.jsonl'}")
-    return dict(first_val_loss=first_val_loss, val_loss=val_loss)
+    print0(f"validation loss {evaluations[0]['val_loss']:.4f} -> {summary['val_loss']:.4f} "
+           f"(best {summary['best_val_loss']:.4f} at step {summary['best_val_loss_step']})"
+           + (f", accuracy {evaluations[0]['acc']:.3f} -> {summary['acc']:.3f}" if val_set.choices else ""))
+    print0(f"{summary['time_s']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s; metrics in {out / 'metrics.jsonl'}")
+    return dict(first_val_loss=evaluations[0]["val_loss"], **summary)
 
 
 if __name__ == "__main__":

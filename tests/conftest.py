@@ -13,7 +13,7 @@ VOCAB = 320
 
 
 def tiny_model(seed=0, dtype=torch.float32, **overrides):
-    args = model_args("tiny", vocab_size=VOCAB, **{"n_layers": 2, "max_seq_len": 64, **overrides})
+    args = model_args("tiny", **{"vocab_size": VOCAB, "n_layers": 2, "max_seq_len": 64, **overrides})
     return init_weights(Transformer(args), seed).to(dtype)
 
 

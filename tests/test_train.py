@@ -18,23 +18,43 @@ def rows(tmp_path):
 def test_shortened_default_run_lowers_validation_loss(tmp_path, capsys):
     summary = run(tmp_path, "--steps", "150", "--eval-every", "75")
     logged = rows(tmp_path)
-    assert [r["step"] for r in logged] == list(range(151))
-    evaluations = [r for r in logged if "val_loss" in r]
-    assert [r["step"] for r in evaluations] == [0, 75, 150] and logged[-1] is evaluations[-1]
+    assert [r["step"] for r in logged[:-1]] == list(range(151))
+    evaluations = [r for r in logged[:-1] if "val_loss" in r]
+    assert [r["step"] for r in evaluations] == [0, 75, 150]
     assert evaluations[-1]["val_loss"] < evaluations[0]["val_loss"] - 1.0  # from ~7.6 (uniform over 2048)
-    assert summary["val_loss"] == evaluations[-1]["val_loss"]
+    final = logged[-1]  # the summary row, which carries the final validation result too
+    assert final["summary"] and final["val_loss"] == evaluations[-1]["val_loss"] == summary["val_loss"]
+    assert final["best_val_loss"] == min(r["val_loss"] for r in evaluations) and final["tokens_per_s"] > 0
     step = logged[1]
-    assert set(step) >= {"loss", "lr", "grad_norm", "skipped", "loss_scale", "tokens_per_s"}
+    assert set(step) >= {"loss", "lr", "grad_norm", "skipped", "skipped_steps", "loss_scale", "tokens_per_s",
+                         "tokens_per_gpu_per_s"}
     assert step["grad_norm"] is None and step["skipped"] is False and step["tokens_per_s"] > 0
     out = capsys.readouterr().out
     assert "val loss" in out and "sample: " in out
+
+
+def test_schedule_reaches_the_metrics(tmp_path):
+    run(tmp_path, "--steps", "6", "--eval-every", "6", "--warmup-steps", "2", "--schedule", "linear", "--lr", "0.4")
+    assert [r["lr"] for r in rows(tmp_path)[1:-1]] == pytest.approx([0.2, 0.4, 0.3, 0.2, 0.1, 0.0])
+
+
+def test_word_order_demonstration_learns_above_chance(tmp_path):
+    """The README's demonstration, shortened: from chance (1 in 4) to well above it on held-out sentences."""
+    import tasks
+    tasks.main(["word-order", str(tmp_path / "task")])
+    summary = run(tmp_path, "--data", str(tmp_path / "task" / "train.jsonl"), "--val-data",
+                  str(tmp_path / "task" / "validation.jsonl"), "--seq-len", "64", "--steps", "120",
+                  "--eval-every", "120", "--clip-grad-norm", "1.0", "--warmup-steps", "20", "--schedule", "linear")
+    first = rows(tmp_path)[0]
+    assert first["acc"] < 0.4 and first["n"] == 165
+    assert summary["acc"] > 0.6
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_low_precision_runs_with_clipping_log_norm_and_scale(tmp_path, dtype):
     run(tmp_path, "--steps", "3", "--eval-every", "3", "--dtype", dtype, "--clip-grad-norm", "1.0",
         "--activation-checkpointing")
-    logged = rows(tmp_path)[1:]
+    logged = rows(tmp_path)[1:-1]
     assert all(r["grad_norm"] is not None and r["grad_norm"] > 0 for r in logged)
     assert all((r["loss_scale"] is not None) == (dtype == "fp16") for r in logged)
 
@@ -46,6 +66,9 @@ def test_low_precision_runs_with_clipping_log_norm_and_scale(tmp_path, dtype):
     (["--seq-len", "300"], ValueError, "--seq-len=300 exceeds the tiny model's max_seq_len=256"),
     (["--steps", "0"], ValueError, "--steps=0 must be a positive integer"),
     (["--corpus", "/nonexistent/corpus.txt"], FileNotFoundError, "corpus /nonexistent/corpus.txt does not exist"),
+    (["--warmup-steps", "900"], ValueError, "--warmup-steps=900 must be >= 0 and below --steps=800"),
+    (["--schedule", "step"], ValueError, "unknown schedule 'step'"),
+    (["--long-examples", "skip"], ValueError, "unknown policy 'skip' for long examples"),
 ])
 def test_bad_input_is_refused_before_training(tmp_path, flags, error, message):
     with pytest.raises(error, match=message):

@@ -1,0 +1,60 @@
+"""Evaluation: validation loss and perplexity, and multiple-choice accuracy by per-candidate loss.
+
+Multiple choice is scored as the LOMO paper scores SuperGLUE: each candidate answer is appended to the
+prompt and the candidate the model finds least surprising wins. Two numbers, as lm-evaluation-harness
+reports them: `acc` takes the lowest summed loss of the answer tokens, `acc_norm` the lowest loss per
+byte of answer text, which removes the bias towards short answers. The end-of-sequence token is not part
+of the scored answer, as in lm-eval.
+
+Under tensor parallelism every rank of a tp group scores the same examples (the loss needs all vocabulary
+slices); under data parallelism each dp rank scores its share and the counts are summed.
+"""
+import math
+
+import torch
+import torch.distributed as dist
+
+from data import IGNORE, collate, encode_prompt_answer
+
+
+@torch.no_grad()
+def validation_loss(model, items, token_loss_fn, batch_size, device, max_batches=None):
+    """Mean loss per target token over `items` (lists of (ids, labels)), and its perplexity."""
+    model.eval()
+    total, count = 0.0, 0
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)][:max_batches]
+    for batch in batches:
+        inputs, targets = (t.to(device) for t in collate(batch))
+        total += float(token_loss_fn(model(inputs), targets).sum())
+        count += int((targets != IGNORE).sum())
+    model.train()
+    return total / count, math.exp(min(total / count, 50.0))
+
+
+@torch.no_grad()
+def candidate_losses(model, example, tokenizer, token_loss_fn, seq_len, device):
+    """Summed loss of each candidate answer's tokens after the prompt."""
+    items = [encode_prompt_answer(tokenizer, example.prompt, choice, seq_len, train_on_prompt=False,
+                                  long="truncate", answer_eos=False)[0] for choice in example.choices]
+    inputs, targets = (t.to(device) for t in collate(items))
+    return token_loss_fn(model(inputs), targets).sum(dim=1).tolist()
+
+
+@torch.no_grad()
+def multiple_choice_accuracy(model, examples, tokenizer, token_loss_fn, seq_len, device, grid=None):
+    """{'acc', 'acc_norm', 'n'} over `examples` (MultipleChoice), shared out over the dp ranks."""
+    model.eval()
+    dp_rank, dp = (grid.dp_rank, grid.dp) if grid is not None else (0, 1)
+    counts = torch.zeros(3, dtype=torch.float64)  # correct by summed loss, correct per byte, examples
+    for example in examples[dp_rank::dp]:
+        losses = candidate_losses(model, example, tokenizer, token_loss_fn, seq_len, device)
+        per_byte = [loss / max(1, len(choice.encode("utf-8"))) for loss, choice in zip(losses, example.choices)]
+        counts += torch.tensor([losses.index(min(losses)) == example.label,
+                                per_byte.index(min(per_byte)) == example.label, 1.0], dtype=torch.float64)
+    if grid is not None and grid.dp_group is not None:
+        counts = counts.to(device)
+        dist.all_reduce(counts, group=grid.dp_group)
+        counts = counts.cpu()
+    model.train()
+    correct, correct_norm, n = counts.tolist()
+    return dict(acc=correct / max(n, 1), acc_norm=correct_norm / max(n, 1), n=int(n))

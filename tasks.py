@@ -1,0 +1,188 @@
+"""Prompt templates: instruction data, SuperGLUE as multiple choice, and a word-order task made from the
+bundled corpus for the CPU demonstration.
+
+SuperGLUE tasks are scored as the paper scores them: each candidate answer is appended to the prompt
+and the candidate with the lowest loss wins (evaluate.py). The templates follow lm-evaluation-harness's
+(`tasks/super_glue`), so numbers are comparable with what users know; each answer is encoded on its own
+and SentencePiece's dummy prefix supplies the space after "Answer:". The fields are those of the
+official jsonl files (BoolQ: passage/question/label, COPA: premise/choice1/choice2/question/label, ...);
+test files without labels are refused.
+
+Word order (`python tasks.py word-order OUT_DIR`): each sentence of the book becomes a 4-way choice
+between the sentence and three shufflings of its words; a model that has learned English word order
+gives the real sentence the lowest loss. Chance is 25%. Train on the first 85% of the book's sentences,
+evaluate on the last 15% (held out: never trained on, not even as text).
+"""
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+
+from data import MultipleChoice, field_of, read_corpus
+
+
+def alpaca_prompt(instruction: str, input_text: str = "") -> str:
+    """Stanford Alpaca's two templates (with and without an input)."""
+    if input_text:
+        return ("Below is an instruction that describes a task, paired with an input that provides further "
+                "context. Write a response that appropriately completes the request.\n\n"
+                f"### Instruction:\n{instruction}\n\n### Input:\n{input_text}\n\n### Response:\n")
+    return ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            f"request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def label_index(row, path, mapping=None):
+    """The gold answer's index: a bool, an int, or a string through `mapping`."""
+    label = field_of(row, "label", path, (bool, int, str))
+    if mapping is not None and isinstance(label, str):
+        if label not in mapping:
+            raise ValueError(f"{path}:{row.get('_line', '?')}: label {label!r} is not one of {sorted(mapping)}")
+        return mapping[label]
+    return int(label)
+
+
+def boolq(row, path):
+    prompt = f"{field_of(row, 'passage', path)}\nQuestion: {field_of(row, 'question', path)}?\nAnswer:"
+    return [MultipleChoice(prompt, ["no", "yes"], label_index(row, path))]
+
+
+def cb(row, path):
+    prompt = (f"{field_of(row, 'premise', path)}\nQuestion: {field_of(row, 'hypothesis', path)}. "
+              f"True, False, or Neither?\nAnswer:")
+    return [MultipleChoice(prompt, ["True", "False", "Neither"],
+                           label_index(row, path, {"entailment": 0, "contradiction": 1, "neutral": 2}))]
+
+
+def copa(row, path):
+    connector = {"cause": "because", "effect": "therefore"}.get(field_of(row, "question", path))
+    if connector is None:
+        raise ValueError(f"{path}:{row.get('_line', '?')}: COPA question must be 'cause' or 'effect'")
+    prompt = field_of(row, "premise", path).rstrip(".") + " " + connector
+    choices = [(lambda c: c[:1].lower() + c[1:])(field_of(row, name, path)) for name in ("choice1", "choice2")]
+    return [MultipleChoice(prompt, choices, label_index(row, path))]
+
+
+def multirc(row, path):
+    passage = field_of(row, "passage", path, dict)
+    examples = []
+    for question in passage["questions"]:
+        for answer in question["answers"]:
+            prompt = (f"{passage['text']}\nQuestion: {question['question']}\nCandidate answer: {answer['text']}\n"
+                      f"Is the candidate answer correct?\nAnswer:")
+            examples.append(MultipleChoice(prompt, ["no", "yes"], label_index(answer, path)))
+    return examples
+
+
+def rte(row, path):
+    prompt = f"{field_of(row, 'premise', path)}\nQuestion: {field_of(row, 'hypothesis', path)} True or False?\nAnswer:"
+    return [MultipleChoice(prompt, ["True", "False"], label_index(row, path, {"entailment": 0, "not_entailment": 1}))]
+
+
+def wic(row, path):
+    prompt = (f"Sentence 1: {field_of(row, 'sentence1', path)}\nSentence 2: {field_of(row, 'sentence2', path)}\n"
+              f"Question: Is the word '{field_of(row, 'word', path)}' used in the same way in the two sentences "
+              f"above?\nAnswer:")
+    return [MultipleChoice(prompt, ["no", "yes"], label_index(row, path))]
+
+
+def wsc(row, path):
+    target = field_of(row, "target", path, dict)
+    prompt = (f"Passage: {field_of(row, 'text', path)}\nQuestion: In the passage above, does the pronoun "
+              f"\"{target['span2_text']}\" refer to \"{target['span1_text']}\"?\nAnswer:")
+    return [MultipleChoice(prompt, ["no", "yes"], label_index(row, path))]
+
+
+def record(row, path):
+    passage = field_of(row, "passage", path, dict)
+    text = passage["text"]
+    # Entity spans are inclusive at both ends in the official files.
+    entities = list(dict.fromkeys(text[e["start"]:e["end"] + 1] for e in passage["entities"]))
+    examples = []
+    for qa in field_of(row, "qas", path, list):
+        answers = {a["text"] for a in qa.get("answers", [])}
+        gold = [i for i, entity in enumerate(entities) if entity in answers]
+        if not gold:
+            raise ValueError(f"{path}:{row.get('_line', '?')}: no answer among the passage's entities (test split?)")
+        prompt = text.replace("@highlight\n", "- ") + "\n"
+        examples.append(MultipleChoice(prompt, [qa["query"].replace("@placeholder", e) for e in entities], gold[0]))
+    return examples
+
+
+def generic_mc(row, path):
+    choices = field_of(row, "choices", path, list)
+    return [MultipleChoice(field_of(row, "prompt", path), choices, label_index(row, path))]
+
+
+SUPERGLUE_TASKS = {"boolq": boolq, "cb": cb, "copa": copa, "multirc": multirc, "rte": rte, "wic": wic,
+                   "wsc": wsc, "record": record}
+
+
+def superglue_examples(task: str, rows: list, path) -> list:
+    """MultipleChoice examples from the rows of a SuperGLUE task file (or our generic "mc" jsonl)."""
+    build = generic_mc if task == "mc" else SUPERGLUE_TASKS[task]
+    examples = []
+    for row in rows:
+        for example in build(row, path):
+            if not 0 <= example.label < len(example.choices):
+                raise ValueError(f"{path}:{row.get('_line', '?')}: label {example.label} is outside the "
+                                 f"{len(example.choices)} choices")
+            examples.append(example)
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------
+# The word-order task, made from the bundled corpus
+
+
+WORD_ORDER_PROMPT = "A sentence from the book:"
+
+
+def word_order_task(text: str, n_choices: int = 4, seed: int = 0, val_fraction: float = 0.15,
+                    min_words: int = 6, max_words: int = 16):
+    """(train, validation) lists of MultipleChoice: the real sentence among shufflings of its words."""
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split()))]
+    sentences = [s for s in sentences if min_words <= len(s.split()) <= max_words]
+    rng = random.Random(seed)
+    examples = []
+    for sentence in sentences:
+        words = sentence.split()
+        candidates = {sentence}
+        for _ in range(50):  # a few tries to find distinct shufflings (short sentences have few)
+            if len(candidates) == n_choices:
+                break
+            shuffled = words[:]
+            rng.shuffle(shuffled)
+            candidates.add(" ".join(shuffled))
+        if len(candidates) < n_choices:
+            continue
+        choices = sorted(candidates - {sentence})
+        choices.insert(rng.randrange(n_choices), sentence)
+        examples.append(MultipleChoice(WORD_ORDER_PROMPT, choices, choices.index(sentence)))
+    n_train = int(len(examples) * (1 - val_fraction))
+    return examples[:n_train], examples[n_train:]
+
+
+def write_mc_jsonl(examples, path: Path):
+    with open(path, "w") as f:
+        for e in examples:
+            f.write(json.dumps(dict(prompt=e.prompt, choices=e.choices, label=e.label)) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Make the word-order multiple-choice task from a corpus.")
+    parser.add_argument("task", choices=["word-order"])
+    parser.add_argument("out", help="folder for train.jsonl and validation.jsonl")
+    parser.add_argument("--corpus", default=str(Path(__file__).parent / "data" / "botchan.txt"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    train, validation = word_order_task(read_corpus(args.corpus), seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_mc_jsonl(train, out / "train.jsonl")
+    write_mc_jsonl(validation, out / "validation.jsonl")
+    print(f"word order: {len(train)} training and {len(validation)} held-out examples in {out}")
+
+
+if __name__ == "__main__":
+    main()
