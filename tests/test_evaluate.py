@@ -1,5 +1,6 @@
 """Evaluation, generation and schedules: multiple-choice scoring against a hand computation and under
 tp/dp, the KV cache against recomputation, learning-rate schedules against their formulas."""
+import json
 import math
 from pathlib import Path
 
@@ -69,7 +70,9 @@ def parallel_scores_worker(tp, tokenizer_path):
         return shard.vocab_parallel_token_losses(logits, targets, grid) if tp > 1 else token_losses(logits, targets)
 
     losses = [candidate_losses(model, e, tokenizer, loss_fn, 63, "cpu") for e in EXAMPLES]
-    return losses, multiple_choice_accuracy(model, EXAMPLES, tokenizer, loss_fn, 63, "cpu", grid)
+    sample = generate(model, [1, 17, 42], 20, temperature=0.0,
+                      gather_logits=lambda logits: shard.gather_from_tp(logits, grid))
+    return losses, multiple_choice_accuracy(model, EXAMPLES, tokenizer, loss_fn, 63, "cpu", grid), sample
 
 
 @pytest.mark.parametrize("tp", [2, 1])  # tp = 2, and dp = 2 (each dp rank scores half, counts are summed)
@@ -77,10 +80,12 @@ def test_scores_under_tp_and_dp_equal_one_process(tokenizer, tp):
     model = tiny_model(vocab_size=tokenizer.vocab_size, max_seq_len=64)
     expected_losses = [candidate_losses(model, e, tokenizer, token_losses, 63, "cpu") for e in EXAMPLES]
     expected = multiple_choice_accuracy(model, EXAMPLES, tokenizer, token_losses, 63, "cpu")
-    for losses, result in run_ranks(parallel_scores_worker, 2, tp, str(tokenizer.path)):
+    expected_sample = generate(model, [1, 17, 42], 20, temperature=0.0)
+    for losses, result, sample in run_ranks(parallel_scores_worker, 2, tp, str(tokenizer.path)):
         for ours, theirs in zip(losses, expected_losses):
             assert ours == pytest.approx(theirs, rel=1e-5)
         assert result == expected
+        assert sample == expected_sample  # greedy generation under tp gathers the logits and agrees
 
 
 def test_validation_loss_is_the_token_mean_and_perplexity_its_exp():
@@ -132,3 +137,22 @@ def test_schedules_match_their_formulas():
     assert learning_rate(110, base, total, warmup, "linear") == 0.0
     with pytest.raises(ValueError, match="unknown schedule 'step'"):
         learning_rate(1, base, total, warmup, "step")
+
+
+def test_plot_draws_curves_or_says_how_to_get_matplotlib(tmp_path, capsys):
+    import plot
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 0, "val_loss": 7.0, "acc": 0.25, "acc_norm": 0.25}, {"step": 1, "loss": 6.0},
+        {"step": 2, "loss": 5.0, "val_loss": 5.5, "acc": 0.5, "acc_norm": 0.5}, {"summary": True, "val_loss": 5.5}]))
+    png = tmp_path / "curves.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert plot.main([str(tmp_path), "--png", str(png)]) == 1
+        assert "pip install matplotlib" in capsys.readouterr().err and not png.exists()
+    else:
+        assert plot.main([str(tmp_path), "--png", str(png)]) == 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="nothing does not exist: pass a metrics.jsonl"):
+        plot.main([str(tmp_path / "nothing")])
