@@ -165,8 +165,22 @@ class LOMO:
             # non-finite gradient becomes "leave this tensor unchanged" (its update is zeroed below).
             finite = torch.isfinite(grad).all()
             self._nonfinite_tensors += ~finite
+        if param.dtype != torch.float32 and self.clip_grad_value is None and not self.weight_decay:
+            # The common bf16/fp16 case: w32 = fp32(w) + alpha * g, with the unscaling and the clip factor
+            # folded into alpha, then rounded back into w. Adding the bf16 gradient to the fp32 copy computes
+            # in fp32 with an fp32 alpha; one temporary per chunk instead of three. (On the CPU a bf16
+            # w.add_(g, alpha) rounds alpha itself to bf16; on CUDA it does not, and is one kernel.)
+            if finite is not None:
+                grad.masked_fill_(~finite, 0.0)  # w + alpha * 0 == w exactly
+            alpha = -self._lr * self._clip_coef * self._inv_scale
+            if param.is_cuda:  # CUDA's add_ keeps alpha in fp32 and computes in fp32: one kernel, no copies
+                param.add_(grad, alpha=alpha)
+                return
+            for p_piece, g_piece in zip(param.view(-1).split(UPDATE_CHUNK_NUMEL), grad.view(-1).split(UPDATE_CHUNK_NUMEL)):
+                p_piece.copy_(p_piece.float().add_(g_piece, alpha=alpha))
+            return
         # fp32 parameters are updated in place with exactly torch.optim.SGD's operations, which keeps
-        # them bit-identical to it. Lower-precision parameters go through fp32 in bounded chunks.
+        # them bit-identical to it. Other lower-precision updates go through fp32 in bounded chunks.
         if param.dtype == torch.float32:
             pieces = [(param, grad)]
         else:

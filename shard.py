@@ -328,18 +328,25 @@ def shard_of(full: torch.Tensor, split_dim: Optional[int], grid: Grid) -> torch.
 
 
 @torch.no_grad()
-def build_model(args: ModelArgs, grid: Grid, seed: int, dtype=torch.float32) -> Transformer:
+def build_model(args: ModelArgs, grid: Grid, seed: int, dtype=torch.float32, init: bool = True) -> Transformer:
     """The model for this rank: built on the meta device (no memory), parallelized, then only this rank's
-    shards are allocated and filled with their slice of the seeded init, one parameter at a time."""
+    shards are allocated and filled with their slice of the seeded init, one parameter at a time.
+    init=False leaves the memory uninitialized, for a checkpoint to fill (or a benchmark)."""
     with torch.device("meta"):
         model = Transformer(args)
     if grid.tp > 1:
         parallelize(model, grid)
-    model.to_empty(device=grid.device).to(dtype)  # new Parameter objects: attributes set before are gone
+    # Cast on the meta device (free), then allocate: allocating first would hold an fp32 copy of the
+    # model, which under a memory cap (or on a 24 GB card) is what runs out of memory.
+    model.to(dtype).to_empty(device=grid.device)  # new Parameter objects: attributes set before are gone
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight  # to_empty made them two tensors again
     for name, param in model.named_parameters():
         split_dim = split_dim_of(name, grid.tp)
         if split_dim is not None:
             param.tensor_parallel_dim = split_dim  # read by LOMO's norm and by gather_full
+        if not init:
+            continue
         shape = list(param.shape)
         if split_dim is not None:
             shape[split_dim] *= grid.tp

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 from data import ShuffledSampler, Tokenizer, cached_tokenizer, collate, load_dataset, split_train_val
 from evaluate import multiple_choice_accuracy, validation_loss
 from generate import generate
@@ -68,7 +69,16 @@ def parse_args(argv=None):
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches for the loss")
     p.add_argument("--eval-examples", type=int, default=None, help="multiple-choice examples scored (default all)")
     p.add_argument("--sample-tokens", type=int, default=48, help="length of the sample printed at each evaluation")
-    p.add_argument("--out", default="out", help="output folder for metrics.jsonl")
+    p.add_argument("--out", default="out", help="output folder for metrics.jsonl (and checkpoints/)")
+    p.add_argument("--ckpt", default=None, help="start from a Meta or Hugging Face checkpoint folder (or a saved "
+                   "training state); its config replaces --model")
+    p.add_argument("--save-every", type=int, default=0, help="save the training state every N steps and at the end "
+                   "(0: never)")
+    p.add_argument("--keep", type=int, default=3, help="how many saved training states to keep")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete training state in "
+                   "<out>/checkpoints")
+    p.add_argument("--eval-only", action="store_true", help="evaluate (with --ckpt or --resume) and stop")
+    p.add_argument("--export-hf", default=None, help="at the end, write the weights as a Hugging Face folder here")
     return p.parse_args(argv)
 
 
@@ -100,6 +110,13 @@ def main(argv=None):
     if args.warmup_steps < 0 or args.warmup_steps >= args.steps:
         raise ValueError(f"--warmup-steps={args.warmup_steps} must be >= 0 and below --steps={args.steps}")
     learning_rate(1, args.lr, args.steps, args.warmup_steps, args.schedule)  # refuses an unknown schedule
+    if args.eval_only and not (args.ckpt or args.resume):
+        raise ValueError("--eval-only evaluates a trained model: pass --ckpt DIR (or --resume)")
+    if args.ckpt and not Path(args.ckpt).is_dir():
+        raise FileNotFoundError(f"checkpoint folder {args.ckpt} does not exist: pass --ckpt a folder holding a Meta "
+                                f"(params.json) or Hugging Face (config.json) checkpoint")
+    if args.save_every < 0:
+        raise ValueError(f"--save-every={args.save_every} must be >= 0 (0: never save)")
     dtype = resolve_dtype(args.dtype)
     resolve_device(args.device)  # refuse an unknown device before starting any process group
     grid = init_distributed(args.tp, args.device, args.backend)
@@ -124,13 +141,23 @@ def train(args, grid, dtype):
     # -------------------------------------------------------------------------------- tokenizer
     cache = Path(__file__).parent / "data" / ".cache"
     tokenizer_corpus = args.data if Path(args.data).suffix == ".txt" else BUNDLED_CORPUS
-    if not args.tokenizer and grid.is_main:
-        cached_tokenizer(tokenizer_corpus, args.vocab_size, cache)  # rank 0 trains it once; the rest read it
-    if grid.world_size > 1:
-        dist.barrier()
-    tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else cached_tokenizer(tokenizer_corpus, args.vocab_size,
-                                                                                  cache)
-    margs = model_args(args.model)
+    if args.ckpt and (args.tokenizer or (Path(args.ckpt) / "tokenizer.model").is_file()):
+        # A Meta or HF checkpoint brings its config and its tokenizer.
+        margs = checkpoint.checkpoint_args(args.ckpt, args.tokenizer, max_seq_len=max(args.seq_len, 2048))
+        tokenizer = checkpoint.load_tokenizer(args.tokenizer or args.ckpt, margs.vocab_size)
+        print0(f"checkpoint {args.ckpt} ({checkpoint.detect_format(args.ckpt)} format)")
+    elif args.ckpt:  # our own training state: the tokenizer is the one this run trains (or finds cached)
+        tokenizer = cached_tokenizer(tokenizer_corpus, args.vocab_size, cache)
+        margs = checkpoint.checkpoint_args(args.ckpt)
+        print0(f"checkpoint {args.ckpt} ({checkpoint.detect_format(args.ckpt)} format), tokenizer {tokenizer.path}")
+    else:
+        if not args.tokenizer and grid.is_main:
+            cached_tokenizer(tokenizer_corpus, args.vocab_size, cache)  # rank 0 trains it once; the rest read it
+        if grid.world_size > 1:
+            dist.barrier()
+        tokenizer = (Tokenizer(args.tokenizer) if args.tokenizer else
+                     cached_tokenizer(tokenizer_corpus, args.vocab_size, cache))
+        margs = model_args(args.model)
     if margs.vocab_size <= 0:  # sizes without a fixed vocabulary (tiny) take the tokenizer's
         margs.vocab_size = padded_vocab_size(tokenizer.vocab_size, grid.tp)
         if margs.vocab_size != tokenizer.vocab_size:
@@ -166,7 +193,9 @@ def train(args, grid, dtype):
 
     # -------------------------------------------------------------------------------- model
     # Built on the meta device; each rank allocates only its shards, the slices of the seed's full init.
-    model = build_model(margs, grid, args.seed, dtype)
+    model = build_model(margs, grid, args.seed, dtype, init=not args.ckpt)
+    if args.ckpt:
+        checkpoint.load_checkpoint(args.ckpt, model, grid)  # each rank reads only its own slices
     model.activation_checkpointing = args.activation_checkpointing
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"model: {args.model} {margs}\n  {n_params:,} parameters per rank, {dtype}")
@@ -207,23 +236,45 @@ def train(args, grid, dtype):
             tqdm.write(f"{line}\n  sample: {prompt!r} -> {tokenizer.decode(sample)!r}")
         return result
 
-    # -------------------------------------------------------------------------------- loop
-    metrics = open(out / "metrics.jsonl", "w") if grid.is_main else None
+    # -------------------------------------------------------------------------------- resume or start
+    # Every rank draws the same global batch of dp x batch-size sequences and keeps its dp slice: the ranks
+    # of a tp group see the same rows, the dp groups disjoint ones, and the run equals one process that
+    # sees the whole global batch (exactly so when every rank has the same number of target tokens).
+    sampler = ShuffledSampler(len(train_set.items), args.seed)
+    rows = slice(grid.dp_rank * args.batch_size, (grid.dp_rank + 1) * args.batch_size)
+    saves = out / "checkpoints"
+    first_step, evaluations, skipped_steps, trained_tokens, train_time = 1, [], 0, 0, 0.0
+    latest = checkpoint.find_latest_checkpoint(saves) if args.resume else None
+    if latest is not None:
+        # Weights (at this run's tp), RNG states, LOMO's step count and loss scale, the sampler's position:
+        # everything the next step depends on, so that resuming is exact.
+        state = checkpoint.load_training_state(latest, model, grid)
+        lomo.load_state_dict(state["lomo"])
+        sampler.load_state_dict(state["sampler"])
+        first_step, evaluations, skipped_steps = state["step"] + 1, state["evaluations"], state["skipped_steps"]
+        changed = {k: (v, vars(args)[k]) for k, v in state["config"].items() if k in vars(args) and vars(args)[k] != v
+                   and k not in ("resume", "steps", "eval_only", "export_hf")}
+        print0(f"resuming from {latest} at step {first_step}" + (f"; flags changed since: {changed}" if changed else ""))
+    elif args.resume:
+        print0(f"--resume: no complete training state in {saves}; starting at step 1")
+    metrics = open(out / "metrics.jsonl", "a" if latest is not None else "w") if grid.is_main else None
 
     def log(row):
         if metrics:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
 
-    evaluations = [dict(step=0, **evaluate(0))]
-    log(evaluations[-1])
-    # Every rank draws the same global batch of dp x batch-size sequences and keeps its dp slice: the ranks
-    # of a tp group see the same rows, the dp groups disjoint ones, and the run equals one process that
-    # sees the whole global batch (exactly so when every rank has the same number of target tokens).
-    sampler = ShuffledSampler(len(train_set.items), args.seed)
-    rows = slice(grid.dp_rank * args.batch_size, (grid.dp_rank + 1) * args.batch_size)
-    skipped_steps, trained_tokens, train_time = 0, 0, 0.0
-    bar = tqdm(range(1, args.steps + 1), desc="train", dynamic_ncols=True, file=sys.stdout, disable=not grid.is_main)
+    if args.eval_only:
+        result = dict(step=first_step - 1, eval_only=True, **evaluate(first_step - 1))
+        log(result)
+        return result
+    if not evaluations:
+        evaluations = [dict(step=0, **evaluate(0))]
+        log(evaluations[-1])
+
+    # -------------------------------------------------------------------------------- loop
+    bar = tqdm(range(first_step, args.steps + 1), desc="train", dynamic_ncols=True, file=sys.stdout,
+               initial=first_step - 1, total=args.steps, disable=not grid.is_main)
     for step in bar:
         step_started = time.perf_counter()
         batch = [train_set.items[i] for i in sampler.next(args.batch_size * grid.dp)[rows]]
@@ -248,13 +299,20 @@ def train(args, grid, dtype):
             evaluations.append(dict(step=step, **evaluate(step)))
             row.update(evaluations[-1])
         log(row)
+        if args.save_every and (step % args.save_every == 0 or step == args.steps):
+            checkpoint.save_training_state(saves, step, model, grid, dict(
+                step=step, lomo=lomo.state_dict(), sampler=sampler.state_dict(), evaluations=evaluations,
+                skipped_steps=skipped_steps, config=vars(args)), keep=args.keep)
     bar.close()
+    if args.export_hf:
+        checkpoint.save_hf(model, args.export_hf, grid, tokenizer_path=tokenizer.path)
+        print0(f"weights exported to {args.export_hf} (Hugging Face format)")
 
     # -------------------------------------------------------------------------------- summary
     best = min(evaluations, key=lambda e: e["val_loss"])
     summary = dict(summary=True, step=args.steps, time_s=time.perf_counter() - started,
-                   tokens_per_s=trained_tokens / train_time, tokens_per_gpu_per_s=trained_tokens / train_time /
-                   grid.world_size, skipped_steps=skipped_steps, best_val_loss=best["val_loss"],
+                   tokens_per_s=trained_tokens / max(train_time, 1e-9),
+                   tokens_per_gpu_per_s=trained_tokens / max(train_time, 1e-9) / grid.world_size, skipped_steps=skipped_steps, best_val_loss=best["val_loss"],
                    best_val_loss_step=best["step"], val_loss=evaluations[-1]["val_loss"],
                    val_ppl=evaluations[-1]["val_ppl"])
     if val_set.choices:

@@ -1,0 +1,237 @@
+"""Memory and throughput of one training step, LOMO against the usual ways, on the same model and batch.
+
+    python bench.py --model 7B --dtype bf16 --batch-size 4 --seq-len 512 --activation-checkpointing
+    torchrun --nproc_per_node 2 bench.py --model 13B --tp 2 ...        (tensor parallel: every rank measures)
+    python bench.py --tiny                                              (a seconds-long CPU run, for CI)
+
+Modes, each measured in its own process so that one mode's peak never hides in another's:
+  infer      forward and loss under no_grad: the floor LOMO aims for
+  lomo       LOMO, one backward pass with the update fused in
+  lomo-clip  LOMO with clipping by global norm: two backward passes
+  sgd        loss.backward() then torch.optim.SGD (all gradients alive at once)
+  adamw      loss.backward() then torch.optim.AdamW (gradients and two states per parameter)
+  hook-sgd   PyTorch's optimizer-in-backward pattern: a post-accumulate-grad hook steps a per-parameter SGD
+
+One JSON line per mode: peak allocated and reserved memory, parameter bytes, tokens/s (all GPUs) and
+tokens per GPU per second, model FLOPs utilization, the device, and a memory breakdown against LOMO's
+formula (parameters + checkpointed activations + the largest gradient): the paper's Table 1 from live
+numbers. FLOPs per token are counted as 6 N + 12 L S d for training (N parameters, L layers, S sequence
+length, d model width: the matmuls of forward and backward plus attention scores), 2 N + 4 L S d for
+inference; activation recomputation is not counted, so MFU is comparable with and without it.
+
+`--memory-cap-gb 24` limits each process's GPU memory (torch.cuda.set_per_process_memory_fraction) to
+emulate a consumer card; `--find-max-batch` searches the largest batch that trains under the cap.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+MODES = ["infer", "lomo", "lomo-clip", "sgd", "adamw", "hook-sgd"]
+# Dense bf16/fp16 peak of the card (vendor datasheets), for MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "RTX 3090": 71.0, "RTX 4090": 165.2}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="7B")
+    p.add_argument("--n-layers", type=int, default=None, help="override the layer count (shape studies)")
+    p.add_argument("--dtype", default="bf16", help="bf16 or fp16 (fp32 for --tiny)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step per data-parallel rank")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    p.add_argument("--steps", type=int, default=5, help="timed steps, after --warmup steps")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--memory-cap-gb", type=float, default=None, help="emulate a card with this much memory")
+    p.add_argument("--find-max-batch", action="store_true", help="largest batch that trains (mode lomo) under the cap")
+    p.add_argument("--tiny", action="store_true", help="the tiny model on the CPU, to check that bench.py runs")
+    p.add_argument("--out", default=None, help="append the JSON lines to this file too")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one mode, inside its own process
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One mode, in its own process
+
+
+def run_mode(args, mode):
+    from lomo import LOMO
+    from model import cross_entropy_loss, model_args
+    from shard import build_model, destroy_distributed, init_distributed, vocab_parallel_cross_entropy
+    grid = init_distributed(args.tp, "cpu" if args.tiny else "cuda")
+    try:
+        device = grid.device
+        if args.memory_cap_gb and device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 2**30 / total), device)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        overrides = {"vocab_size": 512} if args.tiny else {}
+        if args.n_layers:
+            overrides["n_layers"] = args.n_layers
+        margs = model_args("tiny" if args.tiny else args.model, **overrides)
+        # Weights drawn on the device (seeded init draws on the CPU: minutes for 7B, and speed and memory
+        # do not depend on the values); norms at one, matrices at LLaMA-like scale.
+        model = build_model(margs, grid, seed=0, dtype=dtype, init=False)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, 0.02)
+        model.activation_checkpointing = args.activation_checkpointing
+        tokens = torch.randint(0, margs.vocab_size, (args.batch_size, args.seq_len + 1),
+                               generator=torch.Generator().manual_seed(0)).to(device)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+        def loss_of():
+            logits = model(inputs)
+            if grid.tp > 1:
+                return vocab_parallel_cross_entropy(logits, targets, grid)
+            return cross_entropy_loss(logits, targets)
+
+        params = list(model.parameters())
+        lr = 1e-6  # small: the weights barely move, so every timed step does the same work
+        if mode in ("lomo", "lomo-clip"):
+            lomo = LOMO(model, lr=lr, clip_grad_norm=1.0 if mode == "lomo-clip" else None,
+                        tp_group=grid.tp_group, dp_group=grid.dp_group)
+            step = lambda: lomo.step(loss_of())  # noqa: E731
+        elif mode in ("sgd", "adamw"):
+            optimizer = (torch.optim.SGD(params, lr=lr) if mode == "sgd" else torch.optim.AdamW(params, lr=lr))
+
+            def step():
+                loss_of().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        elif mode == "hook-sgd":
+            # The PyTorch tutorial's pattern: one optimizer per parameter, stepped as its gradient lands.
+            optimizers = {p: torch.optim.SGD([p], lr=lr) for p in params}
+
+            def step_one(param):
+                optimizers[param].step()
+                optimizers[param].zero_grad(set_to_none=True)
+
+            for p in params:
+                p.register_post_accumulate_grad_hook(step_one)
+            step = lambda: loss_of().backward()  # noqa: E731
+        elif mode == "infer":
+            def step():
+                with torch.no_grad():
+                    loss_of()
+        else:
+            raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
+
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        for _ in range(args.warmup):
+            step()
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        seconds = (time.perf_counter() - started) / args.steps
+        return measurements(args, mode, margs, model, grid, seconds)
+    finally:
+        destroy_distributed()
+
+
+def measurements(args, mode, margs, model, grid, seconds):
+    device = grid.device
+    element = next(model.parameters()).element_size()
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    largest_grad_bytes = max(p.numel() * p.element_size() for p in model.parameters())
+    # With checkpointing each block keeps only its input, (batch, seq, dim), plus the embedding output.
+    checkpointed_bytes = (margs.n_layers + 1) * args.batch_size * args.seq_len * margs.dim * element
+    n_params_full = sum(p.numel() * (grid.tp if hasattr(p, "tensor_parallel_dim") else 1) for p in model.parameters())
+    attention = 12 * margs.n_layers * args.seq_len * margs.dim
+    flops_per_token = (2 * n_params_full + attention // 3) if mode == "infer" else (6 * n_params_full + attention)
+    tokens_per_s = args.batch_size * grid.dp * args.seq_len / seconds
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    row = dict(mode=mode, model=args.model if not args.tiny else "tiny", n_layers=margs.n_layers, dtype=args.dtype,
+               batch_size=args.batch_size, seq_len=args.seq_len, tp=grid.tp, dp=grid.dp,
+               activation_checkpointing=args.activation_checkpointing, memory_cap_gb=args.memory_cap_gb,
+               device=name, torch=torch.__version__, seconds_per_step=seconds, tokens_per_s=tokens_per_s,
+               tokens_per_gpu_per_s=tokens_per_s / grid.world_size, flops_per_token=flops_per_token,
+               mfu=(flops_per_token * tokens_per_s / grid.world_size / (peak * 1e12)) if peak else None,
+               param_gib=param_bytes / 2**30)
+    if device.type == "cuda":
+        peak_allocated = torch.cuda.max_memory_allocated(device)
+        formula = param_bytes + (checkpointed_bytes if args.activation_checkpointing else 0) + largest_grad_bytes
+        row.update(peak_allocated_gib=peak_allocated / 2**30,
+                   peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30,
+                   breakdown_gib=dict(parameters=param_bytes / 2**30,
+                                      checkpointed_activations=checkpointed_bytes / 2**30,
+                                      largest_gradient=largest_grad_bytes / 2**30,
+                                      lomo_formula=formula / 2**30, rest=(peak_allocated - formula) / 2**30))
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------
+# The parent: one process per mode (torchrun for tp > 1), results gathered from their last line
+
+
+def launch(args, mode, batch_size=None):
+    """Run one mode in a fresh process; returns its JSON row, or None if it ran out of memory."""
+    argv = [a for a in args.argv if a not in ("--find-max-batch",)]
+    argv += ["--worker", mode] + (["--batch-size", str(batch_size)] if batch_size else [])
+    command = [sys.executable, os.path.abspath(__file__), *argv]
+    if args.tp > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.tp),
+                   os.path.abspath(__file__), *argv]
+    done = subprocess.run(command, capture_output=True, text=True)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not rows:
+        if "OutOfMemoryError" in done.stderr or "CUDA out of memory" in done.stderr:
+            return None
+        raise RuntimeError(f"bench mode {mode} failed:\n{done.stderr[-3000:]}")
+    return rows[0]
+
+
+def find_max_batch(args):
+    """Double the batch until a LOMO step runs out of memory, then bisect."""
+    low, high = 0, args.batch_size
+    while (row := launch(args, "lomo", high)) is not None:
+        low, high, best = high, high * 2, row
+    while high - low > 1:
+        middle = (low + high) // 2
+        if (row := launch(args, "lomo", middle)) is not None:
+            low, best = middle, row
+        else:
+            high = middle
+    if low == 0:
+        raise RuntimeError(f"not even batch {args.batch_size} fits under {args.memory_cap_gb} GiB")
+    return dict(best, max_batch_size=low)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # handed on to the per-mode processes
+    if args.tiny:
+        args.dtype, args.seq_len, args.batch_size = "fp32", min(args.seq_len, 64), min(args.batch_size, 2)
+    elif not torch.cuda.is_available() and args.worker is None:
+        raise SystemExit("bench.py measures GPUs and this machine has none: run it on a GPU, or pass --tiny")
+    if args.worker:  # inside the per-mode process: measure and print one line (rank 0)
+        row = run_mode(args, args.worker)
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(json.dumps(row), flush=True)
+        return
+    modes = args.modes.split(",")
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise SystemExit(f"unknown modes {sorted(unknown)}: choose from {', '.join(MODES)}")
+    rows = [find_max_batch(args)] if args.find_max_batch else [launch(args, mode) or dict(mode=mode, oom=True)
+                                                               for mode in modes]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Checkpoints in training: exact resume (one process and tp = 2), incomplete saves skipped, a Hugging Face
+export that loads back for evaluation with the same result."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from checkpoint import read_safetensors
+from distributed import run_ranks
+
+QUICK = ["--steps", "6", "--eval-every", "3", "--eval-batches", "2", "--sample-tokens", "2", "--lr", "0.5",
+         "--save-every", "3", "--batch-size", "4", "--seq-len", "32"]
+
+
+def losses(out):
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def weights(folder):
+    tensors = {}
+    for path in sorted(Path(folder).glob("model-tp*.safetensors")):
+        for name, value in read_safetensors(path).items():
+            tensors.setdefault(name, []).append(value.clone())
+    return tensors
+
+
+def train_worker(flags):
+    train.main(flags)
+    return True
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_half_then_resume_equals_straight_bit_for_bit(tmp_path, tp):
+    def run(flags):
+        if tp == 1:
+            train.main(flags)
+        else:
+            run_ranks(train_worker, 2, flags + ["--tp", "2"])
+
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    run(QUICK + ["--out", str(straight)])
+    run(QUICK[:1] + ["3"] + QUICK[2:] + ["--out", str(halves)])  # the first half: 3 steps
+    # a save that crashed after step 3 (no manifest) must be skipped by --resume
+    (halves / "checkpoints" / "step-00000004").mkdir()
+    run(QUICK + ["--out", str(halves), "--resume"])
+    assert losses(halves) == losses(straight) and len(losses(straight)) == 6
+    final_straight, final_halves = (weights(p / "checkpoints" / "step-00000006") for p in (straight, halves))
+    assert final_straight.keys() == final_halves.keys()
+    for name in final_straight:
+        assert all(torch.equal(a, b) for a, b in zip(final_straight[name], final_halves[name])), name
+    # and the weights did change over the second half
+    first_half = weights(halves / "checkpoints" / "step-00000003")
+    assert not torch.equal(first_half["layers.0.attention.wq.weight"][0], final_halves["layers.0.attention.wq.weight"][0])
+
+
+def test_resume_without_a_saved_state_starts_fresh_and_says_so(tmp_path, capsys):
+    train.main(QUICK[:1] + ["2"] + QUICK[2:] + ["--out", str(tmp_path), "--resume"])
+    assert "no complete training state" in capsys.readouterr().out
+
+
+def test_exported_hf_folder_evaluates_to_the_same_loss(tmp_path):
+    summary = train.main(QUICK + ["--out", str(tmp_path / "run"), "--export-hf", str(tmp_path / "hf")])
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.model").is_file()
+    result = train.main(QUICK + ["--out", str(tmp_path / "eval"), "--ckpt", str(tmp_path / "hf"), "--eval-only"])
+    assert result["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
+    state = train.main(QUICK + ["--out", str(tmp_path / "eval2"), "--eval-only", "--ckpt",
+                                str(tmp_path / "run" / "checkpoints" / "step-00000006")])
+    assert state["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("flags, error, message", [
+    (["--eval-only"], ValueError, "--eval-only evaluates a trained model: pass --ckpt DIR"),
+    (["--ckpt", "/nonexistent"], FileNotFoundError, "checkpoint folder /nonexistent does not exist"),
+    (["--save-every", "-1"], ValueError, "--save-every=-1 must be >= 0"),
+])
+def test_bad_checkpoint_flags_are_refused(tmp_path, flags, error, message):
+    with pytest.raises(error, match=message):
+        train.main(["--out", str(tmp_path), *flags])
