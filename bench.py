@@ -187,8 +187,10 @@ def launch(args, mode, batch_size=None):
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not rows:
         if "OutOfMemoryError" in done.stderr or "CUDA out of memory" in done.stderr:
+            print(f"{mode}, batch {batch_size or args.batch_size}: out of memory", file=sys.stderr, flush=True)
             return None
         raise RuntimeError(f"bench mode {mode} failed:\n{done.stderr[-3000:]}")
+    print(f"{mode}, batch {batch_size or args.batch_size}: {json.dumps(rows[0])}", file=sys.stderr, flush=True)
     return rows[0]
 
 
