@@ -206,7 +206,7 @@ def find_max_batch(args):
         else:
             high = middle
     if low == 0:
-        raise RuntimeError(f"not even batch {args.batch_size} fits under {args.memory_cap_gb} GiB")
+        raise RuntimeError(f"not even batch 1 fits under {args.memory_cap_gb} GiB")
     return dict(best, max_batch_size=low)
 
 

@@ -21,15 +21,17 @@ def read_rows(folder):
 
 def summarize(folders):
     runs = {folder: read_rows(folder) for folder in folders}
-    reference = [row["loss"] for row in runs[folders[0]] if "loss" in row]
+    reference = [row["loss"] for row in runs[folders[0]] if "loss" in row and not row.get("summary")]
     lines = []
     for folder, rows in runs.items():
-        losses = [row["loss"] for row in rows if "loss" in row]
+        losses = [row["loss"] for row in rows if "loss" in row and not row.get("summary")]
         if len(losses) != len(reference):
             raise ValueError(f"{folder} has {len(losses)} steps, {folders[0]} has {len(reference)}: compare equal runs")
         absolute = max(abs(a - b) for a, b in zip(losses, reference))
         relative = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
-        speed = statistics.median(row["tokens_per_gpu_per_s"] for row in rows if "loss" in row and row["step"] > 5)
+        steps = [row for row in rows if "loss" in row and not row.get("summary")]
+        timed = [row for row in steps if row["step"] > 5] or steps  # short runs: every step
+        speed = statistics.median(row["tokens_per_gpu_per_s"] for row in timed)
         memory = max((row.get("peak_memory_gib", 0.0) for row in rows), default=0.0)
         lines.append(dict(run=str(folder), first_loss=losses[0], last_loss=losses[-1],
                           final_val_loss=[row["val_loss"] for row in rows if "val_loss" in row][-1],

@@ -125,6 +125,8 @@ def read_jsonl(path) -> list:
             raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ValueError(f"{path}: a .json data file must hold a list of objects (or use .jsonl, one per line)")
+        if not rows:
+            raise ValueError(f"{path} holds no examples")
         return rows
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -148,8 +150,10 @@ def field_of(row: dict, name: str, path, kind=str):
     if name not in row:
         raise ValueError(f"{path}:{row.get('_line', '?')}: missing field {name!r} (fields: "
                          f"{sorted(k for k in row if k != '_line')})")
-    if not isinstance(row[name], kind):
-        raise ValueError(f"{path}:{row.get('_line', '?')}: field {name!r} should be {kind.__name__}, "
+    if not isinstance(row[name], kind) or (isinstance(row[name], bool) and bool not in (kind if isinstance(kind, tuple)
+                                                                                            else (kind,))):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{path}:{row.get('_line', '?')}: field {name!r} should be {names}, "
                          f"got {type(row[name]).__name__}")
     return row[name]
 
@@ -173,7 +177,8 @@ class Sequences:
 class MultipleChoice:
     prompt: str
     choices: list
-    label: int
+    label: int  # the gold choice (trained on)
+    golds: tuple = ()  # every choice that counts as correct, when several do (ReCoRD); empty: (label,)
 
 
 def pack(token_stream: list, seq_len: int) -> list:
@@ -235,7 +240,13 @@ def load_dataset(path, fmt: str, tokenizer, seq_len: int, train_on_prompt: bool 
     if fmt == "ids":
         if path.suffix == ".npy":
             return Sequences(items=pack(np.load(path).astype(np.int64).reshape(-1).tolist(), seq_len), packed=True)
-        rows = [field_of(r, "input_ids", path, list) for r in read_jsonl(path)]
+        rows = []
+        for row in read_jsonl(path):
+            ids = field_of(row, "input_ids", path, list)
+            if len(ids) < 2 or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ValueError(f"{path}:{row['_line']}: input_ids must be a list of at least 2 token ids "
+                                 f"(non-negative integers)")
+            rows.append(ids)
         too_long = sum(len(r) > seq_len + 1 for r in rows)
         items = [(r[:seq_len + 1], list(r[:seq_len + 1])) for r in rows if long == "truncate" or len(r) <= seq_len + 1]
         return Sequences(items=items, truncated=too_long if long == "truncate" else 0,

@@ -33,11 +33,12 @@ def validation_loss(model, items, token_loss_fn, batch_size, device, max_batches
 
 @torch.no_grad()
 def candidate_losses(model, example, tokenizer, token_loss_fn, seq_len, device):
-    """Summed loss of each candidate answer's tokens after the prompt."""
-    items = [encode_prompt_answer(tokenizer, example.prompt, choice, seq_len, train_on_prompt=False,
-                                  long="truncate", answer_eos=False)[0] for choice in example.choices]
-    inputs, targets = (t.to(device) for t in collate(items))
-    return token_loss_fn(model(inputs), targets).sum(dim=1).tolist()
+    """Summed loss of each candidate answer's tokens after the prompt, and how many candidates had to be
+    truncated (from the left of the prompt) to fit seq_len + 1 tokens."""
+    encoded = [encode_prompt_answer(tokenizer, example.prompt, choice, seq_len, train_on_prompt=False,
+                                    long="truncate", answer_eos=False) for choice in example.choices]
+    inputs, targets = (t.to(device) for t in collate([item for item, _ in encoded]))
+    return token_loss_fn(model(inputs), targets).sum(dim=1).tolist(), sum(truncated for _, truncated in encoded)
 
 
 @torch.no_grad()
@@ -45,16 +46,18 @@ def multiple_choice_accuracy(model, examples, tokenizer, token_loss_fn, seq_len,
     """{'acc', 'acc_norm', 'n'} over `examples` (MultipleChoice), shared out over the dp ranks."""
     model.eval()
     dp_rank, dp = (grid.dp_rank, grid.dp) if grid is not None else (0, 1)
-    counts = torch.zeros(3, dtype=torch.float64)  # correct by summed loss, correct per byte, examples
+    # correct by summed loss, correct per byte, examples, truncated candidates
+    counts = torch.zeros(4, dtype=torch.float64)
     for example in examples[dp_rank::dp]:
-        losses = candidate_losses(model, example, tokenizer, token_loss_fn, seq_len, device)
+        losses, truncated = candidate_losses(model, example, tokenizer, token_loss_fn, seq_len, device)
         per_byte = [loss / max(1, len(choice.encode("utf-8"))) for loss, choice in zip(losses, example.choices)]
-        counts += torch.tensor([losses.index(min(losses)) == example.label,
-                                per_byte.index(min(per_byte)) == example.label, 1.0], dtype=torch.float64)
+        golds = example.golds or (example.label,)
+        counts += torch.tensor([losses.index(min(losses)) in golds, per_byte.index(min(per_byte)) in golds, 1.0,
+                                truncated], dtype=torch.float64)
     if grid is not None and grid.dp_group is not None:
         counts = counts.to(device)
         dist.all_reduce(counts, group=grid.dp_group)
         counts = counts.cpu()
     model.train()
-    correct, correct_norm, n = counts.tolist()
-    return dict(acc=correct / max(n, 1), acc_norm=correct_norm / max(n, 1), n=int(n))
+    correct, correct_norm, n, truncated = counts.tolist()
+    return dict(acc=correct / max(n, 1), acc_norm=correct_norm / max(n, 1), n=int(n), truncated=int(truncated))

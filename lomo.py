@@ -138,8 +138,8 @@ class LOMO:
             if self.dp_group is not None:
                 # Data parallelism: average this gradient over the dp replicas before using it, so
                 # every replica computes the same norm and applies the same update and they stay equal.
+                grad.div_(self.dp_size)  # divide first: in fp16 the sum of scaled gradients could overflow
                 dist.all_reduce(grad, group=self.dp_group)
-                grad.div_(self.dp_size)
             if self._mode == "norm":
                 self._accumulate_norm(grad, sharded=hasattr(param, "tensor_parallel_dim"))
             else:
@@ -210,8 +210,10 @@ class LOMO:
 
     def step(self, loss: torch.Tensor, lr: Optional[float] = None) -> StepResult:
         """Backward (once, or twice with clipping/fp16) with the update fused in. Returns what happened."""
-        self.step_count += 1
         lr = self.lr if lr is None else lr
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"learning rate {lr} must be a finite number >= 0 (check the schedule's --min-lr-ratio)")
+        self.step_count += 1
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         mean_loss = loss.detach().clone()
         if self.dp_group is not None:

@@ -276,9 +276,9 @@ def cross_entropy_loss(logits, labels):
 def init_std(name: str, args: ModelArgs) -> Optional[float]:
     """Standard deviation of the normal init for a parameter name; None for norm weights (ones).
 
-    GPT-2's scheme, as nanoGPT and HF LLaMA use it: N(0, 0.02) for every matrix, with the two matrices
-    that write into the residual stream (wo, w2) scaled down by 1/sqrt(2 * n_layers), so the residual
-    stream's variance does not grow with depth.
+    GPT-2's scheme, as nanoGPT uses it (HF LLaMA uses N(0, 0.02) without the scaling): N(0, 0.02) for
+    every matrix, with the two matrices that write into the residual stream (wo, w2) scaled down by
+    1/sqrt(2 * n_layers), so the residual stream's variance does not grow with depth.
     """
     if name.endswith("norm.weight"):
         return None

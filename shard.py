@@ -66,6 +66,9 @@ def init_distributed(tp: int = 1, device: str = "auto", backend: str = "auto") -
     if world_size % tp != 0:
         raise ValueError(f"world size {world_size} is not divisible by --tp={tp}: launch a multiple of {tp} "
                          f"processes (torchrun --nproc_per_node), or choose a --tp that divides {world_size}")
+    if world_size > local_world and local_world % tp != 0:
+        raise ValueError(f"--tp={tp} does not divide the {local_world} processes per node: a tensor-parallel group "
+                         f"would span two nodes; choose a --tp that divides --nproc_per_node={local_world}")
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if backend == "nccl" and not torch.cuda.is_available():
         raise ValueError("backend nccl asked for, but this machine has no CUDA GPU: use --backend gloo (CPU)")
@@ -279,8 +282,10 @@ def check_tensor_parallel(args: ModelArgs, tp: int):
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    """The vocabulary rounded up to a multiple of tp. The extra rows are never a target, so they only
-    cost a little memory; it is the right answer for a tokenizer whose size tp does not divide."""
+    """The vocabulary rounded up to a multiple of tp, for a model trained from scratch on a tokenizer whose
+    size tp does not divide. The extra rows are never a target, but they are classes of the softmax
+    all the same (training pushes their logits down), so a padded model is not the unpadded one, and
+    its checkpoints load only at a tp that divides the padded size. Checkpoints are never padded."""
     return (vocab_size + tp - 1) // tp * tp
 
 

@@ -105,7 +105,9 @@ def record(row, path):
         if not gold:
             raise ValueError(f"{path}:{row.get('_line', '?')}: no answer among the passage's entities (test split?)")
         prompt = text.replace("@highlight\n", "- ") + "\n"
-        examples.append(MultipleChoice(prompt, [qa["query"].replace("@placeholder", e) for e in entities], gold[0]))
+        # Several entities can be correct (surface forms of one answer): any of them counts, as in lm-eval.
+        examples.append(MultipleChoice(prompt, [qa["query"].replace("@placeholder", e) for e in entities], gold[0],
+                                       tuple(gold)))
     return examples
 
 

@@ -21,7 +21,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint
-from data import ShuffledSampler, Tokenizer, cached_tokenizer, collate, load_dataset, split_train_val
+from data import (ShuffledSampler, Tokenizer, cached_tokenizer, check_token_ids, collate, load_dataset,
+                  split_train_val)
 from evaluate import multiple_choice_accuracy, validation_loss
 from generate import generate
 from lomo import LOMO, learning_rate
@@ -117,6 +118,12 @@ def main(argv=None):
                                 f"(params.json) or Hugging Face (config.json) checkpoint")
     if args.save_every < 0:
         raise ValueError(f"--save-every={args.save_every} must be >= 0 (0: never save)")
+    if not 0 <= args.min_lr_ratio <= 1:
+        raise ValueError(f"--min-lr-ratio={args.min_lr_ratio} must be between 0 and 1 (a fraction of --lr)")
+    if args.export_hf and (Path(args.export_hf).exists() or args.eval_only):
+        raise ValueError(f"--export-hf {args.export_hf}: " + ("the folder exists; choose a new one (nothing is "
+                         "overwritten)" if not args.eval_only else "export with `python checkpoint.py convert` instead "
+                         "of --eval-only"))
     dtype = resolve_dtype(args.dtype)
     resolve_device(args.device)  # refuse an unknown device before starting any process group
     grid = init_distributed(args.tp, args.device, args.backend)
@@ -141,15 +148,21 @@ def train(args, grid, dtype):
     # -------------------------------------------------------------------------------- tokenizer
     cache = Path(__file__).parent / "data" / ".cache"
     tokenizer_corpus = args.data if Path(args.data).suffix == ".txt" else BUNDLED_CORPUS
-    if args.ckpt and (args.tokenizer or (Path(args.ckpt) / "tokenizer.model").is_file()):
-        # A Meta or HF checkpoint brings its config and its tokenizer.
-        margs = checkpoint.checkpoint_args(args.ckpt, args.tokenizer, max_seq_len=max(args.seq_len, 2048))
+    layout = checkpoint.detect_format(args.ckpt) if args.ckpt else None
+    if layout in ("meta", "hf"):  # a Meta or HF checkpoint brings its config and its tokenizer
+        if not args.tokenizer and not (Path(args.ckpt) / "tokenizer.model").is_file():
+            raise ValueError(f"{args.ckpt} has no tokenizer.model: pass --tokenizer PATH to the SentencePiece "
+                             f"tokenizer.model that belongs to this checkpoint")
+        # Meta's params.json has no context length (Meta uses 2048 for LLaMA-1); HF's config.json has one.
+        overrides = dict(max_seq_len=max(args.seq_len, 2048)) if layout == "meta" else {}
+        margs = checkpoint.checkpoint_args(args.ckpt, args.tokenizer, **overrides)
         tokenizer = checkpoint.load_tokenizer(args.tokenizer or args.ckpt, margs.vocab_size)
-        print0(f"checkpoint {args.ckpt} ({checkpoint.detect_format(args.ckpt)} format)")
-    elif args.ckpt:  # our own training state: the tokenizer is the one this run trains (or finds cached)
-        tokenizer = cached_tokenizer(tokenizer_corpus, args.vocab_size, cache)
+        print0(f"checkpoint {args.ckpt} ({layout} format)")
+    elif layout == "state":  # our own training state: the tokenizer is the one this run trains (or finds cached)
+        tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else cached_tokenizer(tokenizer_corpus,
+                                                                                      args.vocab_size, cache)
         margs = checkpoint.checkpoint_args(args.ckpt)
-        print0(f"checkpoint {args.ckpt} ({checkpoint.detect_format(args.ckpt)} format), tokenizer {tokenizer.path}")
+        print0(f"checkpoint {args.ckpt} (training state), tokenizer {tokenizer.path}")
     else:
         if not args.tokenizer and grid.is_main:
             cached_tokenizer(tokenizer_corpus, args.vocab_size, cache)  # rank 0 trains it once; the rest read it
@@ -163,11 +176,12 @@ def train(args, grid, dtype):
         if margs.vocab_size != tokenizer.vocab_size:
             print0(f"vocabulary padded from {tokenizer.vocab_size} to {margs.vocab_size} so that tp={grid.tp} "
                    f"divides it; the extra rows are never targets")
+    model_name = Path(args.ckpt).name if args.ckpt else args.model
     if args.seq_len > margs.max_seq_len:
-        raise ValueError(f"--seq-len={args.seq_len} exceeds the {args.model} model's max_seq_len={margs.max_seq_len}: "
+        raise ValueError(f"--seq-len={args.seq_len} exceeds the {model_name} model's max_seq_len={margs.max_seq_len}: "
                          f"use --seq-len <= {margs.max_seq_len}")
     if tokenizer.vocab_size > margs.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the {args.model} model only "
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the {model_name} model only "
                          f"{margs.vocab_size}: use a matching tokenizer or model")
     check_tensor_parallel(margs, grid.tp)
 
@@ -178,10 +192,9 @@ def train(args, grid, dtype):
     train_set = load(args.data)
     train_set, val_set = (train_set, load(args.val_data)) if args.val_data else split_train_val(train_set, 0.1)
     for split, part in (("training", train_set), ("validation", val_set)):
-        highest = max(max(ids) for ids, _ in part.items) if part.items else 0
-        if highest >= margs.vocab_size:
-            raise ValueError(f"the {split} data holds token id {highest}, outside the model's vocabulary "
-                             f"[0, {margs.vocab_size}): the data was tokenized for another vocabulary")
+        if part.items:  # ids beyond the vocabulary would only assert on a GPU: refuse them here, by name
+            check_token_ids(torch.tensor([t for ids, _ in part.items for t in ids]), margs.vocab_size,
+                            f"the {split} data")
         if part.truncated or part.dropped:
             print0(f"{split}: {part.truncated} examples truncated, {part.dropped} dropped as longer than "
                    f"--seq-len+1={args.seq_len + 1} tokens (--long-examples {args.long_examples})")
@@ -198,7 +211,7 @@ def train(args, grid, dtype):
         checkpoint.load_checkpoint(args.ckpt, model, grid)  # each rank reads only its own slices
     model.activation_checkpointing = args.activation_checkpointing
     n_params = sum(p.numel() for p in model.parameters())
-    print0(f"model: {args.model} {margs}\n  {n_params:,} parameters per rank, {dtype}")
+    print0(f"model: {model_name} {margs}\n  {n_params:,} parameters per rank, {dtype}")
 
     def loss_fn(logits, targets):
         if grid.tp > 1:
@@ -226,7 +239,8 @@ def train(args, grid, dtype):
         if val_set.choices:
             result.update(multiple_choice_accuracy(model, val_set.choices[:args.eval_examples], tokenizer,
                                                    token_loss_fn, args.seq_len, device, grid))
-            line += f", acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f} (n={result['n']})"
+            line += (f", acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f} (n={result['n']}"
+                     + (f", {result['truncated']} candidates truncated to --seq-len" if result["truncated"] else "") + ")")
         prompt = val_set.choices[0].prompt if val_set.choices else "I"
         # Every rank samples (the tp ranks must, in step); padded or unused vocabulary rows are cut off.
         sample = generate(model, tokenizer.encode(prompt), args.sample_tokens, eos_id=tokenizer.eos_id,
@@ -252,6 +266,11 @@ def train(args, grid, dtype):
         lomo.load_state_dict(state["lomo"])
         sampler.load_state_dict(state["sampler"])
         first_step, evaluations, skipped_steps = state["step"] + 1, state["evaluations"], state["skipped_steps"]
+        if grid.is_main and (out / "metrics.jsonl").is_file():
+            # Rows logged after that save (a crash between saves) belong to a run that is being replayed.
+            kept = [line for line in (out / "metrics.jsonl").read_text().splitlines()
+                    if not json.loads(line).get("summary") and json.loads(line).get("step", 0) <= state["step"]]
+            (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
         changed = {k: (v, vars(args)[k]) for k, v in state["config"].items() if k in vars(args) and vars(args)[k] != v
                    and k not in ("resume", "steps", "eval_only", "export_hf")}
         print0(f"resuming from {latest} at step {first_step}" + (f"; flags changed since: {changed}" if changed else ""))

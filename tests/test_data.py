@@ -185,6 +185,17 @@ def test_malformed_files_name_the_file_and_line(tmp_path, tokenizer):
     bad_label = write_jsonl(tmp_path / "cb.jsonl", [{"premise": "p", "hypothesis": "h", "label": "maybe"}])
     with pytest.raises(ValueError, match=r"cb.jsonl:1: label 'maybe' is not one of"):
         load_dataset(bad_label, "cb", tokenizer, 16)
+    float_label = write_jsonl(tmp_path / "mc.jsonl", [{"prompt": "p", "choices": ["a", "b"], "label": 1.0}])
+    with pytest.raises(ValueError, match=r"mc.jsonl:1: field 'label' should be bool or int or str, got float"):
+        load_dataset(float_label, "auto", tokenizer, 16)
+    empty_json = tmp_path / "empty.json"
+    empty_json.write_text("[]")
+    with pytest.raises(ValueError, match=r"empty.json holds no examples"):
+        load_dataset(empty_json, "alpaca", tokenizer, 16)
+    for ids in ([], [1, -3], [1, 2.5]):
+        bad_ids = write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": [1, 2, 3]}, {"input_ids": ids}])
+        with pytest.raises(ValueError, match=r"ids.jsonl:2: input_ids must be a list of at least 2 token ids"):
+            load_dataset(bad_ids, "auto", tokenizer, 16)
     not_object = tmp_path / "list.jsonl"
     not_object.write_text("[1, 2]\n")
     with pytest.raises(ValueError, match=r"list.jsonl:1: expected a JSON object"):

@@ -43,20 +43,26 @@ def test_candidate_losses_match_a_hand_computation_and_the_lowest_wins(tokenizer
     model = tiny_model(vocab_size=tokenizer.vocab_size, max_seq_len=64)
     expected_acc, expected_norm = 0, 0
     for example in EXAMPLES:
-        losses = candidate_losses(model, example, tokenizer, token_losses, seq_len=63, device="cpu")
+        losses, truncated = candidate_losses(model, example, tokenizer, token_losses, seq_len=63, device="cpu")
+        assert truncated == 0
         by_hand = [hand_loss(model, tokenizer, example.prompt, c) for c in example.choices]
         assert losses == pytest.approx(by_hand, rel=1e-5)
         expected_acc += by_hand.index(min(by_hand)) == example.label
         per_byte = [loss / len(c.encode()) for loss, c in zip(by_hand, example.choices)]
         expected_norm += per_byte.index(min(per_byte)) == example.label
     result = multiple_choice_accuracy(model, EXAMPLES, tokenizer, token_losses, 63, "cpu")
-    assert result == dict(acc=expected_acc / 3, acc_norm=expected_norm / 3, n=3)
+    assert result == dict(acc=expected_acc / 3, acc_norm=expected_norm / 3, n=3, truncated=0)
     # Relabel every example with its lowest-loss candidate: accuracy must then be 1.
     relabeled = []
     for e in EXAMPLES:
-        losses = candidate_losses(model, e, tokenizer, token_losses, 63, "cpu")
+        losses = candidate_losses(model, e, tokenizer, token_losses, 63, "cpu")[0]
         relabeled.append(MultipleChoice(e.prompt, e.choices, losses.index(min(losses))))
     assert multiple_choice_accuracy(model, relabeled, tokenizer, token_losses, 63, "cpu")["acc"] == 1.0
+    # Several golds (ReCoRD): any of them counts; and truncated candidates are counted.
+    any_gold = [MultipleChoice(e.prompt, e.choices, 0, tuple(range(len(e.choices)))) for e in EXAMPLES]
+    assert multiple_choice_accuracy(model, any_gold, tokenizer, token_losses, 63, "cpu")["acc"] == 1.0
+    long = [MultipleChoice("the cat sat on the mat " * 20, ["yes", "no"], 0)]
+    assert multiple_choice_accuracy(model, long, tokenizer, token_losses, 40, "cpu")["truncated"] == 2
 
 
 def parallel_scores_worker(tp, tokenizer_path):
@@ -69,7 +75,7 @@ def parallel_scores_worker(tp, tokenizer_path):
     def loss_fn(logits, targets):
         return shard.vocab_parallel_token_losses(logits, targets, grid) if tp > 1 else token_losses(logits, targets)
 
-    losses = [candidate_losses(model, e, tokenizer, loss_fn, 63, "cpu") for e in EXAMPLES]
+    losses = [candidate_losses(model, e, tokenizer, loss_fn, 63, "cpu")[0] for e in EXAMPLES]
     sample = generate(model, [1, 17, 42], 20, temperature=0.0,
                       gather_logits=lambda logits: shard.gather_from_tp(logits, grid))
     return losses, multiple_choice_accuracy(model, EXAMPLES, tokenizer, loss_fn, 63, "cpu", grid), sample
@@ -78,7 +84,7 @@ def parallel_scores_worker(tp, tokenizer_path):
 @pytest.mark.parametrize("tp", [2, 1])  # tp = 2, and dp = 2 (each dp rank scores half, counts are summed)
 def test_scores_under_tp_and_dp_equal_one_process(tokenizer, tp):
     model = tiny_model(vocab_size=tokenizer.vocab_size, max_seq_len=64)
-    expected_losses = [candidate_losses(model, e, tokenizer, token_losses, 63, "cpu") for e in EXAMPLES]
+    expected_losses = [candidate_losses(model, e, tokenizer, token_losses, 63, "cpu")[0] for e in EXAMPLES]
     expected = multiple_choice_accuracy(model, EXAMPLES, tokenizer, token_losses, 63, "cpu")
     expected_sample = generate(model, [1, 17, 42], 20, temperature=0.0)
     for losses, result, sample in run_ranks(parallel_scores_worker, 2, tp, str(tokenizer.path)):

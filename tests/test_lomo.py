@@ -34,6 +34,24 @@ def sgd_reference(model, batch, lr, weight_decay=0.0, clip_norm=None, clip_value
     return norms
 
 
+def test_value_and_norm_clipping_together_match_the_two_torch_utilities(batch):
+    model, reference = tiny_model(), tiny_model()
+    norm = LOMO(model, lr=0.3, clip_grad_value=2e-3, clip_grad_norm=0.05).step(loss_of(model, batch)).grad_norm
+    expected = sgd_reference(reference, batch, lr=0.3, clip_value=2e-3, clip_norm=0.05)  # value first, then norm
+    assert expected[0] > 0.05 and norm == pytest.approx(expected[0], rel=1e-5)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_a_bad_learning_rate_at_step_time_is_refused(batch):
+    model = tiny_model()
+    lomo = LOMO(model, lr=0.1)
+    for lr in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match=f"learning rate {lr} must be a finite number >= 0"):
+            lomo.step(loss_of(model, batch), lr)
+    assert lomo.step_count == 0
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_fp32_step_equals_torch_sgd_bit_for_bit(batch, weight_decay):
     model, reference = tiny_model(), tiny_model()

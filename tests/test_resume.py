@@ -43,11 +43,14 @@ def test_half_then_resume_equals_straight_bit_for_bit(tmp_path, tp):
 
     straight, halves = tmp_path / "straight", tmp_path / "halves"
     run(QUICK + ["--out", str(straight)])
-    run(QUICK[:1] + ["3"] + QUICK[2:] + ["--out", str(halves)])  # the first half: 3 steps
-    # a save that crashed after step 3 (no manifest) must be skipped by --resume
-    (halves / "checkpoints" / "step-00000004").mkdir()
+    run(QUICK[:1] + ["4"] + QUICK[2:] + ["--out", str(halves)])  # saves at 3 and 4
+    # A crash during the save at step 4: the folder lacks its manifest, so --resume must skip it, go back
+    # to step 3, and drop the rows logged after step 3 before logging them again.
+    (halves / "checkpoints" / "step-00000004" / "manifest.json").unlink()
     run(QUICK + ["--out", str(halves), "--resume"])
     assert losses(halves) == losses(straight) and len(losses(straight)) == 6
+    steps = [json.loads(line).get("step") for line in (halves / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(7)) + [6]  # every step once, then the one summary row
     final_straight, final_halves = (weights(p / "checkpoints" / "step-00000006") for p in (straight, halves))
     assert final_straight.keys() == final_halves.keys()
     for name in final_straight:
@@ -72,8 +75,19 @@ def test_exported_hf_folder_evaluates_to_the_same_loss(tmp_path):
     assert state["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
 
 
+def test_checkpoint_without_tokenizer_and_existing_export_folder_are_refused(tmp_path):
+    train.main(QUICK[:1] + ["1"] + QUICK[2:] + ["--out", str(tmp_path / "run"), "--export-hf", str(tmp_path / "hf")])
+    (tmp_path / "hf" / "tokenizer.model").unlink()
+    with pytest.raises(ValueError, match="has no tokenizer.model: pass --tokenizer PATH"):
+        train.main(QUICK + ["--out", str(tmp_path / "eval"), "--ckpt", str(tmp_path / "hf"), "--eval-only"])
+    with pytest.raises(ValueError, match="the folder exists; choose a new one"):
+        train.main(QUICK + ["--out", str(tmp_path / "again"), "--export-hf", str(tmp_path / "hf")])
+    assert not (tmp_path / "again").exists()  # refused before any work
+
+
 @pytest.mark.parametrize("flags, error, message", [
     (["--eval-only"], ValueError, "--eval-only evaluates a trained model: pass --ckpt DIR"),
+    (["--min-lr-ratio", "-1"], ValueError, "--min-lr-ratio=-1.0 must be between 0 and 1"),
     (["--ckpt", "/nonexistent"], FileNotFoundError, "checkpoint folder /nonexistent does not exist"),
     (["--save-every", "-1"], ValueError, "--save-every=-1 must be >= 0"),
 ])

@@ -109,15 +109,17 @@ def train_steps(model, loss_fn, steps, batch_size, rows, clip, **lomo_kwargs):
     return losses, norms
 
 
-def run_args():
+def run_args(tie=False):
     # 8 query heads sharing 4 kv heads: grouped-query attention that splits evenly at tp = 2 and 4.
-    return model_args("tiny", vocab_size=VOCAB, n_layers=2, max_seq_len=64, n_heads=8, n_kv_heads=4)
+    return model_args("tiny", vocab_size=VOCAB, n_layers=2, max_seq_len=64, n_heads=8, n_kv_heads=4,
+                      tie_embeddings=tie)
 
 
-def parallel_run_worker(tp, clip, steps):
+def parallel_run_worker(tp, clip, steps, checkpointing=False, tie=False):
     grid = shard.init_distributed(tp=tp)
-    args = run_args()
+    args = run_args(tie)
     model = shard.build_model(args, grid, seed=0)
+    model.activation_checkpointing = checkpointing
     inputs, targets = batch_for(0, 4)
     logits = shard.gather_from_tp(model(inputs).detach(), grid)
     per_rank = 4 // grid.dp
@@ -133,25 +135,26 @@ def parallel_run_worker(tp, clip, steps):
     return dict(logits=logits, losses=losses, norms=norms, weights=weights)
 
 
-def single_process_run(clip, steps):
-    model = init_weights(Transformer(run_args()), 0)
+def single_process_run(clip, steps, tie=False):
+    model = init_weights(Transformer(run_args(tie)), 0)
     inputs, _ = batch_for(0, 4)
     logits = model(inputs).detach()
     losses, norms = train_steps(model, cross_entropy_loss, steps, 4, slice(0, 4), clip)
     return dict(logits=logits, losses=losses, norms=norms, weights=dict(model.named_parameters()))
 
 
-@pytest.mark.parametrize("world_size, tp, clip", [
-    (2, 2, None), (2, 2, 0.5), (4, 4, None), (4, 4, 0.5),  # tensor parallel
-    (2, 1, None), (2, 1, 0.5),  # data parallel
-    (4, 2, 0.5),  # dp 2 x tp 2
+@pytest.mark.parametrize("world_size, tp, clip, checkpointing, tie", [
+    (2, 2, None, False, False), (2, 2, 0.5, False, False), (4, 4, None, False, False), (4, 4, 0.5, False, False),
+    (2, 1, None, False, False), (2, 1, 0.5, False, False),  # data parallel
+    (4, 2, 0.5, True, False),  # dp 2 x tp 2, with activation checkpointing under the two-pass clipping
+    (2, 2, 0.5, False, True),  # tied embedding and head, split alike over the vocabulary
 ])
-def test_parallel_runs_match_one_process(world_size, tp, clip):
+def test_parallel_runs_match_one_process(world_size, tp, clip, checkpointing, tie):
     steps = 5
-    reference = single_process_run(clip, steps)
+    reference = single_process_run(clip, steps, tie)
     if clip:
         assert all(n > clip for n in reference["norms"])  # clipping is active in the reference
-    for rank, result in enumerate(run_ranks(parallel_run_worker, world_size, tp, clip, steps)):
+    for rank, result in enumerate(run_ranks(parallel_run_worker, world_size, tp, clip, steps, checkpointing, tie)):
         torch.testing.assert_close(result["logits"], reference["logits"], rtol=1e-5, atol=1e-5)
         assert result["losses"] == pytest.approx(reference["losses"], rel=1e-5)
         if clip:
@@ -239,6 +242,10 @@ def test_world_size_not_divisible_by_tp_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="world size 3 is not divisible by --tp=2"):
         shard.init_distributed(tp=2, device="cpu")
+    monkeypatch.setenv("WORLD_SIZE", "12")  # two nodes of 6: a tp group of 4 would straddle them
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "6")
+    with pytest.raises(ValueError, match="--tp=4 does not divide the 6 processes per node"):
+        shard.init_distributed(tp=4, device="cpu")
 
 
 @pytest.mark.parametrize("fields, tp, message", [
