@@ -5,7 +5,8 @@
     python bench.py --tiny                                              (a seconds-long CPU run, for CI)
 
 Modes, each measured in its own process so that one mode's peak never hides in another's:
-  infer      forward and loss under no_grad: the floor LOMO aims for
+  infer      forward and the training loss under no_grad: the floor LOMO aims for
+  infer-logits  the usual inference forward: all (tokens x vocab) logits, then the loss from them
   lomo       LOMO, one backward pass with the update fused in
   lomo-clip  LOMO with clipping by global norm: two backward passes
   sgd        loss.backward() then torch.optim.SGD (all gradients alive at once)
@@ -31,7 +32,7 @@ import time
 
 import torch
 
-MODES = ["infer", "lomo", "lomo-clip", "sgd", "adamw", "hook-sgd"]
+MODES = ["infer", "infer-logits", "lomo", "lomo-clip", "sgd", "adamw", "hook-sgd"]
 # Dense bf16/fp16 peak of the card (vendor datasheets), for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "RTX 3090": 71.0, "RTX 4090": 165.2}
 
@@ -45,6 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (model.compile_blocks)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps, after --warmup steps")
     p.add_argument("--warmup", type=int, default=2)
@@ -61,9 +63,10 @@ def parse_args(argv=None):
 
 
 def run_mode(args, mode):
+    from losses import model_loss
     from lomo import LOMO
-    from model import cross_entropy_loss, model_args
-    from shard import build_model, destroy_distributed, init_distributed, vocab_parallel_cross_entropy
+    from model import compile_blocks, cross_entropy_loss, model_args
+    from shard import build_model, destroy_distributed, gather_from_tp, init_distributed
     grid = init_distributed(args.tp, "cpu" if args.tiny else "cuda")
     try:
         device = grid.device
@@ -82,15 +85,14 @@ def run_mode(args, mode):
             for name, param in model.named_parameters():
                 param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, 0.02)
         model.activation_checkpointing = args.activation_checkpointing
+        if args.compile:
+            compile_blocks(model, backend="aot_eager" if args.tiny else "inductor")
         tokens = torch.randint(0, margs.vocab_size, (args.batch_size, args.seq_len + 1),
                                generator=torch.Generator().manual_seed(0)).to(device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
-        def loss_of():
-            logits = model(inputs)
-            if grid.tp > 1:
-                return vocab_parallel_cross_entropy(logits, targets, grid)
-            return cross_entropy_loss(logits, targets)
+        def loss_of():  # the training loss: head and cross-entropy fused in vocabulary chunks (losses.py)
+            return model_loss(model, inputs, targets, grid)
 
         params = list(model.parameters())
         lr = 1e-6  # small: the weights barely move, so every timed step does the same work
@@ -120,6 +122,10 @@ def run_mode(args, mode):
             def step():
                 with torch.no_grad():
                     loss_of()
+        elif mode == "infer-logits":
+            def step():  # the usual inference forward: all the logits, then the loss from them
+                with torch.no_grad():
+                    cross_entropy_loss(gather_from_tp(model(inputs), grid), targets)
         else:
             raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
 
@@ -148,13 +154,13 @@ def measurements(args, mode, margs, model, grid, seconds):
     checkpointed_bytes = (margs.n_layers + 1) * args.batch_size * args.seq_len * margs.dim * element
     n_params_full = sum(p.numel() * (grid.tp if hasattr(p, "tensor_parallel_dim") else 1) for p in model.parameters())
     attention = 12 * margs.n_layers * args.seq_len * margs.dim
-    flops_per_token = (2 * n_params_full + attention // 3) if mode == "infer" else (6 * n_params_full + attention)
+    flops_per_token = (2 * n_params_full + attention // 3) if mode.startswith("infer") else (6 * n_params_full + attention)
     tokens_per_s = args.batch_size * grid.dp * args.seq_len / seconds
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     row = dict(mode=mode, model=args.model if not args.tiny else "tiny", n_layers=margs.n_layers, dtype=args.dtype,
                batch_size=args.batch_size, seq_len=args.seq_len, tp=grid.tp, dp=grid.dp,
-               activation_checkpointing=args.activation_checkpointing, memory_cap_gb=args.memory_cap_gb,
+               activation_checkpointing=args.activation_checkpointing, compile=args.compile, memory_cap_gb=args.memory_cap_gb,
                device=name, torch=torch.__version__, seconds_per_step=seconds, tokens_per_s=tokens_per_s,
                tokens_per_gpu_per_s=tokens_per_s / grid.world_size, flops_per_token=flops_per_token,
                mfu=(flops_per_token * tokens_per_s / grid.world_size / (peak * 1e12)) if peak else None,

@@ -7,7 +7,9 @@ byte of answer text, which removes the bias towards short answers. The end-of-se
 of the scored answer, as in lm-eval.
 
 Under tensor parallelism every rank of a tp group scores the same examples (the loss needs all vocabulary
-slices); under data parallelism each dp rank scores its share and the counts are summed.
+slices); under data parallelism each dp rank scores its share and the counts are summed. Losses come
+from losses.model_token_losses, the same fused head + cross-entropy as training, so an evaluation batch
+never needs more memory than a training batch of the same size.
 """
 import math
 
@@ -15,41 +17,42 @@ import torch
 import torch.distributed as dist
 
 from data import IGNORE, collate, encode_prompt_answer
+from losses import model_token_losses
 
 
 @torch.no_grad()
-def validation_loss(model, items, token_loss_fn, batch_size, device, max_batches=None):
+def validation_loss(model, items, batch_size, device, max_batches=None, grid=None):
     """Mean loss per target token over `items` (lists of (ids, labels)), and its perplexity."""
     model.eval()
     total, count = 0.0, 0
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)][:max_batches]
     for batch in batches:
         inputs, targets = (t.to(device) for t in collate(batch))
-        total += float(token_loss_fn(model(inputs), targets).sum())
+        total += float(model_token_losses(model, inputs, targets, grid).sum())
         count += int((targets != IGNORE).sum())
     model.train()
     return total / count, math.exp(min(total / count, 50.0))
 
 
 @torch.no_grad()
-def candidate_losses(model, example, tokenizer, token_loss_fn, seq_len, device):
+def candidate_losses(model, example, tokenizer, seq_len, device, grid=None):
     """Summed loss of each candidate answer's tokens after the prompt, and how many candidates had to be
     truncated (from the left of the prompt) to fit seq_len + 1 tokens."""
     encoded = [encode_prompt_answer(tokenizer, example.prompt, choice, seq_len, train_on_prompt=False,
                                     long="truncate", answer_eos=False) for choice in example.choices]
     inputs, targets = (t.to(device) for t in collate([item for item, _ in encoded]))
-    return token_loss_fn(model(inputs), targets).sum(dim=1).tolist(), sum(truncated for _, truncated in encoded)
+    return model_token_losses(model, inputs, targets, grid).sum(dim=1).tolist(), sum(truncated for _, truncated in encoded)
 
 
 @torch.no_grad()
-def multiple_choice_accuracy(model, examples, tokenizer, token_loss_fn, seq_len, device, grid=None):
+def multiple_choice_accuracy(model, examples, tokenizer, seq_len, device, grid=None):
     """{'acc', 'acc_norm', 'n'} over `examples` (MultipleChoice), shared out over the dp ranks."""
     model.eval()
     dp_rank, dp = (grid.dp_rank, grid.dp) if grid is not None else (0, 1)
     # correct by summed loss, correct per byte, examples, truncated candidates
     counts = torch.zeros(4, dtype=torch.float64)
     for example in examples[dp_rank::dp]:
-        losses, truncated = candidate_losses(model, example, tokenizer, token_loss_fn, seq_len, device)
+        losses, truncated = candidate_losses(model, example, tokenizer, seq_len, device, grid)
         per_byte = [loss / max(1, len(choice.encode("utf-8"))) for loss, choice in zip(losses, example.choices)]
         golds = example.golds or (example.label,)
         counts += torch.tensor([losses.index(min(losses)) in golds, per_byte.index(min(per_byte)) in golds, 1.0,

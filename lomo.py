@@ -20,10 +20,14 @@ How it works:
   always takes the norm pass: a non-finite norm means overflow, the step is skipped with every weight
   untouched, and the scale is halved. It doubles after `growth_interval` clean steps (the official
   code never grows it back).
-- bf16/fp32: a non-finite loss is caught before backward and the step skipped. With a norm pass a
-  non-finite norm skips the step as well. Without one, a tensor whose gradient is non-finite is left
-  unchanged (a device-side check, no sync) and the step is reported as partial; use clipping for an
-  all-or-nothing guarantee. Many bad steps in a row stop training with an error naming the step.
+- bf16/fp32: a non-finite loss is caught before backward and the step skipped (one host sync). With a
+  norm pass a non-finite norm skips the step as well, before any weight moves. Without one (the fast
+  default: one backward), each gradient's norm is still summed on the device as the gradient goes by
+  (one read of it, ~1.5% of a 7B step, and the step reports the norm), but a gradient can only be
+  checked after its weights have moved: a non-finite norm with a finite loss (rare outside fp16) stops
+  training with an error saying to resume from a checkpoint with clipping on. Masking each gradient
+  before its update would cost one more read and write of every gradient (~5% of a step, PERF_NOTES.md)
+  for a step that is then half applied anyway. Many skipped steps in a row stop training too.
 
 Weight decay is L2 regularization added to the gradient (g + wd * w), exactly as `torch.optim.SGD`'s
 `weight_decay`; with a constant lr this equals decoupled decay with factor lr * wd.
@@ -50,10 +54,9 @@ class StepResult:
     step: int
     loss: float
     lr: float
-    grad_norm: Optional[float] = None  # computed only when a norm pass ran (clipping or fp16)
+    grad_norm: Optional[float] = None  # global norm of the unscaled gradients (after value clipping)
     skipped: bool = False  # True: no weight changed
-    reason: str = ""  # why the step was skipped or partial
-    nonfinite_tensors: int = 0  # single-pass mode: tensors left unchanged for a non-finite gradient
+    reason: str = ""  # why the step was skipped
     loss_scale: Optional[float] = None  # fp16 only: the scale used for this step
 
 
@@ -125,6 +128,10 @@ class LOMO:
         # "norm" (pass 1: accumulate the squared norm) or "update" (apply SGD).
         self._mode = None
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+        # Each pass writes every gradient's norm into its own slot of one device vector (no host sync,
+        # one kernel per gradient); the global norm is reduced from the vector once, after the pass.
+        self._slot = {p: i for i, p in enumerate(self.params)}
+        self._is_sharded = torch.tensor([hasattr(p, "tensor_parallel_dim") for p in self.params])
 
     # ------------------------------------------------------------------------------------------------
     # The hook: runs once per parameter per backward pass, as soon as its gradient is complete.
@@ -141,37 +148,33 @@ class LOMO:
                 grad.div_(self.dp_size)  # divide first: in fp16 the sum of scaled gradients could overflow
                 dist.all_reduce(grad, group=self.dp_group)
             if self._mode == "norm":
-                self._accumulate_norm(grad, sharded=hasattr(param, "tensor_parallel_dim"))
+                self._record_norm(param, grad)
             else:
                 self._update(param, grad)
 
-    def _accumulate_norm(self, grad, sharded: bool):
-        # Sharded tensors' squares are summed over the tp group after the pass; replicated ones (norm
-        # weights) hold the same gradient on every tp rank and must be counted once, so they go apart.
-        total = self._norm_sq_sharded if sharded else self._norm_sq
-        for chunk in grad.view(-1).split(UPDATE_CHUNK_NUMEL):
-            if self.clip_grad_value is not None:
-                # The norm must be of the gradients that pass 2 will use, i.e. after value clipping.
-                chunk = (chunk.float() * self._inv_scale).clamp_(-self.clip_grad_value, self.clip_grad_value)
-                total += torch.linalg.vector_norm(chunk).square()
-            else:
-                # norm first, then unscale: squaring a scaled fp16 gradient could overflow fp32.
-                total += (torch.linalg.vector_norm(chunk, dtype=torch.float32) * self._inv_scale).square()
+    def _record_norm(self, param, grad):
+        slot = self._norms[self._slot[param]]
+        if self.clip_grad_value is None:
+            # One read of the gradient. On GPUs a bf16/fp16 tensor is reduced in fp32 without an fp32 copy.
+            # (The loss scale comes off after the pass: squaring a scaled fp16 gradient could overflow.)
+            torch.linalg.vector_norm(grad, dtype=torch.float32, out=slot)
+            return
+        # The norm must be of the gradients that will be applied, i.e. unscaled and value-clipped: fp32
+        # temporaries, in bounded chunks.
+        square_sum = sum(torch.linalg.vector_norm((chunk.float() * self._inv_scale).clamp_(
+            -self.clip_grad_value, self.clip_grad_value)).square() for chunk in grad.view(-1).split(UPDATE_CHUNK_NUMEL))
+        slot.copy_(square_sum.sqrt())
 
     def _update(self, param, grad):
-        finite = None
         if self._single_pass:
-            # No norm pass vouched for this gradient: check it on the device (no host sync); a
-            # non-finite gradient becomes "leave this tensor unchanged" (its update is zeroed below).
-            finite = torch.isfinite(grad).all()
-            self._nonfinite_tensors += ~finite
+            # No norm pass vouched for this gradient: record its norm on the device (no host sync);
+            # step() checks the total after backward.
+            self._record_norm(param, grad)
         if param.dtype != torch.float32 and self.clip_grad_value is None and not self.weight_decay:
             # The common bf16/fp16 case: w32 = fp32(w) + alpha * g, with the unscaling and the clip factor
             # folded into alpha, then rounded back into w. Adding the bf16 gradient to the fp32 copy computes
             # in fp32 with an fp32 alpha; one temporary per chunk instead of three. (On the CPU a bf16
             # w.add_(g, alpha) rounds alpha itself to bf16; on CUDA it does not, and is one kernel.)
-            if finite is not None:
-                grad.masked_fill_(~finite, 0.0)  # w + alpha * 0 == w exactly
             alpha = -self._lr * self._clip_coef * self._inv_scale
             if param.is_cuda:  # CUDA's add_ keeps alpha in fp32 and computes in fp32: one kernel, no copies
                 param.add_(grad, alpha=alpha)
@@ -195,8 +198,6 @@ class LOMO:
                 g32.mul_(self._clip_coef)
             if self.weight_decay:
                 g32 = g32.add(p32, alpha=self.weight_decay)
-            if finite is not None:
-                g32.masked_fill_(~finite, 0.0)  # w - lr * 0 == w exactly
             p32.add_(g32, alpha=-self._lr)
             if p32.data_ptr() != p_piece.data_ptr():
                 p_piece.copy_(p32)  # round the fp32 result back into the bf16/fp16 parameter
@@ -229,17 +230,12 @@ class LOMO:
             return self._skip(result, f"non-finite loss {result.loss}")
         scaled_loss = loss * scale if scale != 1.0 else loss
         self._inv_scale, self._clip_coef, self._lr = 1.0 / scale, 1.0, lr
-        device = loss.device
         try:
             if self.needs_norm_pass:
                 self._mode = "norm"
-                self._norm_sq, self._norm_sq_sharded = (torch.zeros((), device=device) for _ in range(2))
+                self._reset_norm(loss.device)
                 scaled_loss.backward(retain_graph=True)
-                if self.tp_group is not None:
-                    dist.all_reduce(self._norm_sq_sharded, group=self.tp_group)
-                # Gradients were averaged over dp inside the hooks, so every dp replica has this same norm.
-                grad_norm = float((self._norm_sq + self._norm_sq_sharded).sqrt())  # the one host sync
-                result.grad_norm = grad_norm
+                grad_norm = result.grad_norm = self._global_norm()
                 if not math.isfinite(grad_norm):
                     if self.loss_scaler is not None:
                         self.loss_scaler.update(overflow=True, step=self.step_count)
@@ -249,22 +245,39 @@ class LOMO:
                     # The same formula as torch.nn.utils.clip_grad_norm_.
                     self._clip_coef = min(1.0, self.clip_grad_norm / (grad_norm + 1e-6))
             self._mode, self._single_pass = "update", not self.needs_norm_pass
-            self._nonfinite_tensors = torch.zeros((), device=device, dtype=torch.int64)
+            if self._single_pass:
+                self._reset_norm(loss.device)
             scaled_loss.backward()
         finally:
             self._mode = None
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow=False, step=self.step_count)
         if self._single_pass:
-            if self.tp_group is not None:
-                dist.all_reduce(self._nonfinite_tensors, group=self.tp_group)
-            result.nonfinite_tensors = int(self._nonfinite_tensors)
-            if result.nonfinite_tensors:
-                result.reason = (f"{result.nonfinite_tensors} tensors had non-finite gradients and were left "
-                                 f"unchanged; the others were updated")
-                return self._count_bad_step(result)
+            result.grad_norm = self._global_norm()
+            if not math.isfinite(result.grad_norm):
+                raise FloatingPointError(
+                    f"step {self.step_count}: gradient norm {result.grad_norm} with a finite loss "
+                    f"({result.loss:.4g}); in one-pass mode the weights were updated before the norm was "
+                    f"known, so some are no longer finite. Resume from the last checkpoint (--resume) with "
+                    f"--clip-grad-norm, whose norm pass checks every gradient before any weight moves, or "
+                    f"a lower --lr")
         self.consecutive_skips = 0
         return result
+
+    def _reset_norm(self, device):
+        self._norms = torch.zeros(len(self.params), device=device)  # a parameter with no gradient counts 0
+        self._is_sharded = self._is_sharded.to(device)
+
+    def _global_norm(self) -> float:
+        unscale = self._inv_scale if self.clip_grad_value is None else 1.0  # value clipping unscaled already
+        squares = (self._norms * unscale).square()
+        # Sharded tensors' squares are summed over the tp group; replicated ones (the norm weights) hold
+        # the same gradient on every tp rank and must be counted once, so they are added after.
+        sharded = (squares * self._is_sharded).sum()
+        if self.tp_group is not None:
+            dist.all_reduce(sharded, group=self.tp_group)
+        # Gradients were averaged over dp inside the hooks, so every dp replica has this same norm.
+        return float((sharded + (squares * ~self._is_sharded).sum()).sqrt())  # the one host sync
 
     def _skip(self, result: StepResult, reason: str) -> StepResult:
         for p in self.params:

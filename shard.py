@@ -204,59 +204,6 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp(rows.masked_fill(outside[..., None], 0.0), self.group)
 
 
-class VocabParallelCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy (0 where the label is -100) from logits split along the vocabulary.
-
-    Three all-reduces of one number per token (max, target logit, sum of exp) replace gathering the
-    (tokens x vocab) logits. Backward needs no communication: softmax minus one-hot, on local columns.
-    """
-
-    @staticmethod
-    def forward(ctx, local_logits, labels, vocab_start, group):
-        logits = local_logits.to(torch.promote_types(local_logits.dtype, torch.float32))  # fp32 at least
-        n_local = logits.shape[-1]
-        logit_max = logits.max(dim=-1).values
-        all_reduce(logit_max, group, op=dist.ReduceOp.MAX)
-        shifted = logits - logit_max[:, None]  # a new tensor: the caller's logits are not modified
-        ignored = labels == -100
-        local_labels = labels - vocab_start
-        mine = (local_labels >= 0) & (local_labels < n_local) & ~ignored
-        local_labels = local_labels.masked_fill(~mine, 0)
-        target = shifted.gather(1, local_labels[:, None]).squeeze(1).masked_fill(~mine, 0.0)
-        all_reduce(target, group)
-        exp = shifted.exp_()
-        sum_exp = exp.sum(dim=-1)
-        all_reduce(sum_exp, group)
-        losses = (sum_exp.log() - target).masked_fill(ignored, 0.0)
-        softmax = exp.div_(sum_exp[:, None])
-        ctx.save_for_backward(softmax, local_labels, mine, ignored)
-        ctx.input_dtype = local_logits.dtype
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_losses):
-        softmax, local_labels, mine, ignored = ctx.saved_tensors
-        scale = grad_losses.masked_fill(ignored, 0.0)[:, None]
-        # Out of place: the saved softmax must survive a second backward (LOMO's clipping pass).
-        grad = softmax * scale
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, local_labels] -= mine.to(grad.dtype) * scale[:, 0]
-        return grad.to(ctx.input_dtype), None, None, None
-
-
-def vocab_parallel_token_losses(local_logits, labels, grid: Grid):
-    """Like model.token_losses, on this rank's vocabulary slice of the logits: shape labels.shape."""
-    vocab_start = grid.tp_rank * local_logits.shape[-1]
-    losses = VocabParallelCrossEntropy.apply(local_logits.flatten(0, 1), labels.flatten(), vocab_start,
-                                             grid.tp_group)
-    return losses.view(labels.shape)
-
-
-def vocab_parallel_cross_entropy(local_logits, labels, grid: Grid):
-    """Like model.cross_entropy_loss: the mean over labels that are not -100."""
-    return vocab_parallel_token_losses(local_logits, labels, grid).sum() / (labels != -100).sum().clamp(min=1)
-
-
 def gather_from_tp(local, grid: Grid, dim=-1):
     """All-gather a tensor split along `dim` (for generation's last-position logits; no autograd)."""
     if grid.tp_group is None:

@@ -2,7 +2,7 @@
 the CPU in about a minute and a half: validation loss before and after, a progress bar, samples.
 
 It reads top to bottom: flags -> process grid -> tokenizer and data -> model -> LOMO -> loop.
-<out>/metrics.jsonl gets one JSON object per step (loss, lr, grad_norm when computed, skipped and
+<out>/metrics.jsonl gets one JSON object per step (loss, lr, grad_norm, skipped and
 skipped_steps, loss_scale, tokens_per_s, tokens_per_gpu_per_s, peak_memory_gib on GPUs); evaluation
 rows also carry val_loss and val_ppl (and acc, acc_norm for multiple-choice data); the last row is a
 summary (time, tokens/s, peak memory, best validation results) that carries the final val_loss too.
@@ -26,9 +26,10 @@ from data import (ShuffledSampler, Tokenizer, cached_tokenizer, check_token_ids,
 from evaluate import multiple_choice_accuracy, validation_loss
 from generate import generate
 from lomo import LOMO, learning_rate
-from model import LLAMA_SIZES, cross_entropy_loss, model_args, token_losses
+from losses import model_loss
+from model import LLAMA_SIZES, compile_blocks, model_args
 from shard import (build_model, check_tensor_parallel, destroy_distributed, gather_from_tp, init_distributed,
-                   padded_vocab_size, vocab_parallel_cross_entropy, vocab_parallel_token_losses)
+                   padded_vocab_size)
 
 BUNDLED_CORPUS = Path(__file__).parent / "data" / "botchan.txt"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step per data-parallel rank")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1.0, help="SGD learning rate (LOMO is plain SGD: rates are "
+    p.add_argument("--lr", type=float, default=0.5, help="SGD learning rate (LOMO is plain SGD: rates are "
                    "far larger than AdamW's)")
     p.add_argument("--schedule", default="constant", help="constant, linear or cosine decay after warmup")
     p.add_argument("--warmup-steps", type=int, default=0)
@@ -65,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size; data parallelism is the rest of the world")
     p.add_argument("--backend", default="auto", help="auto (nccl on GPUs, gloo on CPUs), nccl or gloo")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (GPU; first steps are slow)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--eval-every", type=int, default=200, help="evaluate every N steps (and before and after)")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches for the loss")
@@ -210,16 +212,10 @@ def train(args, grid, dtype):
     if args.ckpt:
         checkpoint.load_checkpoint(args.ckpt, model, grid)  # each rank reads only its own slices
     model.activation_checkpointing = args.activation_checkpointing
+    if args.compile:
+        compile_blocks(model)
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"model: {model_name} {margs}\n  {n_params:,} parameters per rank, {dtype}")
-
-    def loss_fn(logits, targets):
-        if grid.tp > 1:
-            return vocab_parallel_cross_entropy(logits, targets, grid)
-        return cross_entropy_loss(logits, targets)
-
-    def token_loss_fn(logits, targets):
-        return vocab_parallel_token_losses(logits, targets, grid) if grid.tp > 1 else token_losses(logits, targets)
 
     # -------------------------------------------------------------------------------- LOMO
     lomo = LOMO(model, lr=args.lr, weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm,
@@ -232,13 +228,12 @@ def train(args, grid, dtype):
     # -------------------------------------------------------------------------------- evaluation
     def evaluate(step):
         """Validation loss, multiple-choice accuracy when the data has choices, and a sample."""
-        val_loss, val_ppl = validation_loss(model, val_set.items, token_loss_fn, args.batch_size, device,
-                                            args.eval_batches)
+        val_loss, val_ppl = validation_loss(model, val_set.items, args.batch_size, device, args.eval_batches, grid)
         result = dict(val_loss=val_loss, val_ppl=val_ppl)
         line = f"step {step}: val loss {val_loss:.4f}, val ppl {val_ppl:.1f}"
         if val_set.choices:
             result.update(multiple_choice_accuracy(model, val_set.choices[:args.eval_examples], tokenizer,
-                                                   token_loss_fn, args.seq_len, device, grid))
+                                                   args.seq_len, device, grid))
             line += (f", acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f} (n={result['n']}"
                      + (f", {result['truncated']} candidates truncated to --seq-len" if result["truncated"] else "") + ")")
         prompt = val_set.choices[0].prompt if val_set.choices else "I"
@@ -299,7 +294,7 @@ def train(args, grid, dtype):
         batch = [train_set.items[i] for i in sampler.next(args.batch_size * grid.dp)[rows]]
         inputs, targets = (t.to(device) for t in collate(batch))
         lr = learning_rate(step, args.lr, args.steps, args.warmup_steps, args.schedule, args.min_lr_ratio)
-        result = lomo.step(loss_fn(model(inputs), targets), lr)
+        result = lomo.step(model_loss(model, inputs, targets, grid), lr)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - step_started
@@ -308,7 +303,7 @@ def train(args, grid, dtype):
         skipped_steps += result.skipped
         bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.3g}", tok_s=f"{tokens / seconds:,.0f}")
         if result.reason and grid.is_main:
-            tqdm.write(f"step {step}: {'skipped' if result.skipped else 'partial'}: {result.reason}")
+            tqdm.write(f"step {step}: skipped: {result.reason}")
         row = dict(step=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, skipped=result.skipped,
                    skipped_steps=skipped_steps, loss_scale=result.loss_scale, tokens_per_s=tokens / seconds,
                    tokens_per_gpu_per_s=tokens / seconds / grid.world_size)

@@ -11,8 +11,8 @@ def test_every_mode_runs_and_reports(tmp_path, capsys):
     assert [r["mode"] for r in rows] == bench.MODES
     for row in rows:
         assert row["tokens_per_s"] > 0 and row["device"] == "cpu" and row["param_gib"] > 0
-        assert row["flops_per_token"] == (2 if row["mode"] == "infer" else 6) * 869_504 + \
-            (4 if row["mode"] == "infer" else 12) * 4 * 64 * 128
+        inference = row["mode"].startswith("infer")
+        assert row["flops_per_token"] == (2 if inference else 6) * 869_504 + (4 if inference else 12) * 4 * 64 * 128
 
 
 def test_tensor_parallel_modes_run_under_torchrun(tmp_path):
@@ -22,3 +22,10 @@ def test_tensor_parallel_modes_run_under_torchrun(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["mode"], r["tp"]) for r in rows] == [("lomo", 2), ("lomo-clip", 2)]
     assert rows[0]["param_gib"] < 0.6 * 869_504 * 4 / 2**30  # each rank holds about half the model
+
+
+def test_compiled_blocks_run(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    bench.main(["--tiny", "--compile", "--modes", "lomo-clip", "--steps", "1", "--warmup", "1", "--out", str(out)])
+    row = json.loads(out.read_text())
+    assert row["compile"] is True and row["tokens_per_s"] > 0

@@ -43,26 +43,26 @@ def test_candidate_losses_match_a_hand_computation_and_the_lowest_wins(tokenizer
     model = tiny_model(vocab_size=tokenizer.vocab_size, max_seq_len=64)
     expected_acc, expected_norm = 0, 0
     for example in EXAMPLES:
-        losses, truncated = candidate_losses(model, example, tokenizer, token_losses, seq_len=63, device="cpu")
+        losses, truncated = candidate_losses(model, example, tokenizer, seq_len=63, device="cpu")
         assert truncated == 0
         by_hand = [hand_loss(model, tokenizer, example.prompt, c) for c in example.choices]
         assert losses == pytest.approx(by_hand, rel=1e-5)
         expected_acc += by_hand.index(min(by_hand)) == example.label
         per_byte = [loss / len(c.encode()) for loss, c in zip(by_hand, example.choices)]
         expected_norm += per_byte.index(min(per_byte)) == example.label
-    result = multiple_choice_accuracy(model, EXAMPLES, tokenizer, token_losses, 63, "cpu")
+    result = multiple_choice_accuracy(model, EXAMPLES, tokenizer, 63, "cpu")
     assert result == dict(acc=expected_acc / 3, acc_norm=expected_norm / 3, n=3, truncated=0)
     # Relabel every example with its lowest-loss candidate: accuracy must then be 1.
     relabeled = []
     for e in EXAMPLES:
-        losses = candidate_losses(model, e, tokenizer, token_losses, 63, "cpu")[0]
+        losses = candidate_losses(model, e, tokenizer, 63, "cpu")[0]
         relabeled.append(MultipleChoice(e.prompt, e.choices, losses.index(min(losses))))
-    assert multiple_choice_accuracy(model, relabeled, tokenizer, token_losses, 63, "cpu")["acc"] == 1.0
+    assert multiple_choice_accuracy(model, relabeled, tokenizer, 63, "cpu")["acc"] == 1.0
     # Several golds (ReCoRD): any of them counts; and truncated candidates are counted.
     any_gold = [MultipleChoice(e.prompt, e.choices, 0, tuple(range(len(e.choices)))) for e in EXAMPLES]
-    assert multiple_choice_accuracy(model, any_gold, tokenizer, token_losses, 63, "cpu")["acc"] == 1.0
+    assert multiple_choice_accuracy(model, any_gold, tokenizer, 63, "cpu")["acc"] == 1.0
     long = [MultipleChoice("the cat sat on the mat " * 20, ["yes", "no"], 0)]
-    assert multiple_choice_accuracy(model, long, tokenizer, token_losses, 40, "cpu")["truncated"] == 2
+    assert multiple_choice_accuracy(model, long, tokenizer, 40, "cpu")["truncated"] == 2
 
 
 def parallel_scores_worker(tp, tokenizer_path):
@@ -72,20 +72,17 @@ def parallel_scores_worker(tp, tokenizer_path):
     args = model_args("tiny", vocab_size=tokenizer.vocab_size, n_layers=2, max_seq_len=64)
     model = shard.build_model(args, grid, seed=0)
 
-    def loss_fn(logits, targets):
-        return shard.vocab_parallel_token_losses(logits, targets, grid) if tp > 1 else token_losses(logits, targets)
-
-    losses = [candidate_losses(model, e, tokenizer, loss_fn, 63, "cpu")[0] for e in EXAMPLES]
+    losses = [candidate_losses(model, e, tokenizer, 63, "cpu", grid)[0] for e in EXAMPLES]
     sample = generate(model, [1, 17, 42], 20, temperature=0.0,
                       gather_logits=lambda logits: shard.gather_from_tp(logits, grid))
-    return losses, multiple_choice_accuracy(model, EXAMPLES, tokenizer, loss_fn, 63, "cpu", grid), sample
+    return losses, multiple_choice_accuracy(model, EXAMPLES, tokenizer, 63, "cpu", grid), sample
 
 
 @pytest.mark.parametrize("tp", [2, 1])  # tp = 2, and dp = 2 (each dp rank scores half, counts are summed)
 def test_scores_under_tp_and_dp_equal_one_process(tokenizer, tp):
     model = tiny_model(vocab_size=tokenizer.vocab_size, max_seq_len=64)
-    expected_losses = [candidate_losses(model, e, tokenizer, token_losses, 63, "cpu")[0] for e in EXAMPLES]
-    expected = multiple_choice_accuracy(model, EXAMPLES, tokenizer, token_losses, 63, "cpu")
+    expected_losses = [candidate_losses(model, e, tokenizer, 63, "cpu")[0] for e in EXAMPLES]
+    expected = multiple_choice_accuracy(model, EXAMPLES, tokenizer, 63, "cpu")
     expected_sample = generate(model, [1, 17, 42], 20, temperature=0.0)
     for losses, result, sample in run_ranks(parallel_scores_worker, 2, tp, str(tokenizer.path)):
         for ours, theirs in zip(losses, expected_losses):
@@ -97,7 +94,7 @@ def test_scores_under_tp_and_dp_equal_one_process(tokenizer, tp):
 def test_validation_loss_is_the_token_mean_and_perplexity_its_exp():
     model = tiny_model()
     items = [([1, 5, 9, 30, 2], [1, 5, 9, 30, 2]), ([1, 7, 8], [-100, -100, 8])]
-    loss, ppl = validation_loss(model, items, token_losses, batch_size=1, device="cpu")
+    loss, ppl = validation_loss(model, items, batch_size=1, device="cpu")
     with torch.no_grad():
         per_item = [token_losses(model(torch.tensor([ids[:-1]])), torch.tensor([labels[1:]])) for ids, labels in items]
     expected = float(sum(t.sum() for t in per_item)) / 5  # 4 targets + 1 unmasked target

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import VOCAB, tiny_model
-from model import (LLAMA_SIZES, ModelArgs, RMSNorm, Transformer, apply_rotary, cross_entropy_loss, init_parameter,
+from model import (LLAMA_SIZES, _apply_rotary_real, ModelArgs, RMSNorm, Transformer, apply_rotary, cross_entropy_loss, init_parameter,
                    init_weights, model_args, rotary_cos_sin)
 
 
@@ -61,6 +61,8 @@ def test_rotary_is_metas_complex_rotation_of_adjacent_pairs():
     expected = torch.view_as_real(torch.view_as_complex(x.double().reshape(2, 6, 3, 4, 2))
                                   * torch.polar(torch.ones_like(angles), angles)[None, :, None, :]).flatten(-2)
     torch.testing.assert_close(apply_rotary(x, cos, sin).double(), expected, rtol=1e-5, atol=1e-6)
+    # The real-arithmetic form that torch.compile traces is the same rotation.
+    torch.testing.assert_close(_apply_rotary_real(x, cos, sin).double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_rotary_scores_depend_only_on_relative_position():
