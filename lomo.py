@@ -223,11 +223,15 @@ class LOMO:
             # collective would hang.
             dist.all_reduce(mean_loss, group=self.dp_group)
             mean_loss /= self.dp_size
-        result = StepResult(step=self.step_count, loss=float(mean_loss), lr=lr,
+        result = StepResult(step=self.step_count, loss=math.nan, lr=lr,
                             loss_scale=scale if self.loss_scaler is not None else None)
-        # One host sync, before any backward: a non-finite loss would give non-finite gradients.
-        if not math.isfinite(result.loss):
-            return self._skip(result, f"non-finite loss {result.loss}")
+        if not self.needs_norm_pass:
+            # One host sync, before any backward: a non-finite loss would give non-finite gradients, and
+            # in one pass they would reach the weights. (With a norm pass the loss is read with the norm,
+            # in one sync after pass 1: a non-finite loss makes a non-finite norm, and no weight has moved.)
+            result.loss = float(mean_loss)
+            if not math.isfinite(result.loss):
+                return self._skip(result, f"non-finite loss {result.loss}")
         scaled_loss = loss * scale if scale != 1.0 else loss
         self._inv_scale, self._clip_coef, self._lr = 1.0 / scale, 1.0, lr
         try:
@@ -235,7 +239,10 @@ class LOMO:
                 self._mode = "norm"
                 self._reset_norm(loss.device)
                 scaled_loss.backward(retain_graph=True)
-                grad_norm = result.grad_norm = self._global_norm()
+                grad_norm, result.loss = self._global_norm(mean_loss)
+                result.grad_norm = grad_norm
+                if not math.isfinite(result.loss):
+                    return self._skip(result, f"non-finite loss {result.loss}")
                 if not math.isfinite(grad_norm):
                     if self.loss_scaler is not None:
                         self.loss_scaler.update(overflow=True, step=self.step_count)
@@ -253,7 +260,7 @@ class LOMO:
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow=False, step=self.step_count)
         if self._single_pass:
-            result.grad_norm = self._global_norm()
+            result.grad_norm, result.loss = self._global_norm(mean_loss)
             if not math.isfinite(result.grad_norm):
                 raise FloatingPointError(
                     f"step {self.step_count}: gradient norm {result.grad_norm} with a finite loss "
@@ -268,7 +275,8 @@ class LOMO:
         self._norms = torch.zeros(len(self.params), device=device)  # a parameter with no gradient counts 0
         self._is_sharded = self._is_sharded.to(device)
 
-    def _global_norm(self) -> float:
+    def _global_norm(self, mean_loss):
+        """(global gradient norm, mean loss), read from the device in one host sync."""
         unscale = self._inv_scale if self.clip_grad_value is None else 1.0  # value clipping unscaled already
         squares = (self._norms * unscale).square()
         # Sharded tensors' squares are summed over the tp group; replicated ones (the norm weights) hold
@@ -277,7 +285,8 @@ class LOMO:
         if self.tp_group is not None:
             dist.all_reduce(sharded, group=self.tp_group)
         # Gradients were averaged over dp inside the hooks, so every dp replica has this same norm.
-        return float((sharded + (squares * ~self._is_sharded).sum()).sqrt())  # the one host sync
+        norm = (sharded + (squares * ~self._is_sharded).sum()).sqrt()
+        return tuple(torch.stack([norm, mean_loss.float()]).tolist())  # the one host sync
 
     def _skip(self, result: StepResult, reason: str) -> StepResult:
         for p in self.params:

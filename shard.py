@@ -9,8 +9,8 @@
   side by side: `copy_to_tp` (identity forward, all-reduce backward) and `reduce_from_tp` (all-reduce
   forward, identity backward).
 - Column-parallel linear (wq, wk, wv, w1, w3, output: split the output features), row-parallel linear
-  (wo, w2: split the input features), vocab-parallel embedding (split the vocabulary rows), and a
-  vocab-parallel cross-entropy that never gathers the full logits and honours ignore_index -100.
+  (wo, w2: split the input features) and vocab-parallel embedding (split the vocabulary rows). The
+  loss over the vocabulary-split head lives in losses.py (fused with the head, no logits gathered).
   Per block: 2 all-reduces forward (after wo and w2) and 2 backward (at the outputs of attention_norm,
   read by wq/wk/wv, and of ffn_norm, read by w1/w3).
 - `build_model(args, grid, seed, ...)` builds on the meta device, swaps in the parallel layers, and
