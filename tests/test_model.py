@@ -65,6 +65,34 @@ def test_rotary_is_metas_complex_rotation_of_adjacent_pairs():
     torch.testing.assert_close(_apply_rotary_real(x, cos, sin).double(), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_rotary_backward_saves_only_the_angles_and_equals_autograd(dtype):
+    # apply_rotary's hand-written backward (rotate the gradient back) against autograd through the
+    # real-number form, on a non-contiguous gradient as attention's transpose produces.
+    x = torch.randn(2, 6, 4, 8, dtype=torch.float64).to(dtype)
+    cos, sin = rotary_cos_sin(8, 6, theta=10000.0)
+    upstream = torch.randn(2, 4, 6, 8, dtype=torch.float64).to(dtype).transpose(1, 2)
+    grads = []
+    for rotate in (apply_rotary, _apply_rotary_real):
+        leaf = x.clone().requires_grad_()
+        rotate(leaf * 1, cos, sin).backward(upstream)
+        grads.append(leaf.grad)
+    tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grads[0], grads[1], **tolerance)
+    # What autograd keeps for backward: nothing the size of x (only the complex angles, seq x head_dim/2).
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        apply_rotary(x.clone().requires_grad_(), cos, sin)
+    assert saved and max(saved) == 6 * 4
+
+
+def test_rmsnorm_of_bf16_rounds_once_like_metas_fp32_normalization():
+    x = torch.randn(4, 64, dtype=torch.float64).mul(3).to(torch.bfloat16)
+    norm = RMSNorm(64, eps=1e-5).to(torch.bfloat16)
+    meta = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).type_as(x) * norm.weight
+    assert torch.equal(norm(x), meta)
+
+
 def test_rotary_scores_depend_only_on_relative_position():
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
     cos, sin = rotary_cos_sin(16, 40, theta=10000.0)
