@@ -128,10 +128,6 @@ class LOMO:
         # "norm" (pass 1: accumulate the squared norm) or "update" (apply SGD).
         self._mode = None
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
-        # Each pass writes every gradient's norm into its own slot of one device vector (no host sync,
-        # one kernel per gradient); the global norm is reduced from the vector once, after the pass.
-        self._slot = {p: i for i, p in enumerate(self.params)}
-        self._is_sharded = torch.tensor([hasattr(p, "tensor_parallel_dim") for p in self.params])
 
     # ------------------------------------------------------------------------------------------------
     # The hook: runs once per parameter per backward pass, as soon as its gradient is complete.
@@ -153,17 +149,20 @@ class LOMO:
                 self._update(param, grad)
 
     def _record_norm(self, param, grad):
-        slot = self._norms[self._slot[param]]
+        # Each gradient's norm stays on the device as a 0-dim tensor (one kernel, no host sync); the
+        # global norm is reduced from them once, after the pass. Sharded tensors' norms go apart from
+        # replicated ones (the norm weights), which every tp rank holds whole and must count once.
         if self.clip_grad_value is None:
             # One read of the gradient. On GPUs a bf16/fp16 tensor is reduced in fp32 without an fp32 copy.
             # (The loss scale comes off after the pass: squaring a scaled fp16 gradient could overflow.)
-            torch.linalg.vector_norm(grad, dtype=torch.float32, out=slot)
-            return
-        # The norm must be of the gradients that will be applied, i.e. unscaled and value-clipped: fp32
-        # temporaries, in bounded chunks.
-        square_sum = sum(torch.linalg.vector_norm((chunk.float() * self._inv_scale).clamp_(
-            -self.clip_grad_value, self.clip_grad_value)).square() for chunk in grad.view(-1).split(UPDATE_CHUNK_NUMEL))
-        slot.copy_(square_sum.sqrt())
+            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        else:
+            # The norm must be of the gradients that will be applied, i.e. unscaled and value-clipped: fp32
+            # temporaries, in bounded chunks.
+            norm = sum(torch.linalg.vector_norm((chunk.float() * self._inv_scale).clamp_(
+                -self.clip_grad_value, self.clip_grad_value)).square()
+                for chunk in grad.view(-1).split(UPDATE_CHUNK_NUMEL)).sqrt()
+        (self._sharded_norms if hasattr(param, "tensor_parallel_dim") else self._replicated_norms).append(norm)
 
     def _update(self, param, grad):
         if self._single_pass:
@@ -272,20 +271,22 @@ class LOMO:
         return result
 
     def _reset_norm(self, device):
-        self._norms = torch.zeros(len(self.params), device=device)  # a parameter with no gradient counts 0
-        self._is_sharded = self._is_sharded.to(device)
+        self._sharded_norms, self._replicated_norms, self._norm_device = [], [], device
 
     def _global_norm(self, mean_loss):
         """(global gradient norm, mean loss), read from the device in one host sync."""
         unscale = self._inv_scale if self.clip_grad_value is None else 1.0  # value clipping unscaled already
-        squares = (self._norms * unscale).square()
-        # Sharded tensors' squares are summed over the tp group; replicated ones (the norm weights) hold
-        # the same gradient on every tp rank and must be counted once, so they are added after.
-        sharded = (squares * self._is_sharded).sum()
+
+        def sum_of_squares(norms):
+            if not norms:
+                return torch.zeros((), device=self._norm_device)
+            return (torch.stack(norms) * unscale).square().sum()
+
+        sharded = sum_of_squares(self._sharded_norms)
         if self.tp_group is not None:
-            dist.all_reduce(sharded, group=self.tp_group)
+            dist.all_reduce(sharded, group=self.tp_group)  # each tp rank holds a different slice
         # Gradients were averaged over dp inside the hooks, so every dp replica has this same norm.
-        norm = (sharded + (squares * ~self._is_sharded).sum()).sqrt()
+        norm = (sharded + sum_of_squares(self._replicated_norms)).sqrt()
         return tuple(torch.stack([norm, mean_loss.float()]).tolist())  # the one host sync
 
     def _skip(self, result: StepResult, reason: str) -> StepResult:

@@ -28,9 +28,11 @@ import torch.distributed as dist
 from shard import all_reduce
 
 IGNORE = -100
-# Elements of one chunk of logits: 2**24 fp32 values = 64 MiB, whatever the batch. For 2048 tokens
-# that is 8192 vocabulary rows per chunk (4 chunks for LLaMA's 32000); for 16,384 tokens, 1024 rows.
-CHUNK_ELEMENTS = 2 ** 24
+# Elements of one chunk of logits: 2**23 fp32 values = 32 MiB, whatever the batch. For 2048 tokens
+# that is 4096 vocabulary rows per chunk (8 chunks for LLaMA's 32000: each matmul is still 2048 x 4096 x
+# 4096, large enough to run at full speed); for 16,384 tokens, 512 rows. Backward holds the head's
+# gradient (the largest one LOMO ever holds) while it runs, so its temporaries sit at a LOMO step's peak.
+CHUNK_ELEMENTS = 2 ** 23
 
 
 class FusedHeadCrossEntropy(torch.autograd.Function):
@@ -48,13 +50,14 @@ class FusedHeadCrossEntropy(torch.autograd.Function):
         target_logit = torch.zeros(n_tokens, dtype=maths, device=hidden.device)
         for start in range(0, n_rows, chunk_rows):
             logits = (hidden @ weight[start:start + chunk_rows].T).to(maths)
-            new_max = torch.maximum(running_max, logits.max(dim=1).values)
-            # Online log-sum-exp: what was summed against the old max is rescaled to the new one.
-            sum_exp = sum_exp * (running_max - new_max).exp() + (logits - new_max[:, None]).exp().sum(dim=1)
-            running_max = new_max
             here = (local_labels >= start) & (local_labels < start + logits.shape[1]) & ~ignored
             picked = logits.gather(1, (local_labels - start).clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
             target_logit += picked.masked_fill(~here, 0.0)
+            new_max = torch.maximum(running_max, logits.max(dim=1).values)
+            # Online log-sum-exp: what was summed against the old max is rescaled to the new one. (The
+            # exponentials overwrite the logits, which are not needed after this.)
+            sum_exp = sum_exp * (running_max - new_max).exp() + logits.sub_(new_max[:, None]).exp_().sum(dim=1)
+            running_max = new_max
         if group is not None:  # combine the ranks' vocabulary slices
             global_max = all_reduce(running_max.clone(), group, op=dist.ReduceOp.MAX)
             sum_exp = all_reduce(sum_exp * (running_max - global_max).exp(), group)
@@ -76,7 +79,7 @@ class FusedHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, weight.shape[0], ctx.chunk_rows):
             chunk = weight[start:start + ctx.chunk_rows]
             logits = (hidden @ chunk.T).to(maths)  # recomputed: cheaper than keeping them
-            grad_logits = (logits - log_sum_exp[:, None]).exp_().mul_(scale)  # softmax * dL/dloss
+            grad_logits = logits.sub_(log_sum_exp[:, None]).exp_().mul_(scale)  # softmax * dL/dloss, in place
             # Minus the one-hot: scale at each label's column, for labels in this chunk (a scatter, not
             # boolean indexing, which would wait for the GPU to count the matches).
             here = (local_labels >= start) & (local_labels < start + chunk.shape[0])
