@@ -1,5 +1,7 @@
-"""Checkpoints: Meta and Hugging Face LLaMA folders (read and write, at any tensor-parallel size), and training-state
-save and resume with an atomic commit.
+"""Checkpoints: Meta, Hugging Face and training-state folders loaded into a model at any tensor-parallel size,
+Meta and Hugging Face folders written from one, and a converter between them. What each format holds (names,
+the q/k permutation, config, tokenizer) is in checkpoint_formats.py; saving and resuming the training state is in
+training_state.py.
 
 - Files: safetensors_io.py reads and writes safetensors (memory-mapped, every offset checked before a byte is used,
   so a truncated or corrupt file is refused with the file's and the tensor's names) and writes every file here
@@ -11,64 +13,37 @@ save and resume with an atomic commit.
   "this tensor is these pieces concatenated along this dim"; each rank copies only its own slice out of the
   (memory-mapped) pieces, reading only that slice's pages. So Meta files with any number of shards, HF files and our
   training state all load at any tp.
-- Meta (params.json, consolidated.NN.pth, tokenizer.model): wq/wk/wv/w1/w3/output split along dim 0, wo/w2 along
-  dim 1, norms repeated in every shard. tok_embeddings is split along the embedding dim in LLaMA-1/2 files
-  (fairscale's ParallelEmbedding) and along the vocabulary in Llama 3's; ours splits the vocabulary. The loader tells
-  the two apart by shape. rope.freqs (a buffer in LLaMA-1/2 files) is ignored knowingly.
-- Hugging Face (config.json, model.safetensors[.index.json] or pytorch_model*.bin[.index.json]): names are mapped
-  to Meta's, and q/k rows are un-permuted, because HF's rotary embedding rotates (i, i + head_dim/2) pairs where
-  Meta's rotates (2i, 2i+1). HF stores the FFN width (intermediate_size) and Meta derives it from multiple_of, so we
-  choose a multiple_of that derives it. rotary_emb.inv_freq is ignored knowingly.
 - Export (`save_hf`, `save_meta`) gathers the tp shards one parameter at a time; rank 0 alone writes, one file at
   a time, into a temporary folder next to the destination that is renamed at the end.
-- Training state (`save_training_state`): root/step-NNNNNNNN/ holds one safetensors file per tp rank (written by
-  dp rank 0: the dp replicas are identical), every rank's RNG state, the caller's state, and manifest.json. The
-  manifest is written last, after a barrier, and the folder is renamed into place: that is the commit. It loads
-  at any tp; the RNG state is restored when the world layout is the same.
 - CLI: `python checkpoint.py convert SRC DST --to hf|meta [--shards N]`.
 
-Left out: RoPE frequency scaling (Llama 3.1's use_scaled_rope, HF's rope_scaling) and biases (refused with a
-message); Llama 3's tiktoken tokenizer (refused: data.py reads SentencePiece only); padding a checkpoint's
-vocabulary when tp does not divide it; file checksums (sizes and headers are checked); a checkpoint folder that
-not every rank can see; checkpoints whose tensors have different dtypes (the model holds one dtype). What the
-safetensors reader and writer leave out (big-endian hosts among it) is listed in safetensors_io.py.
+Left out: padding a checkpoint's vocabulary when tp does not divide it; a checkpoint folder that not every rank can
+see; checkpoints whose tensors have different dtypes (the model holds one dtype). What the formats leave out (RoPE
+frequency scaling, biases, Llama 3's tokenizer) is listed in checkpoint_formats.py, what the training state leaves
+out in training_state.py, and what the safetensors reader and writer leave out (big-endian hosts among it) in
+safetensors_io.py.
 """
 import argparse
 import contextlib
-import dataclasses
-import io
 import json
 import os
-import random
-import re
 import shutil
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import Tokenizer
+from checkpoint_formats import (IGNORED, MANIFEST, META_SPLIT_DIM, _read_args, _read_json, checkpoint_args,
+                                detect_format, from_hf_name, load_tokenizer, permute_for_hf, to_hf_name,
+                                unpermute_from_hf)
 from model import ModelArgs, Transformer
-from safetensors_io import _fsync_folder, _read_header, _write_file, read_safetensors, write_safetensors
-from shard import SPLIT_DIM, Grid, gather_full, split_dim_of
-
-# Meta's shards split like ours except the embedding (LLaMA-1/2 split its columns, we split the vocabulary).
-META_SPLIT_DIM = {**SPLIT_DIM, "tok_embeddings": 1}
-IGNORED = ("rope.freqs", "rotary_emb.inv_freq")  # rotary frequency buffers: recomputed, never trained
-HF_LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-                  "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-                  "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-                  "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
-                  "ffn_norm": "post_attention_layernorm"}
-HF_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-                "output.weight": "lm_head.weight"}
-MANIFEST = "manifest.json"  # the commit marker of a training-state checkpoint, written last
+from safetensors_io import _fsync_folder, _write_file, read_safetensors, write_safetensors
+from shard import Grid, gather_full, split_dim_of
 
 
 # ----------------------------------------------------------------------------------------------------
-# Files: .pth/.bin and JSON (safetensors and atomic writes are in safetensors_io.py)
+# Reading: weights into a model, at any tp
 
 
 def _torch_load(path):
@@ -77,148 +52,6 @@ def _torch_load(path):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # truncated zip, refused pickle, pre-1.6 format (no mmap): name the file
         raise ValueError(f"{path}: torch.load(weights_only=True, mmap=True) failed: {error}") from None
-
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: cannot read it as JSON ({error})") from None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Names and the rotary permutation
-
-
-def to_hf_name(name: str) -> str:
-    if name in HF_TOP_NAMES:
-        return HF_TOP_NAMES[name]
-    layer, module = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name).groups()
-    return f"model.layers.{layer}.{HF_LAYER_NAMES[module]}.weight"
-
-
-def from_hf_name(name: str) -> Optional[str]:
-    """The Meta name of a Hugging Face name, or None for a name we do not know."""
-    top = {hf: meta for meta, hf in HF_TOP_NAMES.items()}
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
-    modules = {hf: meta for meta, hf in HF_LAYER_NAMES.items()}
-    if match and match.group(2) in modules:
-        return f"layers.{match.group(1)}.{modules[match.group(2)]}.weight"
-    return top.get(name)
-
-
-def permute_for_hf(weight, n_heads: int):
-    """Meta -> HF rows of wq or wk: each head's rows [pair0.x, pair0.y, pair1.x, ...] become [all x, then all y]."""
-    rows, columns = weight.shape
-    return weight.view(n_heads, rows // n_heads // 2, 2, columns).transpose(1, 2).reshape(rows, columns)
-
-
-def unpermute_from_hf(weight, n_heads: int):
-    """HF -> Meta rows of q_proj or k_proj (k with the kv heads): the inverse of permute_for_hf."""
-    rows, columns = weight.shape
-    return weight.view(n_heads, 2, rows // n_heads // 2, columns).transpose(1, 2).reshape(rows, columns)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading: format, config, tokenizer
-
-
-def detect_format(folder) -> str:
-    """"meta", "hf" or "state" (our training state), from the files present."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    names = sorted(p.name for p in folder.iterdir())
-    if MANIFEST in names:
-        return "state"
-    if "params.json" in names and any(re.fullmatch(r"consolidated\.\d+\.pth", n) for n in names):
-        return "meta"
-    if "config.json" in names and any(re.fullmatch(r"model.*\.safetensors|pytorch_model.*\.bin", n) for n in names):
-        return "hf"
-    raise ValueError(f"{folder} holds neither a Meta checkpoint (params.json + consolidated.NN.pth) nor a Hugging "
-                     f"Face one (config.json + model.safetensors, shards + model.safetensors.index.json, or "
-                     f"pytorch_model*.bin) nor a training state ({MANIFEST}); files found: {names or 'none'}")
-
-
-def _hf_multiple_of(dim: int, width: int) -> int:
-    """A multiple_of from which Meta's rule derives the FFN width HF's config states (256 for LLaMA-1/2, a smaller
-    power of two for small models, else the width itself: 8/3 dim rounded up to a multiple of the width is the width
-    whenever the width is at least 8/3 dim, as Llama 3's 14336 is for dim 4096). 0: no multiple_of derives it."""
-    hidden = int(2 * 4 * dim / 3)
-    return next((m for m in (256, 128, 64, 32, 16, 8, 4, 2, 1, width) if m * -(-hidden // m) == width), 0)
-
-
-def _args_from_hf_config(config: dict, path) -> ModelArgs:
-    refused = {key: config[key] for key, fine in (("rope_scaling", None), ("attention_bias", False),
-                                                  ("mlp_bias", False), ("hidden_act", "silu"))
-               if config.get(key, fine) != fine}
-    if refused:
-        raise ValueError(f"{path}: {refused} is not supported by model.py (no RoPE scaling, no biases, SwiGLU only)")
-    try:
-        dim, n_heads, width = config["hidden_size"], config["num_attention_heads"], config["intermediate_size"]
-        fields = dict(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads, vocab_size=config["vocab_size"],
-                      n_kv_heads=config.get("num_key_value_heads", n_heads), norm_eps=config["rms_norm_eps"],
-                      rope_theta=config.get("rope_theta", 10000.0),
-                      max_seq_len=config.get("max_position_embeddings", 2048),
-                      tie_embeddings=config.get("tie_word_embeddings", False))
-    except KeyError as error:
-        raise ValueError(f"{path}: the field {error} is missing") from None
-    if config.get("head_dim", dim // n_heads) != dim // n_heads:
-        raise ValueError(f"{path}: head_dim={config['head_dim']} differs from hidden_size / num_attention_heads = "
-                         f"{dim // n_heads}; model.py derives head_dim from them")
-    multiple_of = _hf_multiple_of(dim, width)
-    if not multiple_of:
-        raise ValueError(f"{path}: intermediate_size={width}, but ModelArgs derives at least {int(8 * dim / 3)} from "
-                         f"hidden_size={dim} (Meta's rule: 8/3 dim rounded up to multiple_of); model.py cannot "
-                         f"build this FFN width")
-    return ModelArgs(multiple_of=multiple_of, **fields)
-
-
-def _read_args(folder, layout: str) -> ModelArgs:
-    """The config of a checkpoint folder; vocab_size may be -1 (Meta: take it from the tokenizer)."""
-    if layout == "hf":
-        return _args_from_hf_config(_read_json(folder / "config.json"), folder / "config.json")
-    if layout == "state":
-        return ModelArgs(**_read_json(folder / MANIFEST)["model_args"])
-    params = _read_json(folder / "params.json")
-    if params.pop("use_scaled_rope", False):
-        raise ValueError(f"{folder / 'params.json'}: use_scaled_rope (Llama 3.1's RoPE frequency scaling) is not "
-                         f"implemented in model.py")
-    unknown = sorted(params.keys() - {field.name for field in dataclasses.fields(ModelArgs)})
-    if unknown:
-        raise ValueError(f"{folder / 'params.json'}: unknown fields {unknown}; ModelArgs has Meta's params.json fields")
-    return ModelArgs(**params)
-
-
-def checkpoint_args(folder, tokenizer_path=None, **overrides) -> ModelArgs:
-    """ModelArgs of a checkpoint folder; Meta's vocab_size -1 is taken from the tokenizer (tokenizer_path, else
-    the folder's tokenizer.model). Overrides (e.g. max_seq_len, which params.json lacks) are applied last."""
-    folder = Path(folder)
-    args = _read_args(folder, detect_format(folder))
-    if args.vocab_size == -1:
-        args.vocab_size = load_tokenizer(tokenizer_path or folder).vocab_size
-    return dataclasses.replace(args, **overrides)
-
-
-def load_tokenizer(path, vocab_size: Optional[int] = None) -> Tokenizer:
-    """The SentencePiece tokenizer at `path` (a file, or a folder holding tokenizer.model), refused when it has
-    more tokens than the model's vocabulary (its largest ids would index past the embedding)."""
-    path = Path(path)
-    path = path / "tokenizer.model" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {path}: pass the path of the checkpoint's tokenizer.model")
-    with open(path, "rb") as f:
-        if f.read(64).startswith(b"version https://git-lfs"):
-            raise ValueError(f"{path} is a git-lfs pointer, not the tokenizer: fetch the file with `git lfs pull`")
-    tokenizer = Tokenizer(path)  # a non-SentencePiece file (Llama 3's tiktoken, ...) is refused here, with its name
-    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"the tokenizer {path} has {tokenizer.vocab_size} tokens, more than the model's vocabulary of "
-                         f"{vocab_size}: use the tokenizer that belongs to this checkpoint")
-    return tokenizer
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading: weights into a model, at any tp
 
 
 def _meta_entries(folder, dim: int) -> dict:
@@ -493,122 +326,6 @@ def save_meta(model, folder, grid: Optional[Grid] = None, shards: int = 1, token
                 fields["tie_embeddings"] = True
             _write_file(temporary / "params.json", lambda f: f.write(json.dumps(fields, indent=2).encode()))
             _copy_tokenizer(tokenizer_path, temporary, args.vocab_size)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training state: save, find, resume
-
-
-def _rng_state() -> dict:
-    name, keys, position, has_gauss, gauss = np.random.get_state()
-    state = dict(python=random.getstate(), torch=torch.get_rng_state(),
-                 numpy=(name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss))
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device
-    return state
-
-
-def _set_rng_state(state: dict):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    name, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _step_folders(root: Path) -> list:
-    """step-NNNNNNNN folders under root, oldest first (committed or not)."""
-    return sorted(p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d{8}", p.name)) \
-        if root.is_dir() else []
-
-
-def save_training_state(root, step: int, model, grid: Optional[Grid], state: dict, keep: int = 3) -> Path:
-    """Save root/step-{step:08d}/ and return it; every rank calls it. Keeps the newest `keep` committed
-    checkpoints (keep <= 0: all), deleting older ones only once this one is committed."""
-    root, grid = Path(root), grid or Grid()
-    folder, temporary = root / f"step-{step:08d}", root / f".step-{step:08d}.tmp"
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    try:  # refuse now what resume would refuse: state must be plain data (numbers, strings, lists, dicts, tensors)
-        torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
-    except Exception as error:
-        raise ValueError(f"the training state is not plain data that torch.load(weights_only=True) reads back: "
-                         f"{error}. Pass dicts of numbers, strings, lists and tensors (vars(args) for flags)") from None
-    if grid.rank == 0:
-        if temporary.exists():
-            shutil.rmtree(temporary)  # left by a save that crashed
-        temporary.mkdir(parents=True)
-    _barrier()
-    if grid.dp_rank == 0:  # the dp replicas hold the same weights: one copy of each tp shard is enough
-        write_safetensors(temporary / f"model-tp{grid.tp_rank:02d}-of-{grid.tp:02d}.safetensors", _model_params(model),
-                          metadata=dict(tp=grid.tp, tp_rank=grid.tp_rank))
-    _write_file(temporary / f"rng-rank{grid.rank:05d}.pt", lambda f: torch.save(_rng_state(), f))
-    _barrier()  # every rank's files are on disk before the commit
-    if grid.rank == 0:
-        _write_file(temporary / "state.pt", lambda f: f.write(buffer.getvalue()))
-        manifest = dict(step=step, tp=grid.tp, dp=grid.dp, world_size=grid.world_size, split_dims=SPLIT_DIM,
-                        model_args=dataclasses.asdict(model.args),
-                        files={p.name: p.stat().st_size for p in sorted(temporary.iterdir())})
-        _write_file(temporary / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-        _fsync_folder(temporary)
-        old = root / f".step-{step:08d}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():  # the same step saved again: move the old one aside, never delete before the commit
-            os.replace(folder, old)
-        os.replace(temporary, folder)  # the commit
-        _fsync_folder(root)
-        shutil.rmtree(old, ignore_errors=True)
-        committed = [p for p in _step_folders(root) if (p / MANIFEST).is_file() and p.name <= folder.name]
-        for stale in committed[:-keep] if keep > 0 else []:
-            shutil.rmtree(stale)
-    _barrier()
-    return folder
-
-
-def _incomplete(folder: Path) -> Optional[str]:
-    """Why a step folder cannot be resumed from, or None when it is complete."""
-    if not (folder / MANIFEST).is_file():
-        return f"no {MANIFEST}: the save did not finish"
-    try:
-        manifest = _read_json(folder / MANIFEST)
-        for name, size in manifest["files"].items():
-            if not (folder / name).is_file():
-                return f"{name} is missing"
-            if (folder / name).stat().st_size != size:
-                return f"{name} has {(folder / name).stat().st_size} bytes, the manifest says {size}"
-            if name.endswith(".safetensors"):
-                _read_header(folder / name)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        return f"corrupt: {error}"
-    return None
-
-
-def find_latest_checkpoint(root) -> Optional[Path]:
-    """The newest complete step folder under root, or None; incomplete or corrupt ones are skipped, with a message."""
-    for folder in reversed(_step_folders(Path(root))):
-        problem = _incomplete(folder)
-        if problem is None:
-            return folder
-        print(f"skipping checkpoint {folder}: {problem}")
-    return None
-
-
-def load_training_state(folder, model, grid: Optional[Grid] = None) -> dict:
-    """Fill the model from a training-state folder at this run's tp, restore this rank's RNG state (when the world
-    layout is the one it was saved with), and return the state dict given to save_training_state."""
-    folder, grid = Path(folder), grid or Grid()
-    problem = _incomplete(folder)
-    if problem:
-        raise ValueError(f"{folder} cannot be resumed from: {problem}")
-    load_checkpoint(folder, model, grid)
-    manifest = _read_json(folder / MANIFEST)
-    if (manifest["world_size"], manifest["tp"]) == (grid.world_size, grid.tp):
-        _set_rng_state(torch.load(folder / f"rng-rank{grid.rank:05d}.pt", weights_only=True))
-    elif grid.is_main:
-        print(f"{folder} was saved by {manifest['world_size']} processes at tp={manifest['tp']}, this run has "
-              f"{grid.world_size} at tp={grid.tp}: weights resharded, random number generators not restored")
-    return torch.load(folder / "state.pt", weights_only=True)
 
 
 # ----------------------------------------------------------------------------------------------------

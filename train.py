@@ -21,6 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint
+import checkpoint_formats
 from data import (ShuffledSampler, Tokenizer, cached_tokenizer, check_token_ids, collate, load_dataset,
                   split_train_val)
 from evaluate import multiple_choice_accuracy, validation_loss
@@ -30,6 +31,7 @@ from losses import model_loss
 from model import LLAMA_SIZES, compile_blocks, model_args
 from shard import (build_model, check_tensor_parallel, destroy_distributed, gather_from_tp, init_distributed,
                    padded_vocab_size)
+import training_state
 
 BUNDLED_CORPUS = Path(__file__).parent / "data" / "botchan.txt"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -150,20 +152,20 @@ def train(args, grid, dtype):
     # -------------------------------------------------------------------------------- tokenizer
     cache = Path(__file__).parent / "data" / ".cache"
     tokenizer_corpus = args.data if Path(args.data).suffix == ".txt" else BUNDLED_CORPUS
-    layout = checkpoint.detect_format(args.ckpt) if args.ckpt else None
+    layout = checkpoint_formats.detect_format(args.ckpt) if args.ckpt else None
     if layout in ("meta", "hf"):  # a Meta or HF checkpoint brings its config and its tokenizer
         if not args.tokenizer and not (Path(args.ckpt) / "tokenizer.model").is_file():
             raise ValueError(f"{args.ckpt} has no tokenizer.model: pass --tokenizer PATH to the SentencePiece "
                              f"tokenizer.model that belongs to this checkpoint")
         # Meta's params.json has no context length (Meta uses 2048 for LLaMA-1); HF's config.json has one.
         overrides = dict(max_seq_len=max(args.seq_len, 2048)) if layout == "meta" else {}
-        margs = checkpoint.checkpoint_args(args.ckpt, args.tokenizer, **overrides)
-        tokenizer = checkpoint.load_tokenizer(args.tokenizer or args.ckpt, margs.vocab_size)
+        margs = checkpoint_formats.checkpoint_args(args.ckpt, args.tokenizer, **overrides)
+        tokenizer = checkpoint_formats.load_tokenizer(args.tokenizer or args.ckpt, margs.vocab_size)
         print0(f"checkpoint {args.ckpt} ({layout} format)")
     elif layout == "state":  # our own training state: the tokenizer is the one this run trains (or finds cached)
         tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else cached_tokenizer(tokenizer_corpus,
                                                                                       args.vocab_size, cache)
-        margs = checkpoint.checkpoint_args(args.ckpt)
+        margs = checkpoint_formats.checkpoint_args(args.ckpt)
         print0(f"checkpoint {args.ckpt} (training state), tokenizer {tokenizer.path}")
     else:
         if not args.tokenizer and grid.is_main:
@@ -253,11 +255,11 @@ def train(args, grid, dtype):
     rows = slice(grid.dp_rank * args.batch_size, (grid.dp_rank + 1) * args.batch_size)
     saves = out / "checkpoints"
     first_step, evaluations, skipped_steps, trained_tokens, train_time = 1, [], 0, 0, 0.0
-    latest = checkpoint.find_latest_checkpoint(saves) if args.resume else None
+    latest = training_state.find_latest_checkpoint(saves) if args.resume else None
     if latest is not None:
         # Weights (at this run's tp), RNG states, LOMO's step count and loss scale, the sampler's position:
         # everything the next step depends on, so that resuming is exact.
-        state = checkpoint.load_training_state(latest, model, grid)
+        state = training_state.load_training_state(latest, model, grid)
         lomo.load_state_dict(state["lomo"])
         sampler.load_state_dict(state["sampler"])
         first_step, evaluations, skipped_steps = state["step"] + 1, state["evaluations"], state["skipped_steps"]
@@ -314,7 +316,7 @@ def train(args, grid, dtype):
             row.update(evaluations[-1])
         log(row)
         if args.save_every and (step % args.save_every == 0 or step == args.steps):
-            checkpoint.save_training_state(saves, step, model, grid, dict(
+            training_state.save_training_state(saves, step, model, grid, dict(
                 step=step, lomo=lomo.state_dict(), sampler=sampler.state_dict(), evaluations=evaluations,
                 skipped_steps=skipped_steps, config=vars(args)), keep=args.keep)
     bar.close()

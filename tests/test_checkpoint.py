@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import checkpoint
+import checkpoint_formats
 import shard
+import training_state
 from conftest import VOCAB, tiny_model
 from data import train_tokenizer
 from distributed import run_ranks
@@ -28,7 +30,7 @@ def logits_of(model):
 
 def fresh_model(folder):
     """A model built from the checkpoint's config with other (seed 0) weights, to be overwritten by the load."""
-    return init_weights(Transformer(checkpoint.checkpoint_args(folder)), seed=0)
+    return init_weights(Transformer(checkpoint_formats.checkpoint_args(folder)), seed=0)
 
 
 def loaded(folder):
@@ -55,7 +57,7 @@ def reference():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Test-side writers, independent of checkpoint.py: Meta's split table, HF's names and HF's permutation
+# Test-side writers, independent of checkpoint_formats.py: Meta's split table, HF's names and HF's permutation
 
 
 META_SPLIT = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1, "tok_embeddings": 1}
@@ -154,16 +156,16 @@ def write_hf(folder, model, layout, permute=True, config=None):
 
 def test_name_map_matches_hugging_face_names_both_ways(reference):
     for ours, theirs in hf_names(2).items():
-        assert checkpoint.to_hf_name(ours) == theirs and checkpoint.from_hf_name(theirs) == ours
-    assert checkpoint.from_hf_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
+        assert checkpoint_formats.to_hf_name(ours) == theirs and checkpoint_formats.from_hf_name(theirs) == ours
+    assert checkpoint_formats.from_hf_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
     assert set(hf_names(2)) == set(reference.state_dict())
 
 
 def test_permutation_is_hf_converters_and_round_trips():
     w = torch.randn(4 * 32, 128, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(checkpoint.permute_for_hf(w, 4), hf_permute(w, 4))
-    assert torch.equal(checkpoint.unpermute_from_hf(checkpoint.permute_for_hf(w, 4), 4), w)
-    assert not torch.equal(checkpoint.permute_for_hf(w, 4), w)
+    assert torch.equal(checkpoint_formats.permute_for_hf(w, 4), hf_permute(w, 4))
+    assert torch.equal(checkpoint_formats.unpermute_from_hf(checkpoint_formats.permute_for_hf(w, 4), 4), w)
+    assert not torch.equal(checkpoint_formats.permute_for_hf(w, 4), w)
 
 
 def hf_rotary(x, theta=10000.0):
@@ -187,8 +189,8 @@ def test_hf_rotary_on_permuted_rows_gives_metas_attention_scores():
 
     meta = scores(apply_rotary((x @ wq.T).view(1, seq, heads, head_dim), cos, sin)[0],
                   apply_rotary((x @ wk.T).view(1, seq, heads, head_dim), cos, sin)[0])
-    hf_q = x @ checkpoint.permute_for_hf(wq, heads).T
-    hf_k = x @ checkpoint.permute_for_hf(wk, heads).T
+    hf_q = x @ checkpoint_formats.permute_for_hf(wq, heads).T
+    hf_k = x @ checkpoint_formats.permute_for_hf(wk, heads).T
     hf = scores(hf_rotary(hf_q.view(seq, heads, head_dim)), hf_rotary(hf_k.view(seq, heads, head_dim)))
     torch.testing.assert_close(hf, meta, rtol=1e-4, atol=1e-4)
     unpermuted = scores(hf_rotary((x @ wq.T).view(seq, heads, head_dim)),
@@ -207,7 +209,7 @@ def test_every_layout_loads_to_identical_logits(tmp_path, reference, layout):
         folder = write_meta(tmp_path / "ckpt", reference, shards=int(layout[-1]))
     else:
         folder = write_hf(tmp_path / "ckpt", reference, layout)
-    assert checkpoint.detect_format(folder) == ("meta" if layout.startswith("meta") else "hf")
+    assert checkpoint_formats.detect_format(folder) == ("meta" if layout.startswith("meta") else "hf")
     assert not torch.equal(logits_of(fresh_model(folder)), logits_of(reference))
     assert torch.equal(logits_of(loaded(folder)), logits_of(reference))
 
@@ -230,21 +232,21 @@ def test_a_missing_qk_permutation_gives_different_logits(tmp_path, reference):
 def test_meta_vocab_size_minus_one_comes_from_the_tokenizer(tmp_path, reference, tokenizer_path):
     folder = write_meta(tmp_path / "ckpt", reference, shards=1, tokenizer=tokenizer_path)
     assert json.loads((folder / "params.json").read_text())["vocab_size"] == -1
-    assert checkpoint.checkpoint_args(folder).vocab_size == VOCAB
-    assert checkpoint.checkpoint_args(folder, max_seq_len=64).max_seq_len == 64
+    assert checkpoint_formats.checkpoint_args(folder).vocab_size == VOCAB
+    assert checkpoint_formats.checkpoint_args(folder, max_seq_len=64).max_seq_len == 64
 
 
 def test_hf_config_maps_to_model_args(tmp_path, reference):
     folder = write_hf(tmp_path / "ckpt", reference, "safetensors")
-    args = checkpoint.checkpoint_args(folder)
+    args = checkpoint_formats.checkpoint_args(folder)
     assert args.ffn_hidden_dim == reference.args.ffn_hidden_dim == 352
     for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "norm_eps", "rope_theta", "max_seq_len"):
         assert getattr(args, field) == getattr(reference.args, field), field
     llama3 = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
               "num_key_value_heads": 8, "rms_norm_eps": 1e-5, "vocab_size": 128256}
-    assert checkpoint._args_from_hf_config(llama3, "config.json").ffn_hidden_dim == 14336
+    assert checkpoint_formats._args_from_hf_config(llama3, "config.json").ffn_hidden_dim == 14336
     llama2 = {**llama3, "intermediate_size": 11008, "num_key_value_heads": 32, "vocab_size": 32000}
-    assert checkpoint._args_from_hf_config(llama2, "config.json").multiple_of == 256
+    assert checkpoint_formats._args_from_hf_config(llama2, "config.json").multiple_of == 256
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,7 +287,7 @@ def test_an_intermediate_size_modelargs_cannot_derive_is_reported(tmp_path, refe
     folder = write_hf(tmp_path / "hf", reference, "safetensors", config=dict(intermediate_size=200))
     with pytest.raises(ValueError, match=r"intermediate_size=200, but ModelArgs derives at least 341 from "
                                          r"hidden_size=128"):
-        checkpoint.checkpoint_args(folder)
+        checkpoint_formats.checkpoint_args(folder)
 
 
 def test_head_counts_that_do_not_show_in_shapes_are_checked(tmp_path, reference):
@@ -305,15 +307,15 @@ def test_unsupported_configs_are_refused(tmp_path, reference, fmt, change, messa
     folder = (write_meta(tmp_path / "c", reference, 1, params=change) if fmt == "meta" else
               write_hf(tmp_path / "c", reference, "safetensors", config=change))
     with pytest.raises(ValueError, match=message):
-        checkpoint.checkpoint_args(folder)
+        checkpoint_formats.checkpoint_args(folder)
 
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
     big = train_tokenizer(CORPUS.read_text(), 400, tmp_path / "tokenizer.model")
     with pytest.raises(ValueError, match=rf"the tokenizer {big} has 400 tokens, more than the model's vocabulary of "
                                          rf"{VOCAB}"):
-        checkpoint.load_tokenizer(tmp_path, VOCAB)
-    assert checkpoint.load_tokenizer(big, 400).vocab_size == 400
+        checkpoint_formats.load_tokenizer(tmp_path, VOCAB)
+    assert checkpoint_formats.load_tokenizer(big, 400).vocab_size == 400
 
 
 @pytest.mark.parametrize("content, message", [
@@ -326,14 +328,14 @@ def test_a_file_that_is_not_a_sentencepiece_model_is_refused(tmp_path, reference
     params = json.loads((folder / "params.json").read_text())
     (folder / "params.json").write_text(json.dumps({**params, "vocab_size": -1}))
     with pytest.raises(ValueError, match=message):
-        checkpoint.checkpoint_args(folder)
+        checkpoint_formats.checkpoint_args(folder)
 
 
 def test_a_folder_in_neither_format_lists_its_files(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     (tmp_path / "weights.npz").write_bytes(b"")
     with pytest.raises(ValueError, match=r"neither a Meta checkpoint .* files found: \['notes.txt', 'weights.npz'\]"):
-        checkpoint.detect_format(tmp_path)
+        checkpoint_formats.detect_format(tmp_path)
 
 
 def test_a_missing_meta_shard_is_named(tmp_path, reference):
@@ -388,7 +390,7 @@ def test_meta_to_hf_to_meta_with_the_cli_is_byte_identical_per_tensor(tmp_path, 
         assert after.keys() == before.keys() - {"rope.freqs"}
         for name, tensor in after.items():
             assert tensor.dtype == before[name].dtype and torch.equal(tensor, before[name]), name
-    assert checkpoint.checkpoint_args(tmp_path / "back").vocab_size == VOCAB
+    assert checkpoint_formats.checkpoint_args(tmp_path / "back").vocab_size == VOCAB
     assert (tmp_path / "back" / "tokenizer.model").read_bytes() == tokenizer_path.read_bytes()
 
 
@@ -422,7 +424,7 @@ def tp2_load_worker(folders, export_root):
     grid = shard.init_distributed(tp=2)
     results = {}
     for name, folder in folders.items():
-        model = shard.build_model(checkpoint.checkpoint_args(folder), grid, seed=0)
+        model = shard.build_model(checkpoint_formats.checkpoint_args(folder), grid, seed=0)
         checkpoint.load_checkpoint(folder, model, grid)
         with torch.no_grad():
             results[name] = shard.gather_from_tp(model(TOKENS), grid)
@@ -459,10 +461,10 @@ def save_tp2_worker(root):
     grid = shard.init_distributed(tp=2)
     model = shard.build_model(run_args(), grid, seed=7)
     torch.manual_seed(100 + grid.rank), random.seed(200 + grid.rank), np.random.seed(300 + grid.rank)
-    folder = checkpoint.save_training_state(root, 5, model, grid, STATE)
+    folder = training_state.save_training_state(root, 5, model, grid, STATE)
     after_save = draw()
     other = shard.build_model(run_args(), grid, seed=0)
-    state = checkpoint.load_training_state(folder, other, grid)  # the same layout: RNG state restored too
+    state = training_state.load_training_state(folder, other, grid)  # the same layout: RNG state restored too
     return dict(after_save=after_save, after_load=draw(), state=state,
                 same_weights=all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters())))
 
@@ -470,7 +472,7 @@ def save_tp2_worker(root):
 def load_tp4_worker(folder):
     grid = shard.init_distributed(tp=4)
     model = shard.build_model(run_args(), grid, seed=0)
-    state = checkpoint.load_training_state(folder, model, grid)
+    state = training_state.load_training_state(folder, model, grid)
     with torch.no_grad():
         return dict(logits=shard.gather_from_tp(model(TOKENS), grid), state=state)
 
@@ -478,7 +480,7 @@ def load_tp4_worker(folder):
 def test_training_state_saved_at_tp2_resumes_at_tp1_and_tp4(tmp_path, capsys):
     saved = run_ranks(save_tp2_worker, 2, tmp_path)
     folder = tmp_path / "step-00000005"
-    assert checkpoint.find_latest_checkpoint(tmp_path) == folder
+    assert training_state.find_latest_checkpoint(tmp_path) == folder
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "model-tp00-of-02.safetensors",
                                                         "model-tp01-of-02.safetensors", "rng-rank00000.pt",
                                                         "rng-rank00001.pt", "state.pt"]
@@ -489,7 +491,7 @@ def test_training_state_saved_at_tp2_resumes_at_tp1_and_tp4(tmp_path, capsys):
 
     expected = logits_of(init_weights(Transformer(run_args()), seed=7))
     model = init_weights(Transformer(run_args()), seed=0)
-    state = checkpoint.load_training_state(folder, model)
+    state = training_state.load_training_state(folder, model)
     assert "random number generators not restored" in capsys.readouterr().out  # 1 process now, 2 then
     assert state["loss_scaler"] == STATE["loss_scaler"] and state["config"] == STATE["config"]
     assert torch.equal(logits_of(model), expected)
@@ -506,7 +508,7 @@ def saved_steps(root):
 
 def test_interrupted_and_corrupt_saves_are_skipped(tmp_path, reference, capsys):
     for step in (1, 2):
-        checkpoint.save_training_state(tmp_path, step, reference, None, dict(step=step))
+        training_state.save_training_state(tmp_path, step, reference, None, dict(step=step))
     good = tmp_path / "step-00000002"
     shutil.copytree(good, tmp_path / "step-00000003")
     (tmp_path / "step-00000003" / "manifest.json").unlink()  # crashed before the commit marker
@@ -516,35 +518,35 @@ def test_interrupted_and_corrupt_saves_are_skipped(tmp_path, reference, capsys):
     shutil.copytree(good, tmp_path / "step-00000005")
     (tmp_path / "step-00000005" / "manifest.json").write_text("{not json")
     shutil.copytree(good, tmp_path / ".step-00000006.tmp")  # a save still in its temporary folder
-    assert checkpoint.find_latest_checkpoint(tmp_path) == good
+    assert training_state.find_latest_checkpoint(tmp_path) == good
     out = capsys.readouterr().out
     assert "step-00000005: corrupt" in out and "step-00000003: no manifest.json" in out
     assert "step-00000004: model-tp00-of-01.safetensors has" in out
     with pytest.raises(ValueError, match="step-00000003 cannot be resumed from: no manifest.json"):
-        checkpoint.load_training_state(tmp_path / "step-00000003", tiny_model())
-    assert checkpoint.find_latest_checkpoint(tmp_path / "nothing-here") is None
+        training_state.load_training_state(tmp_path / "step-00000003", tiny_model())
+    assert training_state.find_latest_checkpoint(tmp_path / "nothing-here") is None
 
 
 def test_keep_deletes_only_older_committed_checkpoints_after_a_commit(tmp_path, reference, monkeypatch):
     (tmp_path / "step-00000000").mkdir()  # not committed: not ours to delete
     for step in range(1, 5):
-        checkpoint.save_training_state(tmp_path, step, reference, None, dict(step=step), keep=2)
+        training_state.save_training_state(tmp_path, step, reference, None, dict(step=step), keep=2)
     assert saved_steps(tmp_path) == ["step-00000000", "step-00000003", "step-00000004"]
 
     def crash(*args, **kwargs):
         raise OSError("killed mid-save")
-    monkeypatch.setattr(checkpoint, "write_safetensors", crash)
+    monkeypatch.setattr(training_state, "write_safetensors", crash)
     with pytest.raises(OSError, match="killed mid-save"):
-        checkpoint.save_training_state(tmp_path, 5, reference, None, dict(step=5), keep=2)
+        training_state.save_training_state(tmp_path, 5, reference, None, dict(step=5), keep=2)
     assert saved_steps(tmp_path) == ["step-00000000", "step-00000003", "step-00000004"]
-    assert checkpoint.find_latest_checkpoint(tmp_path) == tmp_path / "step-00000004"
+    assert training_state.find_latest_checkpoint(tmp_path) == tmp_path / "step-00000004"
     monkeypatch.undo()
-    checkpoint.save_training_state(tmp_path, 5, reference, None, dict(step=5), keep=2)
+    training_state.save_training_state(tmp_path, 5, reference, None, dict(step=5), keep=2)
     assert saved_steps(tmp_path) == ["step-00000000", "step-00000004", "step-00000005"]
     assert not list(tmp_path.glob(".step-*"))  # the crashed save's temporary folder is gone too
 
 
 def test_state_that_resume_could_not_read_is_refused_at_save(tmp_path, reference):
     with pytest.raises(ValueError, match="not plain data"):
-        checkpoint.save_training_state(tmp_path, 1, reference, None, dict(flags=object()))
+        training_state.save_training_state(tmp_path, 1, reference, None, dict(flags=object()))
     assert not list(tmp_path.iterdir())
