@@ -86,7 +86,8 @@ def run_mode(args, mode):
                 param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, 0.02)
         model.activation_checkpointing = args.activation_checkpointing
         if args.compile:
-            compile_blocks(model, backend="aot_eager" if args.tiny else "inductor")
+            compile_blocks(model, backend="aot_eager" if args.tiny else "inductor",
+                           backward_twice=mode == "lomo-clip" or args.dtype == "fp16")
         tokens = torch.randint(0, margs.vocab_size, (args.batch_size, args.seq_len + 1),
                                generator=torch.Generator().manual_seed(0)).to(device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]

@@ -155,13 +155,17 @@ class LOMO:
         if self.clip_grad_value is None:
             # One read of the gradient. On GPUs a bf16/fp16 tensor is reduced in fp32 without an fp32 copy.
             # (The loss scale comes off after the pass: squaring a scaled fp16 gradient could overflow.)
-            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            norm = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32))
         else:
             # The norm must be of the gradients that will be applied, i.e. unscaled and value-clipped: fp32
             # temporaries, in bounded chunks.
             norm = sum(torch.linalg.vector_norm((chunk.float() * self._inv_scale).clamp_(
                 -self.clip_grad_value, self.clip_grad_value)).square()
                 for chunk in grad.view(-1).split(UPDATE_CHUNK_NUMEL)).sqrt()
+            if self.loss_scaler is not None:
+                # Clamping turns an fp16 overflow (inf) into clip_value; the overflow must still skip the
+                # step and halve the scale, so a non-finite raw gradient makes the norm non-finite (0 * inf).
+                norm = norm + 0.0 * torch.linalg.vector_norm(grad, dtype=torch.float32)
         (self._sharded_norms if hasattr(param, "tensor_parallel_dim") else self._replicated_norms).append(norm)
 
     def _update(self, param, grad):
@@ -169,7 +173,8 @@ class LOMO:
             # No norm pass vouched for this gradient: record its norm on the device (no host sync);
             # step() checks the total after backward.
             self._record_norm(param, grad)
-        if param.dtype != torch.float32 and self.clip_grad_value is None and not self.weight_decay:
+        low_precision = param.dtype in (torch.bfloat16, torch.float16)
+        if low_precision and self.clip_grad_value is None and not self.weight_decay:
             # The common bf16/fp16 case: w32 = fp32(w) + alpha * g, with the unscaling and the clip factor
             # folded into alpha, then rounded back into w. Adding the bf16 gradient to the fp32 copy computes
             # in fp32 with an fp32 alpha; one temporary per chunk instead of three. (On the CPU a bf16
@@ -181,14 +186,14 @@ class LOMO:
             for p_piece, g_piece in zip(param.view(-1).split(UPDATE_CHUNK_NUMEL), grad.view(-1).split(UPDATE_CHUNK_NUMEL)):
                 p_piece.copy_(p_piece.float().add_(g_piece, alpha=alpha))
             return
-        # fp32 parameters are updated in place with exactly torch.optim.SGD's operations, which keeps
-        # them bit-identical to it. Other lower-precision updates go through fp32 in bounded chunks.
-        if param.dtype == torch.float32:
+        # fp32 (and float64) parameters are updated in place with exactly torch.optim.SGD's operations,
+        # which keeps them bit-identical to it. Other lower-precision updates go through fp32 in bounded chunks.
+        if not low_precision:
             pieces = [(param, grad)]
         else:
             pieces = zip(param.view(-1).split(UPDATE_CHUNK_NUMEL), grad.view(-1).split(UPDATE_CHUNK_NUMEL))
         for p_piece, g_piece in pieces:
-            g32, p32 = g_piece.float(), p_piece.float()  # no copy when already fp32
+            g32, p32 = (g_piece.float(), p_piece.float()) if low_precision else (g_piece, p_piece)  # no copies
             if self._inv_scale != 1.0:
                 g32.mul_(self._inv_scale)
             if self.clip_grad_value is not None:

@@ -54,16 +54,19 @@ class FusedHeadCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, (local_labels - start).clamp(0, logits.shape[1] - 1)[:, None]).squeeze(1)
             target_logit += picked.masked_fill(~here, 0.0)
             new_max = torch.maximum(running_max, logits.max(dim=1).values)
-            # Online log-sum-exp: what was summed against the old max is rescaled to the new one. (The
-            # exponentials overwrite the logits, which are not needed after this.)
-            sum_exp = sum_exp * (running_max - new_max).exp() + logits.sub_(new_max[:, None]).exp_().sum(dim=1)
+            # Online log-sum-exp: sum_exp holds sum(exp(logit - reference)), the reference being the running
+            # max; when the max grows, what was summed is rescaled to the new reference. (The exponentials
+            # overwrite the logits, which are not needed after this.)
+            old_reference, reference = _reference(running_max), _reference(new_max)
+            sum_exp = _rescaled(sum_exp, old_reference, reference) + logits.sub_(reference[:, None]).exp_().sum(dim=1)
             running_max = new_max
+        reference = _reference(running_max)
         if group is not None:  # combine the ranks' vocabulary slices
             global_max = all_reduce(running_max.clone(), group, op=dist.ReduceOp.MAX)
-            sum_exp = all_reduce(sum_exp * (running_max - global_max).exp(), group)
+            sum_exp = all_reduce(_rescaled(sum_exp, reference, _reference(global_max)), group)
             all_reduce(target_logit, group)  # only the rank holding the label added a non-zero
-            running_max = global_max
-        log_sum_exp = running_max + sum_exp.log()
+            reference = _reference(global_max)
+        log_sum_exp = reference + sum_exp.log()
         ctx.save_for_backward(hidden, weight, labels, log_sum_exp)
         ctx.vocab_start, ctx.chunk_rows = vocab_start, chunk_rows
         return (log_sum_exp - target_logit).masked_fill(ignored, 0.0)
@@ -89,6 +92,17 @@ class FusedHeadCrossEntropy(torch.autograd.Function):
             torch.mm(grad_logits.T, hidden, out=grad_weight[start:start + chunk.shape[0]])
             grad_hidden += grad_logits @ chunk
         return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None
+
+
+def _reference(running_max):
+    # A row whose logits so far are all -inf (fp16 overflow) takes 0 as its reference: -inf - -inf is nan.
+    return running_max.masked_fill(running_max == -torch.inf, 0.0)
+
+
+def _rescaled(sum_exp, old_reference, reference):
+    # A reference only grows, except from the 0 standing in for -inf, where sum_exp is 0: the clamp keeps
+    # that 0 from meeting exp(+large) = inf (0 * inf = nan).
+    return sum_exp * (old_reference - reference).clamp(max=0.0).exp()
 
 
 def fused_token_losses(hidden, head_weight, labels, vocab_start=0, tp_group=None, chunk_elements=None):

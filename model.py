@@ -116,9 +116,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # x * rsqrt(mean(x^2) + eps) in fp32, rounded back to x's dtype, then the weight, as Meta does.
-        # F.rms_norm computes in fp32 internally and rounds once (bit-identical to normalizing x.float() and
-        # casting back; tests/test_model.py checks it), in one fused kernel on GPUs, and saves only x for
-        # backward, not an fp32 copy. The weight is applied after the rounding, as in Meta's code.
+        # F.rms_norm computes in fp32 internally and rounds once: on the CPU it is bit-identical to
+        # normalizing x.float() and casting back (tests/test_model.py), on CUDA its fused kernel sums in
+        # another order (a few outputs in a million differ by one bf16 ulp). It saves only x for backward,
+        # not an fp32 copy. The weight is applied after the rounding, as in Meta's code.
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
 
 
@@ -146,7 +147,10 @@ def apply_rotary(x, cos, sin):
 
 
 def _rotate(x, rotation):
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    x32 = x.float()
+    if x32.stride(-1) != 1:  # view_as_complex needs each (real, imag) pair adjacent in memory
+        x32 = x32.contiguous()
+    pairs = torch.view_as_complex(x32.unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
@@ -278,14 +282,17 @@ class Transformer(nn.Module):
         return self.norm(h)
 
 
-def compile_blocks(model: Transformer, backend: str = "inductor"):
+def compile_blocks(model: Transformer, backend: str = "inductor", backward_twice: bool = False):
     """torch.compile each block in place (optional: --compile). Names and parameters are unchanged, so
     checkpoints, sharding and LOMO's hooks see the same model; only the block's elementwise work (norms,
-    rotary, SwiGLU, residuals: ~a quarter of a 7B step in eager mode) is fused into fewer kernels."""
-    import torch._functorch.config as functorch_config
-    # Compiled backward reuses ("donates") saved buffers by default, which a second backward over the
-    # same graph (LOMO's clipping pass) would then find overwritten; keep them.
-    functorch_config.donated_buffer = False
+    rotary, SwiGLU, residuals) is fused into fewer kernels and launched with less CPU time.
+
+    backward_twice: LOMO will run backward twice over one graph (clipping by norm, or fp16). Compiled
+    backward reuses ("donates") the buffers it saved by default, which refuses a second backward with an
+    error; this turns the donation off (for the whole process: compilation happens later, lazily)."""
+    if backward_twice:
+        import torch._functorch.config as functorch_config
+        functorch_config.donated_buffer = False
     for layer in model.layers:
         layer.compile(backend=backend)
     return model

@@ -214,8 +214,6 @@ def train(args, grid, dtype):
     if args.ckpt:
         checkpoint.load_checkpoint(args.ckpt, model, grid)  # each rank reads only its own slices
     model.activation_checkpointing = args.activation_checkpointing
-    if args.compile:
-        compile_blocks(model)
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"model: {model_name} {margs}\n  {n_params:,} parameters per rank, {dtype}")
 
@@ -226,6 +224,8 @@ def train(args, grid, dtype):
            f"clip norm {args.clip_grad_norm}, clip value {args.clip_grad_value}, "
            f"{'two backward passes' if lomo.needs_norm_pass else 'one backward pass'}"
            f"{', dynamic loss scaling' if lomo.loss_scaler else ''}")
+    if args.compile:  # after LOMO, which says whether backward runs twice over one graph
+        compile_blocks(model, backward_twice=lomo.needs_norm_pass)
 
     # -------------------------------------------------------------------------------- evaluation
     def evaluate(step):

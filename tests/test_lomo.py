@@ -272,7 +272,7 @@ def test_compiled_blocks_train_like_eager_ones(batch, clip):
     # through torch.compile'd blocks. aot_eager runs the compiled forward and backward graphs without
     # generating kernels, so this checks the wiring on the CPU in seconds; GPU runs use inductor.
     from model import compile_blocks
-    eager, compiled = tiny_model(), compile_blocks(tiny_model(), backend="aot_eager")
+    eager, compiled = tiny_model(), compile_blocks(tiny_model(), backend="aot_eager", backward_twice=clip is not None)
     norms = []
     for model in (eager, compiled):
         model.activation_checkpointing = True
@@ -282,3 +282,21 @@ def test_compiled_blocks_train_like_eager_ones(batch, clip):
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert not torch.equal(compiled.layers[0].attention.wq.weight, tiny_model().layers[0].attention.wq.weight)
+
+
+def test_value_clipping_does_not_hide_an_fp16_overflow(batch):
+    # Clamping turns inf into clip_value; with loss scaling the overflow must still skip and halve the scale.
+    model = tiny_model(dtype=torch.float16)
+    before = weights(model)
+    inject(model, float("inf"))
+    lomo = LOMO(model, lr=0.1, clip_grad_value=0.01)
+    result = lomo.step(loss_of(model, batch))
+    assert result.skipped and "overflow" in result.reason and lomo.loss_scaler.scale == 2.0**15
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_float64_step_equals_torch_sgd(batch):
+    model, reference = tiny_model(dtype=torch.float64), tiny_model(dtype=torch.float64)
+    LOMO(model, lr=0.3).step(loss_of(model, batch))
+    sgd_reference(reference, batch, lr=0.3)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))

@@ -107,3 +107,14 @@ def tensor_parallel_worker():
 
 def test_fused_loss_split_over_two_tensor_parallel_ranks_is_the_unsplit_loss():
     assert run_ranks(tensor_parallel_worker, 2) == [True, True]
+
+
+def test_a_chunk_of_all_minus_inf_logits_is_not_nan():
+    # fp16 overflow can make every logit of one chunk -inf for a row; the other chunks hold finite ones.
+    hidden = torch.tensor([[1e20, 1.0]])
+    weight = torch.tensor([[-1e20, 0.0]] * 3 + [[0.0, 1.0], [0.0, 2.0], [0.0, 3.0]])  # 3 rows -inf, 3 finite
+    labels = torch.tensor([4])
+    expected = F.cross_entropy(hidden @ weight.T, labels, reduction="none")
+    assert torch.isinf(hidden @ weight.T).sum() == 3 and torch.isfinite(expected).all()
+    actual = losses.fused_token_losses(hidden, weight, labels, chunk_elements=3)  # chunks of 3 rows
+    torch.testing.assert_close(actual, expected)
