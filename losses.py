@@ -30,8 +30,8 @@ from shard import all_reduce
 IGNORE = -100
 # Elements of one chunk of logits: 2**23 fp32 values = 32 MiB, whatever the batch. For 2048 tokens
 # that is 4096 vocabulary rows per chunk (8 chunks for LLaMA's 32000: each matmul is still 2048 x 4096 x
-# 4096, large enough to run at full speed); for 16,384 tokens, 512 rows. Backward holds the head's
-# gradient (the largest one LOMO ever holds) while it runs, so its temporaries sit at a LOMO step's peak.
+# 4096, large enough to run at full speed); for 16,384 tokens, 512 rows. Backward runs while the head's
+# gradient (the largest one LOMO holds) and every checkpointed input are alive, so its temporaries count.
 CHUNK_ELEMENTS = 2 ** 23
 
 

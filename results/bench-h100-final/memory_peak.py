@@ -1,13 +1,13 @@
 """Which allocations are alive at the peak of a 7B LOMO step (allocator trace replayed)."""
 import sys, os, collections
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # the repository root
 import torch
 import model as M
 from losses import model_loss
 from shard import build_model, init_distributed
 from lomo import LOMO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository root
 grid = init_distributed(1, "cuda")
 model = build_model(M.model_args("7B"), grid, seed=0, dtype=torch.bfloat16, init=False)
 with torch.no_grad():

@@ -1,6 +1,6 @@
 """LOMO variants on one GPU: norm kernel change, rotary real vs complex, eager vs compiled."""
 import sys, time, json, os
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # the repository root
 import torch
 import model as M
 from losses import model_loss

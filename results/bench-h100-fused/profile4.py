@@ -1,6 +1,6 @@
 """Where LOMO's eager overhead over a bare hook goes: syncs vs norm; plus checks of the new model code on CUDA."""
 import sys, time, json, os
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # the repository root
 import torch, torch.nn.functional as F
 import model as M
 from losses import model_loss

@@ -1,6 +1,10 @@
-"""Where a 7B step's time goes: variants timed in one process on one GPU, then a profiler table."""
+"""Where a 7B step's time goes: variants timed in one process on one GPU, then a profiler table.
+
+It compares with the LOMO of before this change, `lomo_old.py` beside this file: make it with
+`git show 51f676f:lomo.py > results/bench-h100-fused/lomo_old.py`. Run: python3 results/bench-h100-fused/profile_step.py 32 --compile
+"""
 import sys, time, json, os
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # the repository root
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
 from losses import model_loss

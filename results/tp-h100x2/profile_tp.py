@@ -1,6 +1,6 @@
 """7B LOMO step at tp=2 (torchrun): timing, then rank 0's profiler table."""
 import sys, time, json, os
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))  # the repository root
 import torch
 import torch.distributed as dist
 import model as M
