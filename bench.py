@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--offload-checkpoints", action="store_true",
+                   help="with --activation-checkpointing: keep the saved block inputs in host memory (offload.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (model.compile_blocks)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps, after --warmup steps")
@@ -85,6 +87,7 @@ def run_mode(args, mode):
             for name, param in model.named_parameters():
                 param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, 0.02)
         model.activation_checkpointing = args.activation_checkpointing
+        model.offload_checkpoints = args.offload_checkpoints
         if args.compile:
             compile_blocks(model, backend="aot_eager" if args.tiny else "inductor",
                            backward_twice=mode == "lomo-clip" or args.dtype == "fp16")
@@ -151,8 +154,10 @@ def measurements(args, mode, margs, model, grid, seconds):
     element = next(model.parameters()).element_size()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     largest_grad_bytes = max(p.numel() * p.element_size() for p in model.parameters())
-    # With checkpointing each block keeps only its input, (batch, seq, dim), plus the embedding output.
-    checkpointed_bytes = (margs.n_layers + 1) * args.batch_size * args.seq_len * margs.dim * element
+    # With checkpointing each block keeps only its input, (batch, seq, dim), plus the embedding output;
+    # offloaded, those inputs are in host memory and the GPU holds two at a time (one is prefetched).
+    kept_inputs = 2 if args.offload_checkpoints else margs.n_layers + 1
+    checkpointed_bytes = kept_inputs * args.batch_size * args.seq_len * margs.dim * element
     n_params_full = sum(p.numel() * (grid.tp if hasattr(p, "tensor_parallel_dim") else 1) for p in model.parameters())
     attention = 12 * margs.n_layers * args.seq_len * margs.dim
     flops_per_token = (2 * n_params_full + attention // 3) if mode.startswith("infer") else (6 * n_params_full + attention)
@@ -161,7 +166,8 @@ def measurements(args, mode, margs, model, grid, seconds):
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     row = dict(mode=mode, model=args.model if not args.tiny else "tiny", n_layers=margs.n_layers, dtype=args.dtype,
                batch_size=args.batch_size, seq_len=args.seq_len, tp=grid.tp, dp=grid.dp,
-               activation_checkpointing=args.activation_checkpointing, compile=args.compile, memory_cap_gb=args.memory_cap_gb,
+               activation_checkpointing=args.activation_checkpointing,
+               offload_checkpoints=args.offload_checkpoints, compile=args.compile, memory_cap_gb=args.memory_cap_gb,
                device=name, torch=torch.__version__, seconds_per_step=seconds, tokens_per_s=tokens_per_s,
                tokens_per_gpu_per_s=tokens_per_s / grid.world_size, flops_per_token=flops_per_token,
                mfu=(flops_per_token * tokens_per_s / grid.world_size / (peak * 1e12)) if peak else None,
@@ -229,6 +235,8 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:
             print(json.dumps(row), flush=True)
         return
+    if args.offload_checkpoints and not args.activation_checkpointing:
+        raise SystemExit("--offload-checkpoints moves the inputs that checkpointing saves: add --activation-checkpointing")
     modes = args.modes.split(",")
     unknown = set(modes) - set(MODES)
     if unknown:

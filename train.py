@@ -68,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size; data parallelism is the rest of the world")
     p.add_argument("--backend", default="auto", help="auto (nccl on GPUs, gloo on CPUs), nccl or gloo")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
+    p.add_argument("--offload-checkpoints", action="store_true",
+                   help="with --activation-checkpointing: keep each block's saved input in pinned host memory "
+                        "(offload.py): less GPU memory, two PCIe copies per block per step")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (GPU; first steps are slow)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--eval-every", type=int, default=200, help="evaluate every N steps (and before and after)")
@@ -120,6 +123,9 @@ def main(argv=None):
     if args.ckpt and not Path(args.ckpt).is_dir():
         raise FileNotFoundError(f"checkpoint folder {args.ckpt} does not exist: pass --ckpt a folder holding a Meta "
                                 f"(params.json) or Hugging Face (config.json) checkpoint")
+    if args.offload_checkpoints and not args.activation_checkpointing:
+        raise ValueError("--offload-checkpoints moves the block inputs that checkpointing saves: add "
+                         "--activation-checkpointing")
     if args.save_every < 0:
         raise ValueError(f"--save-every={args.save_every} must be >= 0 (0: never save)")
     if not 0 <= args.min_lr_ratio <= 1:
@@ -214,6 +220,7 @@ def train(args, grid, dtype):
     if args.ckpt:
         checkpoint.load_checkpoint(args.ckpt, model, grid)  # each rank reads only its own slices
     model.activation_checkpointing = args.activation_checkpointing
+    model.offload_checkpoints = args.offload_checkpoints
     n_params = sum(p.numel() for p in model.parameters())
     print0(f"model: {model_name} {margs}\n  {n_params:,} parameters per rank, {dtype}")
 

@@ -1,6 +1,8 @@
 """bench.py's code paths on the CPU (the tiny model): every mode runs in its own process and reports."""
 import json
 
+import pytest
+
 import bench
 
 
@@ -29,3 +31,13 @@ def test_compiled_blocks_run(tmp_path):
     bench.main(["--tiny", "--compile", "--modes", "lomo-clip", "--steps", "1", "--warmup", "1", "--out", str(out)])
     row = json.loads(out.read_text())
     assert row["compile"] is True and row["tokens_per_s"] > 0
+
+
+def test_offloaded_checkpoints_run_and_need_checkpointing(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    bench.main(["--tiny", "--activation-checkpointing", "--offload-checkpoints", "--modes", "lomo,lomo-clip",
+                "--steps", "1", "--warmup", "1", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["offload_checkpoints"] and r["tokens_per_s"] > 0 for r in rows)
+    with pytest.raises(SystemExit, match="add --activation-checkpointing"):
+        bench.main(["--tiny", "--offload-checkpoints", "--modes", "lomo"])

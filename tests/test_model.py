@@ -2,6 +2,7 @@
 (Meta's complex-number rotary, multi-head attention with repeated kv weights, float64 formulas)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import VOCAB, tiny_model
 from model import (LLAMA_SIZES, _apply_rotary_real, ModelArgs, RMSNorm, Transformer, apply_rotary, cross_entropy_loss, init_parameter,
@@ -163,3 +164,23 @@ def test_tied_option_shares_one_tensor():
     assert model.output.weight is model.tok_embeddings.weight
     untied = tiny_model()
     assert untied.output.weight is not untied.tok_embeddings.weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_swiglu_gradients_are_autograds_bit_for_bit(dtype):
+    from model import swiglu
+    gate, up, grad = (torch.randn(3, 5, 40, dtype=dtype, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    results = []
+    for fn in (swiglu, lambda a, b: F.silu(a) * b):
+        a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        out = fn(a, b)
+        out.backward(grad)
+        results.append((out, a.grad, b.grad))
+    for mine, autograds in zip(*results):
+        assert torch.equal(mine, autograds)
+    # and the saved tensors are the inputs only (silu(gate) is recomputed)
+    a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        swiglu(a, b)
+    assert len(saved) == 2 and saved[0] is a and saved[1] is b

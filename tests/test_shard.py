@@ -109,7 +109,8 @@ def parallel_run_worker(tp, clip, steps, checkpointing=False, tie=False):
     grid = shard.init_distributed(tp=tp)
     args = run_args(tie)
     model = shard.build_model(args, grid, seed=0)
-    model.activation_checkpointing = checkpointing
+    model.activation_checkpointing = bool(checkpointing)
+    model.offload_checkpoints = checkpointing == "offload"  # block inputs in host memory (offload.py)
     inputs, targets = batch_for(0, 4)
     logits = shard.gather_from_tp(model(inputs).detach(), grid)
     per_rank = 4 // grid.dp
@@ -139,6 +140,7 @@ def single_process_run(clip, steps, tie=False):
     (2, 2, None, False, False), (2, 2, 0.5, False, False), (4, 4, None, False, False), (4, 4, 0.5, False, False),
     (2, 1, None, False, False), (2, 1, 0.5, False, False),  # data parallel
     (4, 2, 0.5, True, False),  # dp 2 x tp 2, with activation checkpointing under the two-pass clipping
+    (2, 2, 0.5, "offload", False),  # tp 2, the checkpointed inputs in host memory, two passes
     (2, 2, 0.5, False, True),  # tied embedding and head, split alike over the vocabulary
 ])
 def test_parallel_runs_match_one_process(world_size, tp, clip, checkpointing, tie):

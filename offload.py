@@ -1,0 +1,127 @@
+"""Activation checkpointing with the saved block inputs in host memory (optional: --offload-checkpoints).
+
+With activation checkpointing a LOMO step keeps one (batch, seq, dim) input per block on the GPU until
+backward reaches that block: 512 MiB for 7B at 4 x 512 tokens, 4 GiB at 16 x 1024. That is the largest
+term of LOMO's memory above the weights, and what keeps its peak above inference's. Here those inputs
+live in pinned host memory instead:
+
+- forward: each block runs under no_grad, as in any checkpoint; its input is copied to a pinned host
+  buffer on a side CUDA stream, so the copy overlaps the blocks that follow, and the GPU copy is dropped.
+- backward, block by block in reverse: the block's input comes back from the host (prefetched on the side
+  stream while the block after it ran its backward), the block is recomputed with grad, and its backward
+  runs inside this one, as in torch.utils.checkpoint's original "reentrant" variant. The parameter
+  gradients accumulate in that inner backward, so LOMO's hooks fire exactly as without offloading.
+- Backward may run twice over the same graph (LOMO's clipping pass): each pass fetches the inputs again.
+- On the CPU the "host copy" is a plain copy: the code path runs, so tests can check it against autograd.
+
+Cost: two PCIe copies of each block input per step (16 MiB each for 7B at 4 x 512, well under a
+millisecond), which the side stream hides behind the blocks' matmuls, and host memory for the inputs of
+one step (of two, while the caller still holds the previous step's graph).
+
+Left out: offloading anything inside a block (it is recomputed anyway), compressing what is offloaded,
+and KV-cache generation (which runs without checkpointing).
+"""
+import torch
+
+
+class HostStash:
+    """The pinned host buffers that hold block inputs, reused from step to step, and the side stream that
+    copies them. One per model (`Transformer.host_stash`)."""
+
+    def __init__(self):
+        self.free = {}  # (shape, dtype) -> buffers not holding anything now
+        self.streams = {}  # CUDA device -> side stream
+
+    def side_stream(self, device):
+        if device not in self.streams:
+            self.streams[device] = torch.cuda.Stream(device)
+        return self.streams[device]
+
+    @torch.no_grad()  # a copy for backward's use, not a step of the graph
+    def save(self, x: torch.Tensor) -> "HostCopy":
+        key = (tuple(x.shape), x.dtype)
+        pool = self.free.setdefault(key, [])
+        buffer = pool.pop() if pool else torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
+        if x.is_cuda:
+            stream = self.side_stream(x.device)
+            stream.wait_stream(torch.cuda.current_stream(x.device))  # x is complete on the main stream
+            with torch.cuda.stream(stream):
+                buffer.copy_(x, non_blocking=True)
+            x.record_stream(stream)  # the allocator keeps x's memory until the copy has read it
+        else:
+            buffer.copy_(x)
+        return HostCopy(self, key, buffer, x.device)
+
+    def release(self, key, buffer):
+        self.free[key].append(buffer)  # the next copy into it queues behind every earlier copy
+
+
+class HostCopy:
+    """One block input in host memory. `fetch` returns it on the device; `prefetch` starts that copy early.
+    When the autograd graph that holds it is freed, its buffer goes back to the stash."""
+
+    def __init__(self, stash: HostStash, key, buffer: torch.Tensor, device: torch.device):
+        self.stash, self.key, self.buffer, self.device = stash, key, buffer, device
+        self.previous = None  # the input of the block before, fetched next in backward
+        self.prefetched = None
+
+    @torch.no_grad()
+    def prefetch(self):
+        if self.prefetched is not None:
+            return
+        if self.device.type != "cuda":
+            self.prefetched = self.buffer.clone()
+            return
+        main = torch.cuda.current_stream(self.device)
+        # Allocated on the main stream, which is the stream that reads it; the side stream first waits for
+        # the main stream's queued work, so no earlier user of that memory is still running.
+        target = torch.empty(self.buffer.shape, dtype=self.buffer.dtype, device=self.device)
+        stream = self.stash.side_stream(self.device)
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            target.copy_(self.buffer, non_blocking=True)
+        self.prefetched = target
+
+    def fetch(self) -> torch.Tensor:
+        self.prefetch()  # a no-op when already started
+        x, self.prefetched = self.prefetched, None  # not held here after use: backward may run again
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).wait_stream(self.stash.side_stream(self.device))
+        return x
+
+    def __del__(self):
+        if self.stash is not None:
+            self.stash.release(self.key, self.buffer)
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, block, cos, sin, saved: HostCopy):
+        ctx.block, ctx.saved = block, saved
+        ctx.save_for_backward(cos, sin)
+        return block(x, cos, sin)  # autograd.Function's forward runs without building a graph
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        cos, sin = ctx.saved_tensors
+        x = ctx.saved.fetch().requires_grad_(True)
+        if ctx.saved.previous is not None:
+            ctx.saved.previous.prefetch()  # overlaps this block's recompute and backward
+        with torch.enable_grad():
+            output = ctx.block(x, cos, sin)
+        # The inner backward accumulates the block's parameter gradients (firing LOMO's hooks) and x.grad.
+        torch.autograd.backward(output, grad_output)
+        return x.grad, None, None, None, None
+
+
+def run_blocks_offloaded(blocks, h, cos, sin, stash: HostStash):
+    """h -> blocks[-1](... blocks[0](h)), with each block checkpointed and its input kept in host memory."""
+    if not h.requires_grad:  # e.g. a frozen embedding: the blocks' backward must still run
+        h = h.detach().requires_grad_(True)
+    previous = None
+    for block in blocks:
+        saved = stash.save(h)
+        saved.previous = previous
+        h = _OffloadedCheckpoint.apply(h, block, cos, sin, saved)
+        previous = saved
+    return h

@@ -1,0 +1,102 @@
+"""Checkpointing with the block inputs in host memory (offload.py) against plain autograd, torch's own
+checkpoint, torch.optim.SGD and clip_grad_norm_; and the host buffers' reuse from step to step."""
+import pytest
+import torch
+
+from conftest import tiny_model
+from lomo import LOMO
+from model import cross_entropy_loss
+
+
+def loss_of(model, batch):
+    inputs, targets = batch
+    return cross_entropy_loss(model(inputs), targets)
+
+
+def offloaded(model):
+    model.activation_checkpointing = model.offload_checkpoints = True
+    return model
+
+
+def test_gradients_equal_plain_autograd_in_float64(batch):
+    plain, offload = tiny_model(dtype=torch.float64, n_layers=3), offloaded(tiny_model(dtype=torch.float64, n_layers=3))
+    for model in (plain, offload):
+        loss_of(model, batch).backward()
+    for (name, p), q in zip(plain.named_parameters(), offload.parameters()):
+        assert q.grad is not None, name
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
+
+
+def test_gradients_equal_torch_checkpoint_bit_for_bit(batch):
+    grads = []
+    for offload in (False, True):
+        model = tiny_model()
+        model.activation_checkpointing, model.offload_checkpoints = True, offload
+        loss_of(model, batch).backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_lomo_steps_equal_sgd_with_clipping(batch, clip):
+    # Two steps: the second reuses the host buffers of the first. With clipping, backward runs twice over
+    # one graph and each pass fetches every input again.
+    model, reference = offloaded(tiny_model()), tiny_model()
+    lomo = LOMO(model, lr=0.3, clip_grad_norm=clip)
+    norms = [lomo.step(loss_of(model, batch)).grad_norm for _ in range(2)]
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.3, foreach=False)
+    expected = []
+    for _ in range(2):
+        sgd.zero_grad(set_to_none=True)
+        loss_of(reference, batch).backward()
+        expected.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), clip or float("inf"))))
+        sgd.step()
+    assert norms == pytest.approx(expected, rel=1e-5)
+    if clip:
+        assert min(expected) > clip  # clipping was active
+    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_host_buffers_are_reused_and_returned_when_the_graph_goes(batch):
+    model = offloaded(tiny_model(n_layers=3))
+    lomo = LOMO(model, lr=0.1)
+    for _ in range(3):
+        lomo.step(loss_of(model, batch))
+    # One buffer per block input, all back in the stash once each step's graph was freed.
+    (buffers,) = model._host_stash.free.values()
+    assert len(buffers) == 3 and len({b.data_ptr() for b in buffers}) == 3
+    loss = loss_of(model, batch)  # a graph alive: its inputs are held, not free
+    assert len(model._host_stash.free[next(iter(model._host_stash.free))]) == 0
+    del loss
+    assert len(model._host_stash.free[next(iter(model._host_stash.free))]) == 3
+
+
+def test_saved_inputs_live_in_the_stash_not_in_the_graph(batch):
+    # What backward recomputes from is the host copy: overwrite it and the gradients change.
+    model = offloaded(tiny_model())
+    last_w2 = model.layers[-1].feed_forward.w2.weight
+    loss = loss_of(model, batch)
+    loss.backward(retain_graph=True)
+    reference, last_w2.grad = last_w2.grad, None
+    node = loss.grad_fn
+    while type(node).__name__ != "_OffloadedCheckpointBackward":  # walk back to the last block's node
+        node = node.next_functions[0][0]
+    node.saved.buffer.mul_(2.0)
+    loss.backward()
+    assert not torch.allclose(last_w2.grad, reference)
+
+
+def test_frozen_embedding_still_trains_the_blocks(batch):
+    model = offloaded(tiny_model())
+    model.tok_embeddings.weight.requires_grad_(False)
+    loss_of(model, batch).backward()
+    assert model.tok_embeddings.weight.grad is None
+    assert all(p.grad is not None for p in model.layers.parameters())
+
+
+def test_evaluation_and_generation_do_not_offload(batch):
+    model = offloaded(tiny_model())
+    with torch.no_grad():
+        loss_of(model, batch)
+    assert model._host_stash is None
