@@ -184,3 +184,12 @@ def test_swiglu_gradients_are_autograds_bit_for_bit(dtype):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         swiglu(a, b)
     assert len(saved) == 2 and saved[0] is a and saved[1] is b
+
+
+def test_swiglu_without_grad_is_the_same_product_in_place():
+    from model import swiglu
+    gate, up = torch.randn(4, 40, dtype=torch.bfloat16), torch.randn(4, 40, dtype=torch.bfloat16)
+    expected = F.silu(gate) * up
+    with torch.no_grad():
+        out = swiglu(gate.clone(), up)
+    assert torch.equal(out, expected)
