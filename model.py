@@ -121,9 +121,36 @@ class RMSNorm(nn.Module):
         # x * rsqrt(mean(x^2) + eps) in fp32, rounded back to x's dtype, then the weight, as Meta does.
         # F.rms_norm computes in fp32 internally and rounds once: on the CPU it is bit-identical to
         # normalizing x.float() and casting back (tests/test_model.py), on CUDA its fused kernel sums in
-        # another order (a few outputs in a million differ by one bf16 ulp). It saves only x for backward,
-        # not an fp32 copy. The weight is applied after the rounding, as in Meta's code.
-        return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
+        # another order (a few outputs in a million differ by one bf16 ulp). The weight is applied after
+        # the rounding, as in Meta's code.
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
+        return _NormThenScale.apply(x, self.weight, self.eps)
+
+
+class _NormThenScale(torch.autograd.Function):
+    """rms_norm(x) * weight with autograd's gradients, bit for bit, saving only x (and the weight).
+
+    Autograd would also keep the normalized x for the weight's gradient: 16 MiB per norm for 7B at 4 x 512
+    tokens, two norms alive at the peak of a LOMO step. Backward recomputes it instead (one elementwise
+    pass) and differentiates F.rms_norm on the recomputation."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return F.rms_norm(x, (x.shape[-1],), eps=eps) * weight
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            normalized = F.rms_norm(x, (x.shape[-1],), eps=ctx.eps)
+        grad_weight = (grad * normalized.detach()).sum_to_size(weight.shape) if ctx.needs_input_grad[1] else None
+        grad_x = torch.autograd.grad(normalized, x, grad * weight)[0] if ctx.needs_input_grad[0] else None
+        return grad_x, grad_weight, None
 
 
 def rotary_cos_sin(head_dim: int, seq_len: int, theta: float, device=None):
@@ -247,10 +274,15 @@ class _SwiGLU(torch.autograd.Function):
         return F.silu(gate) * up
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        grad_up = grad * F.silu(gate)  # the recomputed silu is freed at once
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        scratch = F.silu(gate)  # recomputed
+        grad_up = grad * scratch
+        # The scratch buffer is reused twice: first for grad * up, then (in place) for the gate's gradient,
+        # so this backward holds two (tokens x hidden) temporaries, not three.
+        torch.mul(grad, up, out=scratch)
+        grad_gate = torch.ops.aten.silu_backward.grad_input(scratch, gate, grad_input=scratch)
         return grad_gate, grad_up
 
 

@@ -109,6 +109,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             ctx.saved.previous.prefetch()  # overlaps this block's recompute and backward
         with torch.enable_grad():
             output = ctx.block(x, cos, sin)
+        # Backward needs the output's place in the graph, not its values: hold only the former, so the
+        # output's memory is free during the block's backward.
+        output = torch.autograd.graph.get_gradient_edge(output)
         # The inner backward accumulates the block's parameter gradients (firing LOMO's hooks) and x.grad.
         torch.autograd.backward(output, grad_output)
         return x.grad, None, None, None, None

@@ -193,3 +193,24 @@ def test_swiglu_without_grad_is_the_same_product_in_place():
     with torch.no_grad():
         out = swiglu(gate.clone(), up)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rmsnorm_gradients_are_autograds_bit_for_bit_and_only_x_is_saved(dtype):
+    norm = RMSNorm(40, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(40))
+    x, grad = (torch.randn(3, 5, 40, dtype=dtype, generator=torch.Generator().manual_seed(i)) for i in range(2))
+    results = []
+    for fn in (norm, lambda t: F.rms_norm(t, (40,), eps=1e-5) * norm.weight):
+        norm.weight.grad = None
+        leaf = x.clone().requires_grad_()
+        out = fn(leaf)
+        out.backward(grad)
+        results.append((out, leaf.grad, norm.weight.grad))
+    for mine, autograds in zip(*results):
+        assert torch.equal(mine, autograds)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        norm(x.clone().requires_grad_())
+    assert [t.shape for t in saved] == [x.shape, norm.weight.shape]
