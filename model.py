@@ -244,46 +244,73 @@ class FeedForward(nn.Module):
         super().__init__()
         hidden = args.ffn_hidden_dim
         self.w1 = nn.Linear(args.dim, hidden, bias=False)  # gate
-        self.w2 = nn.Linear(hidden, args.dim, bias=False)  # down
+        self.w2 = SwiGLUDown(hidden, args.dim, bias=False)  # down: takes (gate, up), applies SwiGLU itself
         self.w3 = nn.Linear(args.dim, hidden, bias=False)  # up
 
-    def forward(self, x):
-        return self.w2(swiglu(self.w1(x), self.w3(x)))
+    def forward(self, x, checkpointed: bool = False):
+        return self.w2(self.w1(x), self.w3(x), checkpointed)
 
 
-def swiglu(gate, up):
-    """silu(gate) * up. In eager mode an autograd Function that saves only its two inputs: backward
-    recomputes silu(gate) (one elementwise pass) instead of keeping it, which is 43 MiB less per block for
-    7B at 4 x 512 tokens, held at the peak of a LOMO step (a block's feed-forward backward). The gradients
-    are those autograd computes, bit for bit: the same kernels in the same order. Under torch.compile the
-    plain expression, whose saved tensors the compiler plans itself. Without grad (inference) it works in
-    place and overwrites `gate`."""
+class SwiGLUDown(nn.Linear):
+    """w2, the feed-forward's down projection, given the two halves: w2(silu(gate) * up). An nn.Linear with
+    the same weight and name; it applies SwiGLU itself so that one autograd Function covers both steps
+    (`swiglu_down`). shard.py's row-parallel form takes the same arguments."""
+
+    def forward(self, gate, up, checkpointed: bool = False):
+        return swiglu_down(gate, up, self.weight, checkpointed)
+
+
+def swiglu_down(gate, up, weight, checkpointed: bool = False):
+    """F.linear(silu(gate) * up, weight), with autograd's gradients bit for bit and less memory.
+
+    The backward of a block's feed-forward is the peak of a LOMO step. Plain autograd holds there, for 7B
+    at 4 x 512 tokens: gate and up (43 MiB each, saved for SwiGLU), their product (43, saved for w2's weight
+    gradient), the product's gradient (43) and w2's weight gradient (86). As one Function:
+    - forward saves only gate and up (and the weight); the product is dropped and recomputed in backward;
+    - backward makes w2's weight gradient first, while only one (tokens x hidden) temporary exists;
+    - `checkpointed=True` (the block runs under activation checkpointing, so what backward unpacks was
+      recomputed for this backward alone and nothing reads it again) lets backward write the gradients of
+      gate and up into the saved tensors' own memory: 43 MiB less at the peak. Without checkpointing they
+      are autograd's real saved tensors, which a second backward over a retained graph (LOMO's clipping
+      pass) reads again, so backward leaves them alone.
+    Under torch.compile it is the plain expression, whose saved tensors the compiler plans itself. Without
+    grad (inference) SwiGLU works in place and overwrites `gate`."""
     if torch.compiler.is_compiling():
-        return F.silu(gate) * up
+        return F.linear(F.silu(gate) * up, weight)
     if not torch.is_grad_enabled():
         # Inference, and a checkpointed block's first forward under offloading: nothing is saved, so the
         # product overwrites gate (the w1 output, read nowhere else) and no third tensor is made.
-        return F.silu(gate, inplace=True).mul_(up)
-    return _SwiGLU.apply(gate, up)
+        return F.linear(F.silu(gate, inplace=True).mul_(up), weight)
+    return _SwiGLUDown.apply(gate, up, weight, checkpointed)
 
 
-class _SwiGLU(torch.autograd.Function):
+class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up):
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+    def forward(ctx, gate, up, weight, checkpointed):
+        ctx.save_for_backward(gate, up, weight)
+        ctx.overwrite_saved = checkpointed
+        return F.linear(F.silu(gate) * up, weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        scratch = F.silu(gate)  # recomputed
-        grad_up = grad * scratch
-        # The scratch buffer is reused twice: first for grad * up, then (in place) for the gate's gradient,
-        # so this backward holds two (tokens x hidden) temporaries, not three.
-        torch.mul(grad, up, out=scratch)
-        grad_gate = torch.ops.aten.silu_backward.grad_input(scratch, gate, grad_input=scratch)
-        return grad_gate, grad_up
+        # The same kernels as autograd's backward of F.linear(F.silu(gate) * up, weight), in another order.
+        gate, up, weight = ctx.saved_tensors
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        product = F.silu(gate) * up  # recomputed
+        grad_weight = grad_2d.t().mm(product.view(-1, product.shape[-1]))  # what F.linear's backward computes
+        del product  # the weight's gradient stays alive until this returns; the product need not
+        grad_product = grad_2d.mm(weight).view(gate.shape)
+        if ctx.overwrite_saved:
+            # gate's gradient into up's memory, then silu(gate) into gate's own, and up's gradient into
+            # grad_product's: no new (tokens x hidden) tensor at all.
+            grad_gate = torch.ops.aten.silu_backward.grad_input(up.mul_(grad_product), gate, grad_input=up)
+            grad_up = grad_product.mul_(F.silu(gate, inplace=True))
+        else:
+            silu_gate = F.silu(gate)
+            grad_up = silu_gate.mul_(grad_product)
+            grad_gate = torch.ops.aten.silu_backward.grad_input(grad_product.mul_(up), gate, grad_input=grad_product)
+        return grad_gate, grad_up, grad_weight, None
 
 
 class TransformerBlock(nn.Module):
@@ -294,9 +321,10 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, cache: Optional[dict] = None):
+    def forward(self, x, cos, sin, cache: Optional[dict] = None, checkpointed: bool = False):
+        """checkpointed: this call runs under activation checkpointing (see swiglu_down)."""
         h = x + self.attention(self.attention_norm(x), cos, sin, cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + self.feed_forward(self.ffn_norm(h), checkpointed)
 
 
 class Transformer(nn.Module):
@@ -346,7 +374,7 @@ class Transformer(nn.Module):
             elif self.activation_checkpointing and torch.is_grad_enabled():
                 # Non-reentrant checkpointing works with hooks on parameters and with backward run twice
                 # over a retained graph (LOMO's clipping pass), which the reentrant variant does not.
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, use_reentrant=False, checkpointed=True)
             else:
                 h = layer(h, cos, sin)
         if cache is not None:

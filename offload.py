@@ -8,7 +8,7 @@ live in pinned host memory instead:
 - forward: each block runs under no_grad, as in any checkpoint; its input is copied to a pinned host
   buffer on a side CUDA stream, so the copy overlaps the blocks that follow, and the GPU copy is dropped.
 - backward, block by block in reverse: the block's input comes back from the host (prefetched on the side
-  stream while the block after it ran its backward), the block is recomputed with grad, and its backward
+  stream while the block after it ran its attention's backward), the block is recomputed with grad, and its backward
   runs inside this one, as in torch.utils.checkpoint's original "reentrant" variant. The parameter
   gradients accumulate in that inner backward, so LOMO's hooks fire exactly as without offloading.
 - Backward may run twice over the same graph (LOMO's clipping pass): each pass fetches the inputs again.
@@ -21,6 +21,9 @@ one step (of two, while the caller still holds the previous step's graph).
 Left out: offloading anything inside a block (it is recomputed anyway), compressing what is offloaded,
 and KV-cache generation (which runs without checkpointing).
 """
+import contextlib
+from typing import Optional
+
 import torch
 
 
@@ -105,16 +108,41 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, grad_output):
         cos, sin = ctx.saved_tensors
         x = ctx.saved.fetch().requires_grad_(True)
-        if ctx.saved.previous is not None:
-            ctx.saved.previous.prefetch()  # overlaps this block's recompute and backward
-        with torch.enable_grad():
-            output = ctx.block(x, cos, sin)
+        with torch.enable_grad(), _prefetch_after_feed_forward(ctx.block, ctx.saved.previous):
+            # checkpointed=True: this graph is backwarded once, so the block's backward may reuse the memory
+            # of what it saved (model.swiglu_down).
+            output = ctx.block(x, cos, sin, checkpointed=True)
         # Backward needs the output's place in the graph, not its values: hold only the former, so the
         # output's memory is free during the block's backward.
         output = torch.autograd.graph.get_gradient_edge(output)
         # The inner backward accumulates the block's parameter gradients (firing LOMO's hooks) and x.grad.
         torch.autograd.backward(output, grad_output)
         return x.grad, None, None, None, None
+
+
+@contextlib.contextmanager
+def _prefetch_after_feed_forward(block, previous: Optional[HostCopy]):
+    """While the block is recomputed, arrange for the previous block's input to be prefetched as soon as
+    the gradient reaches the attention's output, i.e. once the feed-forward's backward is done. That
+    backward is the peak of the step, and the prefetched input would add to it; the attention's backward,
+    which follows, is still long enough to hide the copy. A block without `.attention`, or a compiled one
+    (a hook added inside a compiled block would not be traced), prefetches at once."""
+    if previous is None:
+        yield
+        return
+    if not hasattr(block, "attention") or getattr(block, "_compiled_call_impl", None) is not None:
+        previous.prefetch()
+        yield
+        return
+
+    def on_attention_output(module, inputs, output):
+        output.register_hook(lambda grad: previous.prefetch())
+
+    handle = block.attention.register_forward_hook(on_attention_output)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def run_blocks_offloaded(blocks, h, cos, sin, stash: HostStash):

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ModelArgs, Transformer, init_parameter
+from model import ModelArgs, Transformer, init_parameter, swiglu_down
 
 # Which dimension of each weight is split across the tp group (nn.Linear stores [out, in]).
 SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embeddings": 0, "wo": 1, "w2": 1}
@@ -188,6 +188,13 @@ class RowParallelLinear(nn.Module):
         return reduce_from_tp(F.linear(x, self.weight), self.group)
 
 
+class RowParallelSwiGLUDown(RowParallelLinear):
+    """w2 under tp: model.SwiGLUDown on this rank's FFN columns (gate and up arrive split), then the sum."""
+
+    def forward(self, gate, up, checkpointed: bool = False):
+        return reduce_from_tp(swiglu_down(gate, up, self.weight, checkpointed), self.group)
+
+
 class VocabParallelEmbedding(nn.Module):
     """Rank r holds rows [r V/tp, (r+1) V/tp); each token's row comes from exactly one rank."""
 
@@ -259,7 +266,7 @@ def parallelize(model: Transformer, grid: Grid) -> Transformer:
         attention.wo = RowParallelLinear(attention.wo.in_features, attention.wo.out_features, grid, device)
         ffn.w1 = ColumnParallelLinear(args.dim, args.ffn_hidden_dim, grid, device, copy_input=False)
         ffn.w3 = ColumnParallelLinear(args.dim, args.ffn_hidden_dim, grid, device, copy_input=False)
-        ffn.w2 = RowParallelLinear(args.ffn_hidden_dim, args.dim, grid, device)
+        ffn.w2 = RowParallelSwiGLUDown(args.ffn_hidden_dim, args.dim, grid, device)
     model.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim, grid, device)
     model.output = ColumnParallelLinear(args.dim, args.vocab_size, grid, device, copy_input=False)
     if args.tie_embeddings:

@@ -121,8 +121,15 @@ def test_checkpointed_and_plain_blocks_give_identical_gradients():
     for checkpointing in (False, True):
         model = tiny_model()
         model.activation_checkpointing = checkpointing
-        cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
-        grads.append([p.grad for p in model.parameters()])
+        loss = cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        # Twice over the retained graph, as LOMO's clipping pass does: a checkpointed block's backward
+        # overwrites what it unpacked (model.swiglu_down), which the second pass must recompute anew.
+        loss.backward(retain_graph=True)
+        first = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        loss.backward()
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), first))
+        grads.append(first)
     for plain, recomputed in zip(*grads):
         assert torch.equal(plain, recomputed)
 
@@ -166,32 +173,68 @@ def test_tied_option_shares_one_tensor():
     assert untied.output.weight is not untied.tok_embeddings.weight
 
 
+def _swiglu_down_inputs(dtype, hidden=40, dim=24):
+    gate, up = (torch.randn(3, 5, hidden, dtype=dtype, generator=torch.Generator().manual_seed(i)) for i in range(2))
+    weight = torch.randn(dim, hidden, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    grad = torch.randn(3, 5, dim, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    return gate, up, weight, grad
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_swiglu_gradients_are_autograds_bit_for_bit(dtype):
-    from model import swiglu
-    gate, up, grad = (torch.randn(3, 5, 40, dtype=dtype, generator=torch.Generator().manual_seed(i)) for i in range(3))
+def test_swiglu_down_gradients_are_autograds_bit_for_bit(dtype, checkpointed):
+    from model import swiglu_down
+    gate, up, weight, grad = _swiglu_down_inputs(dtype)
     results = []
-    for fn in (swiglu, lambda a, b: F.silu(a) * b):
-        a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
-        out = fn(a, b)
+    for fn in (lambda a, b, w: swiglu_down(a, b, w, checkpointed), lambda a, b, w: F.linear(F.silu(a) * b, w)):
+        a, b, w = gate.clone().requires_grad_(), up.clone().requires_grad_(), weight.clone().requires_grad_()
+        # Through one more op each, as w1/w3's outputs are: with checkpointed=True backward overwrites
+        # what it saved, which must not be the leaves whose .grad is compared.
+        out = fn(a * 1, b * 1, w)
         out.backward(grad)
-        results.append((out, a.grad, b.grad))
+        results.append((out, a.grad, b.grad, w.grad))
     for mine, autograds in zip(*results):
         assert torch.equal(mine, autograds)
-    # and the saved tensors are the inputs only (silu(gate) is recomputed)
-    a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    # and the saved tensors are the inputs only (the product and silu(gate) are recomputed)
+    a, b, w = gate.clone().requires_grad_(), up.clone().requires_grad_(), weight.clone().requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        swiglu(a, b)
-    assert len(saved) == 2 and saved[0] is a and saved[1] is b
+        swiglu_down(a, b, w, checkpointed)
+    assert len(saved) == 3 and saved[0] is a and saved[1] is b and saved[2] is w
 
 
-def test_swiglu_without_grad_is_the_same_product_in_place():
-    from model import swiglu
-    gate, up = torch.randn(4, 40, dtype=torch.bfloat16), torch.randn(4, 40, dtype=torch.bfloat16)
-    expected = F.silu(gate) * up
+def test_swiglu_down_checkpointed_writes_the_gate_gradient_into_the_saved_up():
+    from model import swiglu_down
+    gate, up, weight, grad = _swiglu_down_inputs(torch.float32)
+    for checkpointed in (True, False):
+        a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        g, u = a * 1, b * 1
+        arrived = []
+        g.register_hook(arrived.append)
+        swiglu_down(g, u, weight, checkpointed).backward(grad)
+        # checkpointed: no new tensor for gate's gradient; otherwise up is left as it was
+        assert (arrived[0].data_ptr() == u.data_ptr()) == checkpointed
+        assert torch.equal(u, up) != checkpointed
+
+
+def test_swiglu_down_without_checkpointing_survives_a_second_backward():
+    # LOMO's clipping pass backwards twice over a retained graph: without checkpointing the saved gate and
+    # up are read again, so they must come out of the first backward untouched.
+    from model import swiglu_down
+    gate, up, weight, grad = _swiglu_down_inputs(torch.float64)
+    a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
+    out = swiglu_down(a * 1, b * 1, weight)
+    first = torch.autograd.grad(out, (a, b), grad, retain_graph=True)
+    second = torch.autograd.grad(out, (a, b), grad)
+    assert all(torch.equal(x, y) for x, y in zip(first, second))
+
+
+def test_swiglu_down_without_grad_is_the_same_product_in_place():
+    from model import swiglu_down
+    gate, up, weight, _ = _swiglu_down_inputs(torch.bfloat16)
+    expected = F.linear(F.silu(gate) * up, weight)
     with torch.no_grad():
-        out = swiglu(gate.clone(), up)
+        out = swiglu_down(gate.clone(), up, weight)
     assert torch.equal(out, expected)
 
 
