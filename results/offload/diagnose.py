@@ -1,6 +1,6 @@
 """7B LOMO step at 4 x 512 on one GPU, checkpointed inputs on the GPU vs in host memory (offload.py):
 step times interleaved in one process, what is alive at each peak (allocator trace replayed), and a
-profiler table of each. Run from anywhere: python3 results/offload-h100/diagnose.py"""
+profiler table of each. Run from anywhere: python3 results/offload/diagnose.py"""
 import collections
 import os
 import sys
