@@ -28,11 +28,12 @@ import torch.distributed as dist
 from shard import all_reduce
 
 IGNORE = -100
-# Elements of one chunk of logits: 2**23 fp32 values = 32 MiB, whatever the batch. For 2048 tokens
-# that is 4096 vocabulary rows per chunk (8 chunks for LLaMA's 32000: each matmul is still 2048 x 4096 x
-# 4096, large enough to run at full speed); for 16,384 tokens, 512 rows. Backward runs while the head's
-# gradient (the largest one LOMO holds) and every checkpointed input are alive, so its temporaries count.
-CHUNK_ELEMENTS = 2 ** 23
+# Elements of one chunk of logits: 2**22 fp32 values = 16 MiB, whatever the batch. For 2048 tokens
+# that is 2048 vocabulary rows per chunk (16 chunks for LLaMA's 32000: each matmul is still 2048 x 4096 x
+# 2048, large enough to run at full speed); for 16,384 tokens, 256 rows. Backward runs while the head's
+# gradient (the largest one LOMO holds) and every checkpointed input are alive, so its temporaries (a
+# chunk in fp32 and in bf16) count: with the inputs offloaded this is the peak of a 7B step.
+CHUNK_ELEMENTS = 2 ** 22
 
 
 class FusedHeadCrossEntropy(torch.autograd.Function):

@@ -47,7 +47,12 @@ def peak_contents(fn, label):
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.memory._record_memory_history(max_entries=300000)
-    fn()
+    # Without early stop: with it, torch.utils.checkpoint ends a block's recomputation by raising from a
+    # saved-tensor hook, which inside an autograd Function (model.swiglu_down) while the allocator records
+    # Python stacks ends in "SystemError: ... returned NULL without setting an exception" (torch 2.11).
+    # The recomputation then also runs the block's last residual add (16 MiB, freed at once).
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        fn()
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
