@@ -90,8 +90,10 @@ class FusedHeadCrossEntropy(torch.autograd.Function):
             columns = (local_labels - start).clamp(0, chunk.shape[0] - 1)[:, None]
             grad_logits.scatter_add_(1, columns, -scale * here[:, None])
             grad_logits = grad_logits.to(hidden.dtype)  # as the unfused logits' gradient would be
+            del logits  # the fp32 chunk; without this it lives on while the next chunk's is made
             torch.mm(grad_logits.T, hidden, out=grad_weight[start:start + chunk.shape[0]])
             grad_hidden += grad_logits @ chunk
+            del grad_logits
         return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None
 
 
