@@ -12,7 +12,8 @@ Choices, each matching Meta's `llama/model.py` so that its checkpoints load with
 - Grouped-query attention: n_kv_heads key/value heads serve n_heads query heads; query head j reads
   kv head j // (n_heads / n_kv_heads). Attention is `F.scaled_dot_product_attention` with a causal
   mask, which picks a fused kernel on GPUs and softmaxes in fp32 internally.
-- SwiGLU feed-forward: w2(silu(w1 x) * w3 x).
+- SwiGLU feed-forward: w2(silu(w1 x) * w3 x); w2 (`SwiGLUDown`, still an nn.Linear) applies SwiGLU itself, so
+  one autograd Function covers both and its backward keeps less (`swiglu_down`).
 - The output head is untied from the embedding by default; `tie_embeddings=True` shares them.
 - `init_weights(model, seed)` is deterministic: each parameter's values depend only on the seed and the
   parameter's name (not on the order of construction or the device count).

@@ -20,6 +20,9 @@ one step (of two, while the caller still holds the previous step's graph).
 
 Left out: offloading anything inside a block (it is recomputed anyway), compressing what is offloaded,
 and KV-cache generation (which runs without checkpointing).
+Limitation: as with torch.utils.checkpoint's reentrant variant, backward must come from `.backward()`
+(LOMO, train.py), not `torch.autograd.grad`: the inner backward accumulates the block's parameter
+gradients into `.grad` whatever the outer call asked for.
 """
 import contextlib
 from typing import Optional
