@@ -100,3 +100,26 @@ def test_evaluation_and_generation_do_not_offload(batch):
     with torch.no_grad():
         loss_of(model, batch)
     assert model._host_stash is None
+
+
+def test_previous_input_is_prefetched_between_the_feed_forward_and_the_attention_backward(batch, monkeypatch):
+    # The prefetched input would add to the feed-forward's backward, the peak of the step: it must start
+    # once the gradient reaches the attention's output, i.e. after w2's gradient and before wq's.
+    import offload
+    model = offloaded(tiny_model(n_layers=3))
+    events = []
+    original_prefetch = offload.HostCopy.prefetch
+
+    def logged_prefetch(self):
+        if self.prefetched is None:
+            events.append("prefetch")
+        return original_prefetch(self)
+
+    monkeypatch.setattr(offload.HostCopy, "prefetch", logged_prefetch)
+    for i, layer in enumerate(model.layers):
+        for name, param in (("w2", layer.feed_forward.w2.weight), ("wq", layer.attention.wq.weight)):
+            param.register_post_accumulate_grad_hook(lambda p, tag=f"{name}{i}": events.append(tag))
+    loss_of(model, batch).backward()
+    # Block 2 runs backward first: its own input is fetched (a prefetch at fetch time), then its feed-forward,
+    # then block 1's input is prefetched, then its attention; and so on down to block 0.
+    assert events == ["prefetch", "w22", "prefetch", "wq2", "w21", "prefetch", "wq1", "w20", "wq0"]
