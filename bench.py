@@ -64,11 +64,23 @@ def parse_args(argv=None):
 # One mode, in its own process
 
 
+def random_model(margs, grid, dtype):
+    """This rank's shards of a model of shape `margs`, with weights drawn on the device (the seeded init
+    draws on the CPU: minutes for 7B, and speed and memory do not depend on the values): norms at one,
+    matrices at LLaMA-like scale. Also used by the profiling scripts under results/."""
+    from shard import build_model
+    model = build_model(margs, grid, seed=0, dtype=dtype, init=False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, 0.02)
+    return model
+
+
 def run_mode(args, mode):
     from losses import model_loss
     from lomo import LOMO
     from model import compile_blocks, cross_entropy_loss, model_args
-    from shard import build_model, destroy_distributed, gather_from_tp, init_distributed
+    from shard import destroy_distributed, gather_from_tp, init_distributed
     grid = init_distributed(args.tp, "cpu" if args.tiny else "cuda")
     try:
         device = grid.device
@@ -80,12 +92,7 @@ def run_mode(args, mode):
         if args.n_layers:
             overrides["n_layers"] = args.n_layers
         margs = model_args("tiny" if args.tiny else args.model, **overrides)
-        # Weights drawn on the device (seeded init draws on the CPU: minutes for 7B, and speed and memory
-        # do not depend on the values); norms at one, matrices at LLaMA-like scale.
-        model = build_model(margs, grid, seed=0, dtype=dtype, init=False)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, 0.02)
+        model = random_model(margs, grid, dtype)
         model.activation_checkpointing = args.activation_checkpointing
         model.offload_checkpoints = args.offload_checkpoints
         if args.compile:

@@ -9,44 +9,30 @@ import os
 import sys
 import time
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
-import model as M  # noqa: E402
-from lomo import LOMO  # noqa: E402
-from losses import model_loss  # noqa: E402
-from shard import build_model, init_distributed  # noqa: E402
+from step7b import LR, loss, lomo, model  # noqa: E402
 
-grid = init_distributed(1, "cuda")
-model = build_model(M.model_args("7B"), grid, seed=0, dtype=torch.bfloat16, init=False)
-with torch.no_grad():
-    for n, p in model.named_parameters():
-        p.fill_(1.0) if n.endswith("norm.weight") else p.normal_(0, 0.02)
-model.activation_checkpointing = True
-tok = torch.randint(0, 32000, (4, 513), device="cuda")
-x, y = tok[:, :-1], tok[:, 1:]
-lr = 1e-6
-lomo = LOMO(model, lr=lr)
-sgd = torch.optim.SGD(model.parameters(), lr=lr, foreach=True)
+sgd = torch.optim.SGD(model.parameters(), lr=LR, foreach=True)
 
 
 def lomo_step():
-    lomo.step(model_loss(model, x, y))
+    lomo.step(loss())
 
 
 def one_pass_without_sync(norm=True):
-    loss = model_loss(model, x, y)
-    lomo._inv_scale, lomo._clip_coef, lomo._lr = 1.0, 1.0, lr
+    value = loss()
+    lomo._inv_scale, lomo._clip_coef, lomo._lr = 1.0, 1.0, LR
     lomo._mode, lomo._single_pass = "update", norm
-    lomo._reset_norm(loss.device)
-    loss.backward()
+    lomo._reset_norm(value.device)
+    value.backward()
     lomo._mode = None
-    lomo._global_norm(loss.detach())  # the one sync, after backward
+    lomo._global_norm(value.detach())  # the one sync, after backward
 
 
 def sgd_step():
-    model_loss(model, x, y).backward()
+    loss().backward()
     sgd.step()
     sgd.zero_grad(set_to_none=True)
     torch.cuda.synchronize()  # as the others, which read the loss and norm at the end
