@@ -8,9 +8,9 @@ live in pinned host memory instead:
 - forward: each block runs under no_grad, as in any checkpoint; its input is copied to a pinned host
   buffer on a side CUDA stream, so the copy overlaps the blocks that follow, and the GPU copy is dropped.
 - backward, block by block in reverse: the block's input comes back from the host (prefetched on the side
-  stream while the block after it ran its attention's backward), the block is recomputed with grad, and its backward
-  runs inside this one, as in torch.utils.checkpoint's original "reentrant" variant. The parameter
-  gradients accumulate in that inner backward, so LOMO's hooks fire exactly as without offloading.
+  stream while the block after it ran its attention's backward), the block is recomputed with grad, and
+  its backward runs inside this one, as in torch.utils.checkpoint's original "reentrant" variant. The
+  parameter gradients accumulate in that inner backward, so LOMO's hooks fire exactly as without offloading.
 - Backward may run twice over the same graph (LOMO's clipping pass): each pass fetches the inputs again.
 - On the CPU the "host copy" is a plain copy: the code path runs, so tests can check it against autograd.
 
