@@ -10,7 +10,8 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 B="python3 bench.py --model 7B --activation-checkpointing --batch-size 4 --seq-len 512 --steps 10"
-for part in "${@:-a b c}"; do
+parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(a b c)
+for part in "${parts[@]}"; do
   case $part in
   a) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/a.log"
      python3 results/offload/check_swiglu_down.py >> "$OUT/a.log" 2>&1
