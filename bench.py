@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--offload-checkpoints", action="store_true",
                    help="with --activation-checkpointing: keep the saved block inputs in host memory (offload.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile each block (model.compile_blocks)")
+    p.add_argument("--no-gram-norms", action="store_true",
+                   help="lomo-clip's norm pass makes every weight gradient for its norm (the A/B for gram_norm.py)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps, after --warmup steps")
     p.add_argument("--warmup", type=int, default=2)
@@ -109,7 +111,7 @@ def run_mode(args, mode):
         lr = 1e-6  # small: the weights barely move, so every timed step does the same work
         if mode in ("lomo", "lomo-clip"):
             lomo = LOMO(model, lr=lr, clip_grad_norm=1.0 if mode == "lomo-clip" else None,
-                        tp_group=grid.tp_group, dp_group=grid.dp_group)
+                        tp_group=grid.tp_group, dp_group=grid.dp_group, gram_norms=not args.no_gram_norms)
             step = lambda: lomo.step(loss_of())  # noqa: E731
         elif mode in ("sgd", "adamw"):
             optimizer = (torch.optim.SGD(params, lr=lr) if mode == "sgd" else torch.optim.AdamW(params, lr=lr))
@@ -175,6 +177,8 @@ def measurements(args, mode, margs, model, grid, seconds):
                batch_size=args.batch_size, seq_len=args.seq_len, tp=grid.tp, dp=grid.dp,
                activation_checkpointing=args.activation_checkpointing,
                offload_checkpoints=args.offload_checkpoints, compile=args.compile, memory_cap_gb=args.memory_cap_gb,
+               # whether lomo-clip's norm pass takes the linear layers' norms from Grams (compiled blocks do not)
+               gram_norms=any(getattr(m, "gram_norm", False) for m in model.modules()) and not args.compile,
                device=name, torch=torch.__version__, seconds_per_step=seconds, tokens_per_s=tokens_per_s,
                tokens_per_gpu_per_s=tokens_per_s / grid.world_size, flops_per_token=flops_per_token,
                mfu=(flops_per_token * tokens_per_s / grid.world_size / (peak * 1e12)) if peak else None,

@@ -15,7 +15,9 @@ How it works:
   updated, but the update happens inside backward, parameter by parameter. So clipping runs backward
   twice: pass 1 only adds each gradient's squared norm into one scalar on the device (no host sync
   per parameter) and frees the gradient; one sync reads the norm and decides the clip factor; pass 2
-  runs backward again over the retained graph and updates. Clipping by value needs one pass.
+  runs backward again over the retained graph and updates. Clipping by value needs one pass. In pass 1
+  most linear layers give their norm from two small Gram matrices instead of a gradient (gram_norm.py):
+  fewer FLOPs, and those gradients are never made at all.
 - fp16 needs dynamic loss scaling, and an overflow must be known before any weight changes, so fp16
   always takes the norm pass: a non-finite norm means overflow, the step is skipped with every weight
   untouched, and the scale is halved. It doubles after `growth_interval` clean steps (the official
@@ -42,6 +44,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+import gram_norm
 
 # The fp32 update of a bf16/fp16 parameter runs in chunks of this many elements, so its temporaries
 # stay bounded (2**24 elements = 64 MiB per fp32 temporary) however large the parameter.
@@ -103,7 +107,7 @@ class LOMO:
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
                  clip_grad_norm: Optional[float] = None, clip_grad_value: Optional[float] = None,
                  loss_scaler: Optional[DynamicLossScaler] = None, max_consecutive_skips: int = 25,
-                 tp_group=None, dp_group=None):
+                 tp_group=None, dp_group=None, gram_norms: bool = True):
         for name, value in (("lr", lr), ("weight_decay", weight_decay)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}={value} must be a finite number >= 0")
@@ -128,6 +132,21 @@ class LOMO:
         # "norm" (pass 1: accumulate the squared norm) or "update" (apply SGD).
         self._mode = None
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+        # The norm pass may take linear layers' norms from Gram matrices, without their gradients
+        # (gram_norm.py), where that norm is the one needed: not with value clipping (the norm is of
+        # clipped gradients), dp (of the average over replicas) or loss scaling (fp16 Grams can overflow).
+        self._gram_norms = (gram_norms and self.needs_norm_pass and clip_grad_value is None
+                            and dp_group is None and loss_scaler is None)
+        # A weight that another module uses too (a head tied to the embedding) gets gradient from both, and
+        # the norm is of their sum: Grams of one use cannot give it, so such layers keep the gradient.
+        uses = {}
+        for module in model.modules():
+            for param in module._parameters.values():
+                if param is not None:
+                    uses[id(param)] = uses.get(id(param), 0) + 1
+        self._gram_layers = [m for m in model.modules() if hasattr(m, "gram_norm")]
+        for layer in self._gram_layers:
+            layer.gram_norm = self._gram_norms and uses[id(layer.weight)] == 1
 
     # ------------------------------------------------------------------------------------------------
     # The hook: runs once per parameter per backward pass, as soon as its gradient is complete.
@@ -136,6 +155,8 @@ class LOMO:
         if self._mode is None:
             return  # a backward outside step() (a diagnostic, a test) leaves .grad to the caller
         grad = param.grad
+        if grad is None:
+            return  # a gram_norm layer in the norm pass: its norm was recorded, no gradient was made
         param.grad = None  # free it now: this is where LOMO's memory saving comes from
         with torch.no_grad():
             if self.dp_group is not None:
@@ -166,6 +187,9 @@ class LOMO:
                 # Clamping turns an fp16 overflow (inf) into clip_value; the overflow must still skip the
                 # step and halve the scale, so a non-finite raw gradient makes the norm non-finite (0 * inf).
                 norm = norm + 0.0 * torch.linalg.vector_norm(grad, dtype=torch.float32)
+        self._keep_norm(param, norm)
+
+    def _keep_norm(self, param, norm):
         (self._sharded_norms if hasattr(param, "tensor_parallel_dim") else self._replicated_norms).append(norm)
 
     def _update(self, param, grad):
@@ -242,7 +266,8 @@ class LOMO:
             if self.needs_norm_pass:
                 self._mode = "norm"
                 self._reset_norm(loss.device)
-                scaled_loss.backward(retain_graph=True)
+                with gram_norm.recording(self._keep_norm if self._gram_norms else None):
+                    scaled_loss.backward(retain_graph=True)
                 grad_norm, result.loss = self._global_norm(mean_loss)
                 result.grad_norm = grad_norm
                 if not math.isfinite(result.loss):
@@ -327,6 +352,8 @@ class LOMO:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for layer in self._gram_layers:
+            layer.gram_norm = False
 
 
 def learning_rate(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, schedule: str = "constant",

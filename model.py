@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import gram_norm
 from offload import HostStash, run_blocks_offloaded
 
 
@@ -205,14 +206,26 @@ def _apply_rotary_real(x, cos, sin):
     return rotated.flatten(-2).type_as(x)
 
 
+class Linear(nn.Linear):
+    """nn.Linear without bias (LLaMA has none). `gram_norm` is set by LOMO when its clipping pass can take
+    this layer's weight-gradient norm from two Gram matrices instead of the gradient (gram_norm.py)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+        self.gram_norm = False
+
+    def forward(self, x):
+        return gram_norm.linear(x, self.weight, self.gram_norm)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
 
     def forward(self, x, cos, sin, cache: Optional[dict] = None):
         batch, seq, _ = x.shape
@@ -244,15 +257,15 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         hidden = args.ffn_hidden_dim
-        self.w1 = nn.Linear(args.dim, hidden, bias=False)  # gate
-        self.w2 = SwiGLUDown(hidden, args.dim, bias=False)  # down: takes (gate, up), applies SwiGLU itself
-        self.w3 = nn.Linear(args.dim, hidden, bias=False)  # up
+        self.w1 = Linear(args.dim, hidden)  # gate
+        self.w2 = SwiGLUDown(hidden, args.dim)  # down: takes (gate, up), applies SwiGLU itself
+        self.w3 = Linear(args.dim, hidden)  # up
 
     def forward(self, x, checkpointed: bool = False):
         return self.w2(self.w1(x), self.w3(x), checkpointed)
 
 
-class SwiGLUDown(nn.Linear):
+class SwiGLUDown(Linear):
     """w2, the feed-forward's down projection, given the two halves: w2(silu(gate) * up). An nn.Linear with
     the same weight and name; it applies SwiGLU itself so that one autograd Function covers both steps
     (`swiglu_down`). shard.py's row-parallel form takes the same arguments."""
@@ -289,7 +302,7 @@ class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, weight, checkpointed):
         ctx.save_for_backward(gate, up, weight)
-        ctx.overwrite_saved = checkpointed
+        ctx.overwrite_saved, ctx.weight = checkpointed, weight
         return F.linear(F.silu(gate) * up, weight)
 
     @staticmethod
@@ -299,8 +312,14 @@ class _SwiGLUDown(torch.autograd.Function):
         gate, up, weight = ctx.saved_tensors
         grad_2d = grad.reshape(-1, grad.shape[-1])
         product = F.silu(gate) * up  # recomputed
-        grad_weight = grad_2d.t().mm(product.view(-1, product.shape[-1]))  # what F.linear's backward computes
-        del product  # the weight's gradient stays alive until this returns; the product need not
+        product_2d = product.view(-1, product.shape[-1])
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            if gram_norm.takes(*product_2d.shape, grad_2d.shape[1]):  # LOMO's norm pass: only the norm
+                gram_norm.record(ctx.weight, grad_2d, product_2d, shared_input=False)
+            else:
+                grad_weight = grad_2d.t().mm(product_2d)  # what F.linear's backward computes
+        del product, product_2d  # the weight's gradient stays alive until this returns; the product need not
         grad_product = grad_2d.mm(weight).view(gate.shape)
         if ctx.overwrite_saved:
             # gate's gradient into up's memory, then silu(gate) into gate's own, and up's gradient into
@@ -338,7 +357,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Recompute each block's activations in backward instead of storing them: memory falls from

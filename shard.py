@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import gram_norm
 from model import ModelArgs, Transformer, init_parameter, swiglu_down
 
 # Which dimension of each weight is split across the tp group (nn.Linear stores [out, in]).
@@ -170,11 +171,12 @@ class ColumnParallelLinear(nn.Module):
         self.group, self.copy_input = grid.tp_group, copy_input
         self.weight = nn.Parameter(torch.empty(out_features // grid.tp, in_features, device=device))
         self.weight.tensor_parallel_dim = 0
+        self.gram_norm = False  # as model.Linear's
 
     def forward(self, x):
         if self.copy_input:
             x = copy_to_tp(x, self.group)
-        return F.linear(x, self.weight)  # output features stay split
+        return gram_norm.linear(x, self.weight, self.gram_norm)  # output features stay split
 
 
 class RowParallelLinear(nn.Module):
@@ -183,9 +185,10 @@ class RowParallelLinear(nn.Module):
         self.group = grid.tp_group
         self.weight = nn.Parameter(torch.empty(out_features, in_features // grid.tp, device=device))
         self.weight.tensor_parallel_dim = 1
+        self.gram_norm = False  # as model.Linear's
 
     def forward(self, x):  # x arrives split along its features (the heads / the FFN columns)
-        return reduce_from_tp(F.linear(x, self.weight), self.group)
+        return reduce_from_tp(gram_norm.linear(x, self.weight, self.gram_norm), self.group)
 
 
 class RowParallelSwiGLUDown(RowParallelLinear):

@@ -1,0 +1,132 @@
+"""Weight-gradient norms from Gram matrices (gram_norm.py) against autograd's gradients in float64; the
+layers' gradients outside a norm pass bit for bit; which layers take the Gram way; LOMO's use of it."""
+import pytest
+import torch
+
+import gram_norm
+from conftest import tiny_model
+from lomo import LOMO
+from model import Linear, cross_entropy_loss
+
+
+def loss_of(model, batch):
+    inputs, targets = batch
+    return cross_entropy_loss(model(inputs), targets)
+
+
+def gram_layers_on(model):
+    for module in model.modules():
+        if hasattr(module, "gram_norm"):
+            module.gram_norm = True
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_outside_a_norm_pass_the_layers_are_autograd_bit_for_bit(batch, dtype):
+    plain, gram = tiny_model(dtype=dtype), gram_layers_on(tiny_model(dtype=dtype))
+    losses = [loss_of(model, batch) for model in (plain, gram)]
+    assert torch.equal(*losses)
+    for loss in losses:
+        loss.backward()
+    for (name, p), q in zip(plain.named_parameters(), gram.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_norm_pass_gives_each_linear_weights_gradient_norm_and_no_gradient(batch, checkpointing):
+    reference = tiny_model(dtype=torch.float64)
+    loss_of(reference, batch).backward()
+    expected = {name: p.grad for name, p in reference.named_parameters()}
+    model = gram_layers_on(tiny_model(dtype=torch.float64))
+    model.activation_checkpointing = checkpointing
+    names = {id(p): name for name, p in model.named_parameters()}
+    recorded = {}
+    with gram_norm.recording(lambda weight, norm: recorded.setdefault(names[id(weight)], []).append(norm)):
+        loss_of(model, batch).backward()
+    linear = [name for name, module in model.named_modules() if hasattr(module, "gram_norm")]
+    assert sorted(recorded) == sorted(f"{name}.weight" for name in linear)  # w2 (SwiGLUDown) and the head too
+    for name, p in model.named_parameters():
+        if name in recorded:
+            (norm,) = recorded[name]
+            assert p.grad is None, name
+            assert float(norm) == pytest.approx(float(expected[name].norm()), rel=1e-10), name
+        else:  # norms and the embedding: their gradients as usual
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-12, atol=1e-14)
+    assert not gram_norm._input_grams and gram_norm._recorder is None  # nothing outlives the pass
+
+
+def test_bf16_norm_is_close_to_the_norm_of_the_bf16_gradient():
+    torch.manual_seed(0)
+    layer = gram_layers_on(Linear(96, 160)).to(torch.bfloat16)
+    x, grad_out = torch.randn(4, 8, 96, dtype=torch.bfloat16), torch.randn(4, 8, 160, dtype=torch.bfloat16)
+    layer(x).backward(grad_out)
+    expected = layer.weight.grad.double().norm()
+    layer.weight.grad = None
+    recorded = []
+    with gram_norm.recording(lambda weight, norm: recorded.append(norm)):
+        layer(x).backward(grad_out)
+    assert recorded[0].dtype == torch.float32 and layer.weight.grad is None
+    assert float(recorded[0]) == pytest.approx(float(expected), rel=5e-3)
+
+
+def test_q_k_and_v_share_one_gram_of_their_input(monkeypatch):
+    model = gram_layers_on(tiny_model(n_layers=1))
+    calls = []
+    real_gram = gram_norm._gram
+    monkeypatch.setattr(gram_norm, "_gram", lambda m: calls.append(m.shape) or real_gram(m))
+    tokens = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
+    with gram_norm.recording(lambda weight, norm: None):
+        cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    # Eight Grams of output gradients (head, w2, w1, w3, wo, wq, wk, wv) and five of inputs: the head's,
+    # w2's product, ffn_norm's output (w1 and w3 share it), wo's input, attention_norm's (q, k and v share it).
+    assert len(calls) == 8 + 5
+
+
+def test_large_batches_take_the_gradient_way():
+    layer = gram_layers_on(Linear(16, 16))  # Grams pay only while tokens * (16 + 16) <= 16 * 16: 8 tokens
+    for tokens, takes_grams in ((8, True), (9, False)):
+        layer.weight.grad = None
+        recorded = []
+        with gram_norm.recording(lambda weight, norm: recorded.append(norm)):
+            layer(torch.randn(tokens, 16)).sum().backward()
+        assert bool(recorded) == takes_grams and (layer.weight.grad is None) == takes_grams
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_lomo_clipping_with_grams_equals_sgd_after_clip_grad_norm(batch, tie):
+    # A head tied to the embedding gets gradient from two uses; LOMO leaves its Gram way off.
+    model, reference = tiny_model(tie_embeddings=tie), tiny_model(tie_embeddings=tie)
+    lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05)
+    assert model.layers[0].attention.wq.gram_norm and model.output.gram_norm != tie
+    norms = [lomo.step(loss_of(model, batch)).grad_norm for _ in range(2)]
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.3, foreach=False)
+    expected = []
+    for _ in range(2):
+        sgd.zero_grad(set_to_none=True)
+        loss_of(reference, batch).backward()
+        expected.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)))
+        sgd.step()
+    assert min(expected) > 0.05 and norms == pytest.approx(expected, rel=1e-5)
+    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("kwargs, dtype", [
+    (dict(clip_grad_norm=1.0, gram_norms=False), torch.float32),  # asked not to
+    (dict(clip_grad_norm=1.0, clip_grad_value=0.01), torch.float32),  # the norm is of clipped gradients
+    (dict(), torch.float16),  # loss scaling: fp16 Grams of scaled gradients could overflow
+    (dict(), torch.float32),  # one pass: there is no norm pass to make cheaper
+])
+def test_lomo_keeps_the_gradient_way_where_grams_cannot_give_the_norm(batch, kwargs, dtype):
+    model = tiny_model(dtype=dtype)
+    lomo = LOMO(model, lr=0.1, **kwargs)
+    assert not any(m.gram_norm for m in model.modules() if hasattr(m, "gram_norm"))
+    lomo.step(loss_of(model, batch))
+
+
+def test_removing_lomos_hooks_turns_the_gram_way_off(batch):
+    model = tiny_model()
+    lomo = LOMO(model, lr=0.1, clip_grad_norm=1.0)
+    assert model.layers[0].feed_forward.w1.gram_norm
+    lomo.remove_hooks()
+    assert not any(m.gram_norm for m in model.modules() if hasattr(m, "gram_norm"))
