@@ -30,8 +30,9 @@ from torch.autograd.function import once_differentiable
 
 # While LOMO's norm pass runs: the function that takes (weight, norm of its gradient). None otherwise.
 _recorder = None
-# Grams of recent inputs, [(input, Gram)], so that q, k and v (and w1 and w3) compute theirs once. Holding
-# the input keeps its memory from being reused, so a match on address, shape, strides and version is safe.
+# The Gram of the last input, [(input, Gram)] or [], so that q, k and v (and w1 and w3), whose backward
+# run one after another, compute theirs once. Holding the input keeps its memory from being reused, so a
+# match on address, shape, strides and version is safe.
 _input_grams = []
 
 
@@ -62,7 +63,11 @@ def takes(tokens: int, d_in: int, d_out: int) -> bool:
 
 
 def record(weight, grad_2d, input_2d, shared_input: bool = True):
-    """Give LOMO the norm of grad_2d^T input_2d (the weight's gradient), computed from two Grams."""
+    """Give LOMO the norm of grad_2d^T input_2d (the weight's gradient), computed from two Grams.
+    shared_input=False (w2, whose backward starts each block's): nothing after it reads what came before,
+    so the kept Gram goes first; at that point, the peak of a block's backward, it would only take memory."""
+    if not shared_input:
+        _input_grams.clear()
     input_gram = _shared_gram(input_2d) if shared_input else _gram(input_2d)
     squared = torch.dot(_gram(grad_2d).view(-1), input_gram.view(-1))
     _recorder(weight, squared.clamp_min(0).sqrt())  # rounding can take a ~0 norm just below 0; NaN stays NaN
@@ -84,9 +89,9 @@ def _shared_gram(x):
         if (seen.data_ptr() == x.data_ptr() and seen.shape == x.shape and seen.stride() == x.stride()
                 and seen._version == x._version):
             return gram
+    _input_grams.clear()  # before the new Gram is made: one kept at a time
     gram = _gram(x)
     _input_grams.append((x, gram))
-    del _input_grams[:-2]  # q/k/v and w1/w3 run back to back in backward; two entries are enough
     return gram
 
 
