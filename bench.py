@@ -13,8 +13,8 @@ Modes, each measured in its own process so that one mode's peak never hides in a
   adamw      loss.backward() then torch.optim.AdamW (gradients and two states per parameter)
   hook-sgd   PyTorch's optimizer-in-backward pattern: a post-accumulate-grad hook steps a per-parameter SGD
 
-One JSON line per mode: peak allocated and reserved memory, parameter bytes, tokens/s (all GPUs) and
-tokens per GPU per second, model FLOPs utilization, the device, and a memory breakdown against LOMO's
+One JSON line per mode: peak allocated and reserved memory, parameter bytes, tokens/s (all GPUs; the mean
+over the timed steps, and from the median step, whose time CUDA events give) and tokens per GPU per second, model FLOPs utilization, the device, and a memory breakdown against LOMO's
 formula (parameters + checkpointed activations + the largest gradient): the paper's Table 1 from live
 numbers. FLOPs per token are counted as 6 N + 12 L S d for training (N parameters, L layers, S sequence
 length, d model width: the matmuls of forward and backward plus attention scores), 2 N + 4 L S d for
@@ -148,17 +148,25 @@ def run_mode(args, mode):
         sync()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        # Each step's own time too, from CUDA events between steps (no added host sync, so the CPU may run
+        # ahead into the next step as before): a median that one slow step cannot move.
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)] if device.type == "cuda" else []
         started = time.perf_counter()
-        for _ in range(args.steps):
+        for i in range(args.steps):
+            if marks:
+                marks[i].record()
             step()
+        if marks:
+            marks[-1].record()
         sync()
         seconds = (time.perf_counter() - started) / args.steps
-        return measurements(args, mode, margs, model, grid, seconds)
+        step_ms = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+        return measurements(args, mode, margs, model, grid, seconds, step_ms)
     finally:
         destroy_distributed()
 
 
-def measurements(args, mode, margs, model, grid, seconds):
+def measurements(args, mode, margs, model, grid, seconds, step_ms=()):
     device = grid.device
     element = next(model.parameters()).element_size()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -183,6 +191,10 @@ def measurements(args, mode, margs, model, grid, seconds):
                tokens_per_gpu_per_s=tokens_per_s / grid.world_size, flops_per_token=flops_per_token,
                mfu=(flops_per_token * tokens_per_s / grid.world_size / (peak * 1e12)) if peak else None,
                param_gib=param_bytes / 2**30)
+    if step_ms:
+        median_ms = sorted(step_ms)[len(step_ms) // 2]
+        row.update(step_ms=[round(t, 2) for t in step_ms], median_step_ms=median_ms,
+                   median_tokens_per_s=args.batch_size * grid.dp * args.seq_len / (median_ms / 1e3))
     if device.type == "cuda":
         peak_allocated = torch.cuda.max_memory_allocated(device)
         formula = param_bytes + (checkpointed_bytes if args.activation_checkpointing else 0) + largest_grad_bytes
