@@ -3,6 +3,7 @@
 #   a: the GPU check, the interleaved A/B (clip_ab.py) and one bench process per mode. Run 1 (first build,
 #      two input Grams kept) was part a with --steps 10 and without infer; run 2 is part a as it stands.
 #   b: bench processes repeated (two per variant, 30 steps), with each step's time (run 3)
+#   c: lomo against sgd and hook-sgd the same way, by the median step too (run 4)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -24,6 +25,11 @@ for part in "${parts[@]}"; do
          $B $extra --modes lomo,lomo-clip --out "$OUT/bench-repeated.jsonl" >> "$OUT/run.log" 2>&1
          $B $extra --no-gram-norms --modes lomo-clip --out "$OUT/bench-repeated.jsonl" >> "$OUT/run.log" 2>&1
        done
+     done ;;
+  c) B="python3 bench.py --model 7B --activation-checkpointing --batch-size 4 --seq-len 512 --steps 30"
+     for rep in 1 2; do
+       $B --modes lomo,sgd,hook-sgd --out "$OUT/bench-vs-sgd.jsonl" >> "$OUT/run.log" 2>&1
+       $B --offload-checkpoints --modes lomo,sgd --out "$OUT/bench-vs-sgd.jsonl" >> "$OUT/run.log" 2>&1
      done ;;
   esac
 done
