@@ -24,6 +24,7 @@ inference; activation recomputation is not counted, so MFU is comparable with an
 emulate a consumer card; `--find-max-batch` searches the largest batch that trains under the cap.
 """
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -143,6 +144,7 @@ def run_mode(args, mode):
             raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
 
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        gc.freeze()  # as train.py does before its loop: no full collection rescans the set-up's objects
         for _ in range(args.warmup):
             step()
         sync()
@@ -163,6 +165,7 @@ def run_mode(args, mode):
         step_ms = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
         return measurements(args, mode, margs, model, grid, seconds, step_ms)
     finally:
+        gc.unfreeze()
         destroy_distributed()
 
 

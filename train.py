@@ -11,6 +11,7 @@ Several processes: `torchrun --nproc_per_node N train.py --tp T` runs N/T data-p
 model split T ways (shard.py); plain `python train.py` is one process with no launcher.
 """
 import argparse
+import gc
 import json
 import sys
 import time
@@ -296,37 +297,45 @@ def train(args, grid, dtype):
         log(evaluations[-1])
 
     # -------------------------------------------------------------------------------- loop
-    bar = tqdm(range(first_step, args.steps + 1), desc="train", dynamic_ncols=True, file=sys.stdout,
-               initial=first_step - 1, total=args.steps, disable=not grid.is_main)
-    for step in bar:
-        step_started = time.perf_counter()
-        batch = [train_set.items[i] for i in sampler.next(args.batch_size * grid.dp)[rows]]
-        inputs, targets = (t.to(device) for t in collate(batch))
-        lr = learning_rate(step, args.lr, args.steps, args.warmup_steps, args.schedule, args.min_lr_ratio)
-        result = lomo.step(model_loss(model, inputs, targets, grid), lr)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - step_started
-        tokens = targets.numel() * grid.dp
-        trained_tokens, train_time = trained_tokens + tokens, train_time + seconds
-        skipped_steps += result.skipped
-        bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.3g}", tok_s=f"{tokens / seconds:,.0f}")
-        if result.reason and grid.is_main:
-            tqdm.write(f"step {step}: skipped: {result.reason}")
-        row = dict(step=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, skipped=result.skipped,
-                   skipped_steps=skipped_steps, loss_scale=result.loss_scale, tokens_per_s=tokens / seconds,
-                   tokens_per_gpu_per_s=tokens / seconds / grid.world_size)
-        if device.type == "cuda":
-            row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        if step % args.eval_every == 0 or step == args.steps:
-            evaluations.append(dict(step=step, **evaluate(step)))
-            row.update(evaluations[-1])
-        log(row)
-        if args.save_every and (step % args.save_every == 0 or step == args.steps):
-            training_state.save_training_state(saves, step, model, grid, dict(
-                step=step, lomo=lomo.state_dict(), sampler=sampler.state_dict(), evaluations=evaluations,
-                skipped_steps=skipped_steps, config=vars(args)), keep=args.keep)
-    bar.close()
+    # Everything alive now (torch's modules, the model, the data) lives as long as the run. Freezing it
+    # keeps the garbage collector's full collections from scanning it again: on a 7B step they took
+    # 183 ms, frozen 2 ms (results/gc/). Cycles made from here on are still collected; unfrozen after
+    # the loop, so that a caller running main() again can collect this run's objects.
+    gc.freeze()
+    try:
+        bar = tqdm(range(first_step, args.steps + 1), desc="train", dynamic_ncols=True, file=sys.stdout,
+                   initial=first_step - 1, total=args.steps, disable=not grid.is_main)
+        for step in bar:
+            step_started = time.perf_counter()
+            batch = [train_set.items[i] for i in sampler.next(args.batch_size * grid.dp)[rows]]
+            inputs, targets = (t.to(device) for t in collate(batch))
+            lr = learning_rate(step, args.lr, args.steps, args.warmup_steps, args.schedule, args.min_lr_ratio)
+            result = lomo.step(model_loss(model, inputs, targets, grid), lr)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - step_started
+            tokens = targets.numel() * grid.dp
+            trained_tokens, train_time = trained_tokens + tokens, train_time + seconds
+            skipped_steps += result.skipped
+            bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.3g}", tok_s=f"{tokens / seconds:,.0f}")
+            if result.reason and grid.is_main:
+                tqdm.write(f"step {step}: skipped: {result.reason}")
+            row = dict(step=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, skipped=result.skipped,
+                       skipped_steps=skipped_steps, loss_scale=result.loss_scale, tokens_per_s=tokens / seconds,
+                       tokens_per_gpu_per_s=tokens / seconds / grid.world_size)
+            if device.type == "cuda":
+                row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if step % args.eval_every == 0 or step == args.steps:
+                evaluations.append(dict(step=step, **evaluate(step)))
+                row.update(evaluations[-1])
+            log(row)
+            if args.save_every and (step % args.save_every == 0 or step == args.steps):
+                training_state.save_training_state(saves, step, model, grid, dict(
+                    step=step, lomo=lomo.state_dict(), sampler=sampler.state_dict(), evaluations=evaluations,
+                    skipped_steps=skipped_steps, config=vars(args)), keep=args.keep)
+        bar.close()
+    finally:
+        gc.unfreeze()
     if args.export_hf:
         checkpoint.save_hf(model, args.export_hf, grid, tokenizer_path=tokenizer.path)
         print0(f"weights exported to {args.export_hf} (Hugging Face format)")
