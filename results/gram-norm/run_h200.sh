@@ -4,6 +4,7 @@
 #      two input Grams kept) was part a with --steps 10 and without infer; run 2 is part a as it stands.
 #   b: bench processes repeated (two per variant, 30 steps), with each step's time (run 3)
 #   c: lomo against sgd and hook-sgd the same way, by the median step too (run 4)
+#   d: the final build (Gram norms, gc.freeze() in bench.py): every mode once, 30 steps (run 5)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -31,5 +32,9 @@ for part in "${parts[@]}"; do
        $B --modes lomo,sgd,hook-sgd --out "$OUT/bench-vs-sgd.jsonl" >> "$OUT/run.log" 2>&1
        $B --offload-checkpoints --modes lomo,sgd --out "$OUT/bench-vs-sgd.jsonl" >> "$OUT/run.log" 2>&1
      done ;;
+  d) B="python3 bench.py --model 7B --activation-checkpointing --batch-size 4 --seq-len 512 --steps 30"
+     $B --modes infer,lomo,lomo-clip,sgd,hook-sgd --out "$OUT/bench-final.jsonl" >> "$OUT/run.log" 2>&1
+     $B --offload-checkpoints --modes lomo,lomo-clip --out "$OUT/bench-final.jsonl" >> "$OUT/run.log" 2>&1
+     $B --offload-checkpoints --no-gram-norms --modes lomo-clip --out "$OUT/bench-final.jsonl" >> "$OUT/run.log" 2>&1 ;;
   esac
 done
