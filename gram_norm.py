@@ -19,8 +19,11 @@ Only in LOMO's norm pass (`recording`), and only where the plain norm is what is
 off under data parallelism (the norm is of the average over replicas, whose Gram needs every replica's
 tokens), with value clipping (the norm is of the clipped gradient) and in fp16 (a scaled gradient's Gram
 can overflow). Under tensor parallelism each rank's Gram norm is its own shard's, like LOMO's other
-sharded norms. Left out: torch.compile'd blocks use plain F.linear (a compiled backward cannot switch
-between the two passes), and the output head (its loss, losses.py, makes its gradient in chunks).
+sharded norms. A weight that one backward reaches through two uses (a layer called twice) would need
+the cross terms of its uses; LOMO refuses it with an error naming the weight. Left out: torch.compile'd
+blocks use plain F.linear (a compiled backward cannot switch between the two passes); the output head
+when the training loss is losses.py's fused one (it makes the head's gradient itself, in chunks); double
+backward (create_graph=True) through a layer LOMO has turned this on for.
 """
 import contextlib
 
@@ -70,7 +73,9 @@ def record(weight, grad_2d, input_2d, shared_input: bool = True):
         _input_grams.clear()
     input_gram = _shared_gram(input_2d) if shared_input else _gram(input_2d)
     squared = torch.dot(_gram(grad_2d).view(-1), input_gram.view(-1))
-    _recorder(weight, squared.clamp_min(0).sqrt())  # rounding can take a ~0 norm just below 0; NaN stays NaN
+    # abs: rounding can take a ~0 squared norm just below 0. Not clamp: an overflow to -inf must stay
+    # non-finite (so LOMO skips the step), as must NaN.
+    _recorder(weight, squared.abs().sqrt())
 
 
 def _gram(m):
@@ -86,8 +91,8 @@ def _gram(m):
 
 def _shared_gram(x):
     for seen, gram in _input_grams:
-        if (seen.data_ptr() == x.data_ptr() and seen.shape == x.shape and seen.stride() == x.stride()
-                and seen._version == x._version):
+        if (seen.data_ptr() == x.data_ptr() and seen.dtype == x.dtype and seen.shape == x.shape
+                and seen.stride() == x.stride() and seen._version == x._version):
             return gram
     _input_grams.clear()  # before the new Gram is made: one kept at a time
     gram = _gram(x)

@@ -115,6 +115,7 @@ class LOMO:
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value} must be a positive number, or None to turn it off")
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self._names = {id(p): name for name, p in model.named_parameters()}  # for error messages
         if not self.params:
             raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
         if any(p.dtype == torch.float16 for p in self.params) and loss_scaler is None:
@@ -144,9 +145,11 @@ class LOMO:
             for param in module._parameters.values():
                 if param is not None:
                     uses[id(param)] = uses.get(id(param), 0) + 1
+        trained = {id(p) for p in self.params}
         self._gram_layers = [m for m in model.modules() if hasattr(m, "gram_norm")]
         for layer in self._gram_layers:
-            layer.gram_norm = self._gram_norms and uses[id(layer.weight)] == 1
+            layer.gram_norm = self._gram_norms and uses[id(layer.weight)] == 1 and id(layer.weight) in trained
+        self._gram_weights = {id(layer.weight) for layer in self._gram_layers if layer.gram_norm}
 
     # ------------------------------------------------------------------------------------------------
     # The hook: runs once per parameter per backward pass, as soon as its gradient is complete.
@@ -188,6 +191,19 @@ class LOMO:
                 # step and halve the scale, so a non-finite raw gradient makes the norm non-finite (0 * inf).
                 norm = norm + 0.0 * torch.linalg.vector_norm(grad, dtype=torch.float32)
         self._keep_norm(param, norm)
+
+    def _keep_gram_norm(self, weight, norm):
+        # gram_norm.py's recorder in the norm pass. A weight reached twice in one backward (a layer called
+        # twice) has the norm of the sum of its uses' gradients, which the Grams of each use cannot give.
+        if id(weight) not in self._gram_weights:
+            return  # not a layer LOMO turned this on for (another model's, say): not this step's gradient
+        if id(weight) in self._gram_seen:
+            raise RuntimeError(
+                f"{self._names.get(id(weight), 'a weight')} is used more than once in one forward (a layer "
+                f"called twice?), so its gradient norm cannot come from Gram matrices; no weight has moved. "
+                f"Construct LOMO with gram_norms=False")
+        self._gram_seen.add(id(weight))
+        self._keep_norm(weight, norm)
 
     def _keep_norm(self, param, norm):
         (self._sharded_norms if hasattr(param, "tensor_parallel_dim") else self._replicated_norms).append(norm)
@@ -242,6 +258,12 @@ class LOMO:
         lr = self.lr if lr is None else lr
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"learning rate {lr} must be a finite number >= 0 (check the schedule's --min-lr-ratio)")
+        stale = next((p for p in self.params if p.grad is not None), None)
+        if stale is not None:
+            raise ValueError(
+                f"{self._names.get(id(stale), 'a parameter')} already has a .grad (from a backward run outside "
+                f"LOMO.step), which this step would add to its gradient: clear it first with "
+                f"model.zero_grad(set_to_none=True)")
         self.step_count += 1
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         mean_loss = loss.detach().clone()
@@ -266,7 +288,8 @@ class LOMO:
             if self.needs_norm_pass:
                 self._mode = "norm"
                 self._reset_norm(loss.device)
-                with gram_norm.recording(self._keep_norm if self._gram_norms else None):
+                self._gram_seen = set()
+                with gram_norm.recording(self._keep_gram_norm if self._gram_norms else None):
                     scaled_loss.backward(retain_graph=True)
                 grad_norm, result.loss = self._global_norm(mean_loss)
                 result.grad_norm = grad_norm

@@ -271,10 +271,10 @@ class SwiGLUDown(Linear):
     (`swiglu_down`). shard.py's row-parallel form takes the same arguments."""
 
     def forward(self, gate, up, checkpointed: bool = False):
-        return swiglu_down(gate, up, self.weight, checkpointed)
+        return swiglu_down(gate, up, self.weight, checkpointed, self.gram_norm)
 
 
-def swiglu_down(gate, up, weight, checkpointed: bool = False):
+def swiglu_down(gate, up, weight, checkpointed: bool = False, gram_norm: bool = False):
     """F.linear(silu(gate) * up, weight), with autograd's gradients bit for bit and less memory.
 
     The backward of a block's feed-forward is the peak of a LOMO step. Plain autograd holds there, for 7B
@@ -288,21 +288,22 @@ def swiglu_down(gate, up, weight, checkpointed: bool = False):
       are autograd's real saved tensors, which a second backward over a retained graph (LOMO's clipping
       pass) reads again, so backward leaves them alone.
     Under torch.compile it is the plain expression, whose saved tensors the compiler plans itself. Without
-    grad (inference) SwiGLU works in place and overwrites `gate`."""
+    grad (inference) SwiGLU works in place and overwrites `gate`. `gram_norm`: as model.Linear's (set by
+    LOMO), w2's weight-gradient norm may come from Grams in a norm pass (gram_norm.py)."""
     if torch.compiler.is_compiling():
         return F.linear(F.silu(gate) * up, weight)
     if not torch.is_grad_enabled():
         # Inference, and a checkpointed block's first forward under offloading: nothing is saved, so the
         # product overwrites gate (the w1 output, read nowhere else) and no third tensor is made.
         return F.linear(F.silu(gate, inplace=True).mul_(up), weight)
-    return _SwiGLUDown.apply(gate, up, weight, checkpointed)
+    return _SwiGLUDown.apply(gate, up, weight, checkpointed, gram_norm)
 
 
 class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up, weight, checkpointed):
+    def forward(ctx, gate, up, weight, checkpointed, use_gram_norm):
         ctx.save_for_backward(gate, up, weight)
-        ctx.overwrite_saved, ctx.weight = checkpointed, weight
+        ctx.overwrite_saved, ctx.weight, ctx.use_gram_norm = checkpointed, weight, use_gram_norm
         return F.linear(F.silu(gate) * up, weight)
 
     @staticmethod
@@ -315,7 +316,7 @@ class _SwiGLUDown(torch.autograd.Function):
         product_2d = product.view(-1, product.shape[-1])
         grad_weight = None
         if ctx.needs_input_grad[2]:
-            if gram_norm.takes(*product_2d.shape, grad_2d.shape[1]):  # LOMO's norm pass: only the norm
+            if ctx.use_gram_norm and gram_norm.takes(*product_2d.shape, grad_2d.shape[1]):  # LOMO's norm pass
                 gram_norm.record(ctx.weight, grad_2d, product_2d, shared_input=False)
             else:
                 grad_weight = grad_2d.t().mm(product_2d)  # what F.linear's backward computes
@@ -330,7 +331,7 @@ class _SwiGLUDown(torch.autograd.Function):
             silu_gate = F.silu(gate)
             grad_up = silu_gate.mul_(grad_product)
             grad_gate = torch.ops.aten.silu_backward.grad_input(grad_product.mul_(up), gate, grad_input=grad_product)
-        return grad_gate, grad_up, grad_weight, None
+        return grad_gate, grad_up, grad_weight, None, None
 
 
 class TransformerBlock(nn.Module):

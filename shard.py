@@ -195,7 +195,7 @@ class RowParallelSwiGLUDown(RowParallelLinear):
     """w2 under tp: model.SwiGLUDown on this rank's FFN columns (gate and up arrive split), then the sum."""
 
     def forward(self, gate, up, checkpointed: bool = False):
-        return reduce_from_tp(swiglu_down(gate, up, self.weight, checkpointed), self.group)
+        return reduce_from_tp(swiglu_down(gate, up, self.weight, checkpointed, self.gram_norm), self.group)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -130,3 +130,63 @@ def test_removing_lomos_hooks_turns_the_gram_way_off(batch):
     assert model.layers[0].feed_forward.w1.gram_norm
     lomo.remove_hooks()
     assert not any(m.gram_norm for m in model.modules() if hasattr(m, "gram_norm"))
+
+
+def test_a_layer_called_twice_is_refused_before_any_weight_moves():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = Linear(8, 8)
+
+        def forward(self, x):
+            return self.layer(self.layer(x))
+
+    torch.manual_seed(0)
+    model = Twice()
+    before = model.layer.weight.detach().clone()
+    lomo = LOMO(model, lr=0.1, clip_grad_norm=1.0)
+    with pytest.raises(RuntimeError, match="layer.weight is used more than once .* gram_norms=False"):
+        lomo.step(model(torch.randn(4, 8)).square().sum())
+    assert torch.equal(model.layer.weight, before)
+    model.layer.weight.grad = None
+    LOMO(Twice(), lr=0.1, clip_grad_norm=1.0, gram_norms=False)  # the way out the message names works
+
+
+def test_an_overflowing_gram_makes_the_step_skip_not_a_zero_norm():
+    # Output gradients of 3e18 make Gram entries past fp32's range; with these signs the squared norm sums
+    # to -inf. It must read as non-finite (skip), as the overflowing direct norm does, not clamp to 0.
+    x = torch.ones(6, 16)
+    scale = torch.zeros(6, 16)
+    scale[:, 0] = torch.tensor([1.0, -1.0, -1.0, -1.0, -1.0, 1.0]) * 3.25e18
+    for grams in (True, False):
+        torch.manual_seed(0)
+        layer = Linear(16, 16)
+        before = layer.weight.detach().clone()
+        result = LOMO(layer, lr=1e-3, clip_grad_norm=1.0, gram_norms=grams).step((layer(x) * scale).sum())
+        assert result.skipped and "non-finite gradient norm" in result.reason, grams
+        assert torch.equal(layer.weight, before)
+
+
+def test_frozen_layers_and_layers_switched_off_keep_the_gradient_way(batch):
+    model = tiny_model()
+    model.layers[0].attention.wq.weight.requires_grad_(False)
+    LOMO(model, lr=0.1, clip_grad_norm=1.0)
+    assert not model.layers[0].attention.wq.gram_norm and model.layers[0].attention.wk.gram_norm
+    w2 = model.layers[0].feed_forward.w2
+    w2.gram_norm = False  # w2 (one autograd Function with SwiGLU) follows its own switch too
+    recorded = []
+    with gram_norm.recording(lambda weight, norm: recorded.append(weight)):
+        loss_of(model, batch).backward()
+    assert w2.weight.grad is not None and not any(weight is w2.weight for weight in recorded)
+    assert model.layers[0].attention.wq.weight.grad is None  # frozen: no gradient either way
+    assert model.layers[0].attention.wk.weight.grad is None  # its norm was recorded instead
+
+
+def test_a_leftover_gradient_is_refused(batch):
+    model = tiny_model()
+    lomo = LOMO(model, lr=0.1, clip_grad_norm=1.0)
+    loss_of(model, batch).backward()  # outside step(): .grad filled, as for a diagnostic
+    with pytest.raises(ValueError, match=r"tok_embeddings.weight already has a .grad .*zero_grad\(set_to_none=True\)"):
+        lomo.step(loss_of(model, batch))
+    model.zero_grad(set_to_none=True)
+    assert not lomo.step(loss_of(model, batch)).skipped
