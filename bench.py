@@ -144,6 +144,7 @@ def run_mode(args, mode):
             raise ValueError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
 
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        gc.collect()
         gc.freeze()  # as train.py does before its loop: no full collection rescans the set-up's objects
         for _ in range(args.warmup):
             step()

@@ -301,6 +301,7 @@ def train(args, grid, dtype):
     # keeps the garbage collector's full collections from scanning it again: on a 7B step they took
     # 183 ms, frozen 2 ms (results/gc/). Cycles made from here on are still collected; unfrozen after
     # the loop, so that a caller running main() again can collect this run's objects.
+    gc.collect()  # what is already garbage goes now: frozen, it would stay for the whole run
     gc.freeze()
     try:
         bar = tqdm(range(first_step, args.steps + 1), desc="train", dynamic_ncols=True, file=sys.stdout,
