@@ -17,6 +17,7 @@ def configure(clip, grams, offload):
     lomo._gram_norms = clip and grams
     for layer in lomo._gram_layers:
         layer.gram_norm = lomo._gram_norms
+    lomo._gram_weights = {id(layer.weight) for layer in lomo._gram_layers if layer.gram_norm}
     model.offload_checkpoints = offload
 
 

@@ -5,6 +5,7 @@
 #   b: bench processes repeated (two per variant, 30 steps), with each step's time (run 3)
 #   c: lomo against sgd and hook-sgd the same way, by the median step too (run 4)
 #   d: the final build (Gram norms, gc.freeze() in bench.py): every mode once, 30 steps (run 5)
+#   e: clip_ab.py alone, after the review's changes to LOMO (run 6)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -36,5 +37,6 @@ for part in "${parts[@]}"; do
      $B --modes infer,lomo,lomo-clip,sgd,hook-sgd --out "$OUT/bench-final.jsonl" >> "$OUT/run.log" 2>&1
      $B --offload-checkpoints --modes lomo,lomo-clip --out "$OUT/bench-final.jsonl" >> "$OUT/run.log" 2>&1
      $B --offload-checkpoints --no-gram-norms --modes lomo-clip --out "$OUT/bench-final.jsonl" >> "$OUT/run.log" 2>&1 ;;
+  e) python3 results/gram-norm/clip_ab.py >> "$OUT/run.log" 2>&1 ;;
   esac
 done
