@@ -14,9 +14,9 @@ Modes, each measured in its own process so that one mode's peak never hides in a
   hook-sgd   PyTorch's optimizer-in-backward pattern: a post-accumulate-grad hook steps a per-parameter SGD
 
 One JSON line per mode: peak allocated and reserved memory, parameter bytes, tokens/s (all GPUs; the mean
-over the timed steps, and from the median step, whose time CUDA events give) and tokens per GPU per second, model FLOPs utilization, the device, and a memory breakdown against LOMO's
-formula (parameters + checkpointed activations + the largest gradient): the paper's Table 1 from live
-numbers. FLOPs per token are counted as 6 N + 12 L S d for training (N parameters, L layers, S sequence
+over the timed steps, and from the median step, whose time CUDA events give) and tokens per GPU per
+second, model FLOPs utilization, the device, and a memory breakdown against LOMO's formula (parameters +
+checkpointed activations + the largest gradient): the paper's Table 1 from live numbers. FLOPs per token are counted as 6 N + 12 L S d for training (N parameters, L layers, S sequence
 length, d model width: the matmuls of forward and backward plus attention scores), 2 N + 4 L S d for
 inference; activation recomputation is not counted, so MFU is comparable with and without it.
 

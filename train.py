@@ -298,8 +298,8 @@ def train(args, grid, dtype):
 
     # -------------------------------------------------------------------------------- loop
     # Everything alive now (torch's modules, the model, the data) lives as long as the run. Freezing it
-    # keeps the garbage collector's full collections from scanning it again: on a 7B step they took
-    # 183 ms, frozen 2 ms (results/gc/). Cycles made from here on are still collected; unfrozen after
+    # keeps the garbage collector's full collections from scanning it again: on a 7B step one took
+    # 183 ms; frozen, 1-2 ms (results/gc/). Cycles made from here on are still collected; unfrozen after
     # the loop, so that a caller running main() again can collect this run's objects.
     gc.collect()  # what is already garbage goes now: frozen, it would stay for the whole run
     gc.freeze()

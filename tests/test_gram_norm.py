@@ -1,17 +1,14 @@
 """Weight-gradient norms from Gram matrices (gram_norm.py) against autograd's gradients in float64; the
 layers' gradients outside a norm pass bit for bit; which layers take the Gram way; LOMO's use of it."""
+import copy
+
 import pytest
 import torch
 
 import gram_norm
-from conftest import tiny_model
+from conftest import loss_of, sgd_reference, tiny_model
 from lomo import LOMO
 from model import Linear, cross_entropy_loss
-
-
-def loss_of(model, batch):
-    inputs, targets = batch
-    return cross_entropy_loss(model(inputs), targets)
 
 
 def gram_layers_on(model):
@@ -99,13 +96,7 @@ def test_lomo_clipping_with_grams_equals_sgd_after_clip_grad_norm(batch, tie):
     lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05)
     assert model.layers[0].attention.wq.gram_norm and model.output.gram_norm != tie
     norms = [lomo.step(loss_of(model, batch)).grad_norm for _ in range(2)]
-    sgd = torch.optim.SGD(reference.parameters(), lr=0.3, foreach=False)
-    expected = []
-    for _ in range(2):
-        sgd.zero_grad(set_to_none=True)
-        loss_of(reference, batch).backward()
-        expected.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)))
-        sgd.step()
+    expected = sgd_reference(reference, batch, lr=0.3, clip_norm=0.05, steps=2)
     assert min(expected) > 0.05 and norms == pytest.approx(expected, rel=1e-5)
     for (name, p), q in zip(reference.named_parameters(), model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -148,8 +139,15 @@ def test_a_layer_called_twice_is_refused_before_any_weight_moves():
     with pytest.raises(RuntimeError, match="layer.weight is used more than once .* gram_norms=False"):
         lomo.step(model(torch.randn(4, 8)).square().sum())
     assert torch.equal(model.layer.weight, before)
-    model.layer.weight.grad = None
-    LOMO(Twice(), lr=0.1, clip_grad_norm=1.0, gram_norms=False)  # the way out the message names works
+    # The way out the message names: the direct norm pass, which gives autograd's norm of the summed gradient.
+    torch.manual_seed(0)
+    model = Twice()
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 8)
+    reference(x).square().sum().backward()
+    result = LOMO(model, lr=0.1, clip_grad_norm=1.0, gram_norms=False).step(model(x).square().sum())
+    assert not result.skipped
+    assert result.grad_norm == pytest.approx(float(reference.layer.weight.grad.norm()), rel=1e-5)
 
 
 def test_an_overflowing_gram_makes_the_step_skip_not_a_zero_norm():

@@ -5,33 +5,12 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import loss_of, sgd_reference, tiny_model
 from lomo import LOMO, DynamicLossScaler
-from model import cross_entropy_loss
-
-
-def loss_of(model, batch):
-    inputs, targets = batch
-    return cross_entropy_loss(model(inputs), targets)
 
 
 def weights(model):
     return [p.detach().clone() for p in model.parameters()]
-
-
-def sgd_reference(model, batch, lr, weight_decay=0.0, clip_norm=None, clip_value=None, steps=1):
-    """The unfused way: full backward, optional clipping, torch.optim.SGD (single-tensor path)."""
-    sgd = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=False)
-    norms = []
-    for _ in range(steps):
-        sgd.zero_grad(set_to_none=True)
-        loss_of(model, batch).backward()
-        if clip_value is not None:
-            torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
-        if clip_norm is not None:
-            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)))
-        sgd.step()
-    return norms
 
 
 def test_value_and_norm_clipping_together_match_the_two_torch_utilities(batch):

@@ -3,14 +3,8 @@ checkpoint, torch.optim.SGD and clip_grad_norm_; and the host buffers' reuse fro
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import loss_of, sgd_reference, tiny_model
 from lomo import LOMO
-from model import cross_entropy_loss
-
-
-def loss_of(model, batch):
-    inputs, targets = batch
-    return cross_entropy_loss(model(inputs), targets)
 
 
 def offloaded(model):
@@ -44,13 +38,7 @@ def test_lomo_steps_equal_sgd_with_clipping(batch, clip):
     model, reference = offloaded(tiny_model()), tiny_model()
     lomo = LOMO(model, lr=0.3, clip_grad_norm=clip)
     norms = [lomo.step(loss_of(model, batch)).grad_norm for _ in range(2)]
-    sgd = torch.optim.SGD(reference.parameters(), lr=0.3, foreach=False)
-    expected = []
-    for _ in range(2):
-        sgd.zero_grad(set_to_none=True)
-        loss_of(reference, batch).backward()
-        expected.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), clip or float("inf"))))
-        sgd.step()
+    expected = sgd_reference(reference, batch, lr=0.3, clip_norm=clip or float("inf"), steps=2)
     assert norms == pytest.approx(expected, rel=1e-5)
     if clip:
         assert min(expected) > clip  # clipping was active
