@@ -7,7 +7,8 @@
 Modes, each measured in its own process so that one mode's peak never hides in another's:
   infer      forward and the training loss under no_grad: the floor LOMO aims for
   infer-logits  the usual inference forward: all (tokens x vocab) logits, then the loss from them
-  lomo       LOMO, one backward pass with the update fused in
+  lomo       LOMO, one backward pass with the update fused in, and its checks (the loss read before
+             backward, each gradient's norm); --no-finite-checks: without them, as the paper's LOMO
   lomo-clip  LOMO with clipping by global norm: two backward passes
   sgd        loss.backward() then torch.optim.SGD (all gradients alive at once)
   adamw      loss.backward() then torch.optim.AdamW (gradients and two states per parameter)
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile each block (model.compile_blocks)")
     p.add_argument("--no-gram-norms", action="store_true",
                    help="lomo-clip's norm pass makes every weight gradient for its norm (the A/B for gram_norm.py)")
+    p.add_argument("--no-finite-checks", action="store_true",
+                   help="lomo: LOMO(check_finite=False), the paper's one pass: no host sync, no gradient norms")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps, after --warmup steps")
     p.add_argument("--warmup", type=int, default=2)
@@ -112,7 +115,8 @@ def run_mode(args, mode):
         lr = 1e-6  # small: the weights barely move, so every timed step does the same work
         if mode in ("lomo", "lomo-clip"):
             lomo = LOMO(model, lr=lr, clip_grad_norm=1.0 if mode == "lomo-clip" else None,
-                        tp_group=grid.tp_group, dp_group=grid.dp_group, gram_norms=not args.no_gram_norms)
+                        tp_group=grid.tp_group, dp_group=grid.dp_group, gram_norms=not args.no_gram_norms,
+                        check_finite=not args.no_finite_checks)
             step = lambda: lomo.step(loss_of())  # noqa: E731
         elif mode in ("sgd", "adamw"):
             optimizer = (torch.optim.SGD(params, lr=lr) if mode == "sgd" else torch.optim.AdamW(params, lr=lr))
@@ -189,6 +193,7 @@ def measurements(args, mode, margs, model, grid, seconds, step_ms=()):
                batch_size=args.batch_size, seq_len=args.seq_len, tp=grid.tp, dp=grid.dp,
                activation_checkpointing=args.activation_checkpointing,
                offload_checkpoints=args.offload_checkpoints, compile=args.compile, memory_cap_gb=args.memory_cap_gb,
+               finite_checks=not args.no_finite_checks if mode == "lomo" else None,
                # whether lomo-clip's norm pass takes the linear layers' norms from Grams (compiled blocks do not)
                gram_norms=any(getattr(m, "gram_norm", False) for m in model.modules()) and not args.compile,
                device=name, torch=torch.__version__, seconds_per_step=seconds, tokens_per_s=tokens_per_s,

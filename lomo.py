@@ -3,10 +3,11 @@
 Lv et al., "Full Parameter Fine-tuning for Large Language Models with Limited Resources" (2023).
 
 How it works:
-- Every trainable parameter gets one `register_post_accumulate_grad_hook`. Autograd calls it the moment
+- Every trainable matrix gets one `register_post_accumulate_grad_hook`. Autograd calls it the moment
   that parameter's gradient is complete; the hook takes the gradient out of `.grad`, updates the
   parameter with SGD in fp32 maths, writes the result back in the parameter's dtype, and lets the
-  gradient go. Gradient memory is therefore one tensor (the largest), not the whole model.
+  gradient go. Gradient memory is therefore one matrix (the largest), not the whole model. The vectors
+  (the norm weights: a few KiB each) are cheaper updated together once backward is done.
   (The official code hooks the gradient *before* it is accumulated and scans all parameters for the
   previous one, so it lags one parameter behind and needs a manual call after backward; the
   post-accumulate hook, PyTorch >= 2.1, needs neither.)
@@ -30,6 +31,9 @@ How it works:
   training with an error saying to resume from a checkpoint with clipping on. Masking each gradient
   before its update would cost one more read and write of every gradient (~5% of a step, PERF_NOTES.md)
   for a step that is then half applied anyway. Many skipped steps in a row stop training too.
+  `check_finite=False` drops the loss read and the norms, as the paper's LOMO does: a step with no host
+  sync and nothing beyond backward and the update, for users who check elsewhere (train.py then stops on
+  a non-finite loss and checks the weights before each save).
 
 Weight decay is L2 regularization added to the gradient (g + wd * w), exactly as `torch.optim.SGD`'s
 `weight_decay`; with a constant lr this equals decoupled decay with factor lr * wd.
@@ -56,12 +60,24 @@ UPDATE_CHUNK_NUMEL = 2**24
 class StepResult:
     """What one `LOMO.step` did."""
     step: int
-    loss: float
     lr: float
     grad_norm: Optional[float] = None  # global norm of the unscaled gradients (after value clipping)
     skipped: bool = False  # True: no weight changed
     reason: str = ""  # why the step was skipped
     loss_scale: Optional[float] = None  # fp16 only: the scale used for this step
+    # The mean loss: a float, or (check_finite=False, one pass) the loss still on the device, read (one host
+    # sync) when `loss` is first asked for, so that a step nobody reads never waits for the GPU.
+    _loss: object = math.nan
+
+    @property
+    def loss(self) -> float:
+        if isinstance(self._loss, torch.Tensor):
+            self._loss = float(self._loss)
+        return self._loss
+
+    @loss.setter
+    def loss(self, value):
+        self._loss = value
 
 
 class DynamicLossScaler:
@@ -107,7 +123,7 @@ class LOMO:
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
                  clip_grad_norm: Optional[float] = None, clip_grad_value: Optional[float] = None,
                  loss_scaler: Optional[DynamicLossScaler] = None, max_consecutive_skips: int = 25,
-                 tp_group=None, dp_group=None, gram_norms: bool = True):
+                 tp_group=None, dp_group=None, gram_norms: bool = True, check_finite: bool = True):
         for name, value in (("lr", lr), ("weight_decay", weight_decay)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}={value} must be a finite number >= 0")
@@ -123,6 +139,12 @@ class LOMO:
         self.lr, self.weight_decay = lr, weight_decay
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
         self.loss_scaler, self.max_consecutive_skips = loss_scaler, max_consecutive_skips
+        # One-pass mode (no clipping by norm, no fp16) checks by default: the loss is read before backward (a
+        # non-finite one skips the step) and every gradient's norm is summed on the device (reported; a
+        # non-finite one stops training). check_finite=False drops both, as the paper's LOMO: no host sync
+        # and no extra read of each gradient (~5% of a 7B step, PERF_NOTES.md), and a non-finite loss or
+        # gradient reaches the weights unseen. A norm pass always checks: its norm is the check.
+        self.check_finite = check_finite
         self.step_count, self.consecutive_skips = 0, 0
         # Parallelism (shard.py): a parameter with a `tensor_parallel_dim` attribute is split across the
         # tp group; one without is replicated there. Every parameter is replicated across the dp group.
@@ -132,7 +154,13 @@ class LOMO:
         # What the hooks do is set by step() for each pass: None (plain autograd, hooks do nothing),
         # "norm" (pass 1: accumulate the squared norm) or "update" (apply SGD).
         self._mode = None
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
+        # Vectors (1-D parameters: the RMSNorm weights, 65 of them in 7B, 0.5 MiB in bf16) get no hook. Their
+        # gradients accumulate during backward and are applied together after it with multi-tensor kernels,
+        # instead of a Python hook, a norm and an update launch each: CPU time, in an eager step that is
+        # partly launch-bound (PERF_NOTES.md, change 19). Alive beyond the largest gradient: (2 L + 1) d
+        # elements. Every matrix keeps its hook, so gradient memory stays that of one matrix.
+        self._vectors = [p for p in self.params if p.dim() <= 1]
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params if p.dim() > 1]
         # The norm pass may take linear layers' norms from Gram matrices, without their gradients
         # (gram_norm.py), where that norm is the one needed: not with value clipping (the norm is of
         # clipped gradients), dp (of the average over replicas) or loss scaling (fp16 Grams can overflow).
@@ -155,22 +183,57 @@ class LOMO:
     # The hook: runs once per parameter per backward pass, as soon as its gradient is complete.
 
     def _hook(self, param):
-        if self._mode is None:
-            return  # a backward outside step() (a diagnostic, a test) leaves .grad to the caller
+        # Autograd runs this with grad mode off (as for any backward without create_graph), so the in-place
+        # updates below are not recorded. It runs ~300 times a step: kept lean.
         grad = param.grad
-        if grad is None:
-            return  # a gram_norm layer in the norm pass: its norm was recorded, no gradient was made
+        if grad is None or self._mode is None:
+            # None: a gram_norm layer in the norm pass (its norm was recorded, no gradient was made). Mode
+            # None: a backward outside step() (a diagnostic, a test) leaves .grad to the caller.
+            return
         param.grad = None  # free it now: this is where LOMO's memory saving comes from
-        with torch.no_grad():
-            if self.dp_group is not None:
-                # Data parallelism: average this gradient over the dp replicas before using it, so
-                # every replica computes the same norm and applies the same update and they stay equal.
-                grad.div_(self.dp_size)  # divide first: in fp16 the sum of scaled gradients could overflow
-                dist.all_reduce(grad, group=self.dp_group)
-            if self._mode == "norm":
-                self._record_norm(param, grad)
+        if self.dp_group is not None:
+            # Data parallelism: average this gradient over the dp replicas before using it, so every
+            # replica computes the same norm and applies the same update and they stay equal.
+            grad.div_(self.dp_size)  # divide first: in fp16 the sum of scaled gradients could overflow
+            dist.all_reduce(grad, group=self.dp_group)
+        if self._mode == "norm":
+            self._record_norm(param, grad)
+            return
+        if self._single_pass:
+            # No norm pass vouched for this gradient: record its norm on the device (no host sync);
+            # step() checks the total after backward.
+            self._record_norm(param, grad)
+        self._update(param, grad)
+
+    @torch.no_grad()  # outside backward, unlike the hooks: the in-place updates must not be recorded
+    def _finish_vectors(self):
+        """After a backward pass: what the hook does for each matrix, done for all the vectors at once."""
+        params = [p for p in self._vectors if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        if self.dp_group is not None:
+            grads = _average_flat(grads, self.dp_size, self.dp_group)  # one all-reduce, not one per vector
+        same_dtype = len({g.dtype for g in grads}) == 1
+        if self._mode == "norm" or self._single_pass:
+            if self.clip_grad_value is None and same_dtype:
+                norms = torch._foreach_norm(grads, 2, dtype=torch.promote_types(grads[0].dtype, torch.float32))
+                for p, norm in zip(params, norms):
+                    self._keep_norm(p, norm)
             else:
-                self._update(param, grad)
+                for p, g in zip(params, grads):
+                    self._record_norm(p, g)
+        if self._mode == "norm":
+            return
+        if (same_dtype and params[0].is_cuda and params[0].dtype in (torch.bfloat16, torch.float16)
+                and self.clip_grad_value is None and not self.weight_decay):
+            # As _update's CUDA fast path (fp32 maths, one rounding), in a few kernels for all of them.
+            torch._foreach_add_(params, grads, alpha=-self._lr * self._clip_coef * self._inv_scale)
+            return
+        for p, g in zip(params, grads):
+            self._update(p, g)
 
     def _record_norm(self, param, grad):
         # Each gradient's norm stays on the device as a 0-dim tensor (one kernel, no host sync); the
@@ -209,10 +272,6 @@ class LOMO:
         (self._sharded_norms if hasattr(param, "tensor_parallel_dim") else self._replicated_norms).append(norm)
 
     def _update(self, param, grad):
-        if self._single_pass:
-            # No norm pass vouched for this gradient: record its norm on the device (no host sync);
-            # step() checks the total after backward.
-            self._record_norm(param, grad)
         low_precision = param.dtype in (torch.bfloat16, torch.float16)
         if low_precision and self.clip_grad_value is None and not self.weight_decay:
             # The common bf16/fp16 case: w32 = fp32(w) + alpha * g, with the unscaling and the clip factor
@@ -273,9 +332,11 @@ class LOMO:
             # collective would hang.
             dist.all_reduce(mean_loss, group=self.dp_group)
             mean_loss /= self.dp_size
-        result = StepResult(step=self.step_count, loss=math.nan, lr=lr,
-                            loss_scale=scale if self.loss_scaler is not None else None)
-        if not self.needs_norm_pass:
+        result = StepResult(step=self.step_count, lr=lr, loss_scale=scale if self.loss_scaler is not None else None)
+        unchecked = not self.needs_norm_pass and not self.check_finite
+        if unchecked:
+            result.loss = mean_loss  # read when asked for: this step makes no host sync
+        elif not self.needs_norm_pass:
             # One host sync, before any backward: a non-finite loss would give non-finite gradients, and
             # in one pass they would reach the weights. (With a norm pass the loss is read with the norm,
             # in one sync after pass 1: a non-finite loss makes a non-finite norm, and no weight has moved.)
@@ -291,6 +352,7 @@ class LOMO:
                 self._gram_seen = set()
                 with gram_norm.recording(self._keep_gram_norm if self._gram_norms else None):
                     scaled_loss.backward(retain_graph=True)
+                self._finish_vectors()
                 grad_norm, result.loss = self._global_norm(mean_loss)
                 result.grad_norm = grad_norm
                 if not math.isfinite(result.loss):
@@ -303,12 +365,16 @@ class LOMO:
                 if self.clip_grad_norm is not None:
                     # The same formula as torch.nn.utils.clip_grad_norm_.
                     self._clip_coef = min(1.0, self.clip_grad_norm / (grad_norm + 1e-6))
-            self._mode, self._single_pass = "update", not self.needs_norm_pass
+            # _single_pass: one-pass mode with its checks, where the update pass records the norms.
+            self._mode, self._single_pass = "update", not self.needs_norm_pass and not unchecked
             if self._single_pass:
                 self._reset_norm(loss.device)
             scaled_loss.backward()
+            self._finish_vectors()
         finally:
             self._mode = None
+            for p in self._vectors:
+                p.grad = None  # after an error inside backward: nothing of this step may leak into the next
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow=False, step=self.step_count)
         if self._single_pass:
@@ -377,6 +443,18 @@ class LOMO:
         self._handles = []
         for layer in self._gram_layers:
             layer.gram_norm = False
+
+
+def _average_flat(grads, dp_size, group):
+    """The mean over the dp group of many small gradients, in one all-reduce per dtype (views of it)."""
+    averaged = list(grads)
+    for dtype in {g.dtype for g in grads}:
+        indices = [i for i, g in enumerate(grads) if g.dtype == dtype]
+        flat = torch.cat([grads[i].reshape(-1) for i in indices]).div_(dp_size)  # divide first, as the hook
+        dist.all_reduce(flat, group=group)
+        for i, piece in zip(indices, flat.split([grads[i].numel() for i in indices])):
+            averaged[i] = piece.view_as(grads[i])
+    return averaged
 
 
 def learning_rate(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, schedule: str = "constant",

@@ -76,21 +76,30 @@ def test_value_clipping_matches_clip_grad_value(batch):
 def test_only_one_gradient_is_alive_during_backward(batch, clip):
     model = tiny_model()
     params = list(model.parameters())
-    alive = []
+    matrices, vectors = [p for p in params if p.dim() > 1], [p for p in params if p.dim() == 1]
+    alive, alive_numel = [], []
 
     def count_alive(_):
-        alive.append(sum(p.grad is not None for p in params))
+        alive.append(sum(p.grad is not None for p in matrices))
+        alive_numel.append(sum(p.grad.numel() for p in params if p.grad is not None))
 
-    for p in params:  # registered before LOMO's hooks, so each runs just before LOMO frees the gradient
+    for p in matrices:  # registered before LOMO's hooks, so each runs just before LOMO frees the gradient
         p.register_post_accumulate_grad_hook(count_alive)
     lomo = LOMO(model, lr=0.1, clip_grad_norm=clip)
     lomo.step(loss_of(model, batch))
-    # Every parameter's hook runs once per pass. In the norm pass the linear layers give their norm from
-    # Grams (gram_norm.py) and have no gradient at all; every other hook sees exactly one gradient alive.
+    # Every matrix's hook runs once per pass. In the norm pass the linear layers give their norm from
+    # Grams (gram_norm.py) and have no gradient at all; every other hook sees exactly one matrix gradient
+    # alive. The vectors (norm weights) have no hook: theirs wait for the end of the pass, so at most the
+    # largest matrix's gradient and all the vectors' are alive together.
     gram_layers = sum(m.gram_norm for m in model.modules() if hasattr(m, "gram_norm"))
     assert gram_layers == (2 * 7 + 1 if clip else 0)  # 7 per block and the head (whose forward is used here)
     passes = 2 if clip else 1
-    assert alive == [1] * len(params) * passes if not clip else sorted(alive) == [0] * gram_layers + [1] * (2 * len(params) - gram_layers)
+    if not clip:
+        assert alive == [1] * len(matrices)
+    else:
+        assert sorted(alive) == [0] * gram_layers + [1] * (2 * len(matrices) - gram_layers)
+    assert max(alive_numel) <= max(p.numel() for p in matrices) + sum(p.numel() for p in vectors)
+    assert len(vectors) == 2 * 2 + 1 and len(alive) == passes * len(matrices)
     assert all(p.grad is None for p in params)
 
 
@@ -198,6 +207,36 @@ def test_nonfinite_gradient_is_skipped_with_clipping_and_stops_training_without(
         LOMO(model, lr=0.1, weight_decay=0.1).step(loss_of(model, batch))
 
 
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_without_checks_the_step_is_sgd_and_the_loss_is_read_only_when_asked(batch, weight_decay):
+    model, reference = tiny_model(), tiny_model()
+    lomo = LOMO(model, lr=0.3, weight_decay=weight_decay, check_finite=False)
+    for step in range(3):
+        with torch.no_grad():
+            expected_loss = float(loss_of(model, batch))
+        result = lomo.step(loss_of(model, batch))
+        assert isinstance(result._loss, torch.Tensor)  # not read yet: the step made no host sync for it
+        assert result.loss == expected_loss and isinstance(result._loss, float)
+        assert result.grad_norm is None and not result.skipped and result.step == step + 1
+    sgd_reference(reference, batch, lr=0.3, weight_decay=weight_decay, steps=3)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_without_checks_a_nan_loss_reaches_the_weights_and_a_norm_pass_still_checks(batch):
+    # What check_finite=False gives up (train.py stops on such a loss, after this step).
+    model = tiny_model()
+    result = LOMO(model, lr=0.1, check_finite=False).step(loss_of(model, batch) * float("nan"))
+    assert not result.skipped and result.loss != result.loss
+    assert not all(p.isfinite().all() for p in model.parameters())
+    # With clipping by norm the norm pass is the check, whatever check_finite says.
+    model = tiny_model()
+    before = weights(model)
+    result = LOMO(model, lr=0.1, clip_grad_norm=1.0, check_finite=False).step(loss_of(model, batch) * float("nan"))
+    assert result.skipped and "non-finite loss" in result.reason
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 @pytest.mark.parametrize("clip_value", [None, 0.01])
 def test_one_pass_step_reports_the_gradient_norm_of_clip_grad_norm_(batch, clip_value):
     model, reference = tiny_model(), tiny_model()
@@ -288,3 +327,23 @@ def test_float64_step_equals_torch_sgd(batch):
     LOMO(model, lr=0.3).step(loss_of(model, batch))
     sgd_reference(reference, batch, lr=0.3)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+
+
+def test_an_error_inside_backward_leaves_no_gradient_for_the_next_step(batch):
+    model = tiny_model()
+    lomo = LOMO(model, lr=0.1)
+
+    def fail(grad):
+        raise RuntimeError("stopped inside backward")
+
+    # Backward reaches block 0's output after block 1 and the final norm: some vectors (norm weights,
+    # applied after the pass) have gradients by then.
+    def on_output(module, inputs, output):
+        output.register_hook(fail)
+
+    handle = model.layers[0].register_forward_hook(on_output)
+    with pytest.raises(RuntimeError, match="stopped inside backward"):
+        lomo.step(loss_of(model, batch))
+    assert all(p.grad is None for p in model.parameters())
+    handle.remove()
+    assert not lomo.step(loss_of(model, batch)).skipped  # no "already has a .grad" refusal

@@ -96,3 +96,25 @@ def test_empty_corpus_is_refused(tmp_path):
 def test_cuda_without_gpu_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no CUDA GPU: use --device cpu"):
         run(tmp_path, "--device", "cuda")
+
+
+def test_without_finite_checks_training_logs_no_norm_and_stops_on_a_bad_loss(tmp_path):
+    quick = ["--steps", "2", "--eval-every", "2", "--eval-batches", "2", "--sample-tokens", "2", "--batch-size", "4",
+             "--seq-len", "32", "--no-finite-checks"]
+    run(tmp_path / "ok", *quick, "--save-every", "2")
+    logged = [r for r in rows(tmp_path / "ok") if "loss" in r and "step" in r]
+    assert logged and all(r["grad_norm"] is None and r["loss"] == r["loss"] for r in logged)
+    # lr 1e30 sends the weights to +-inf in step 1; step 2's loss is not finite, and with no checks its
+    # update has been applied: training stops there, saying how to go on.
+    with pytest.raises(FloatingPointError, match=r"step 2: loss .* with --no-finite-checks.*--resume"):
+        run(tmp_path / "bad", *quick, "--lr", "1e30")
+
+
+def test_without_finite_checks_non_finite_weights_are_never_saved(tmp_path):
+    from conftest import tiny_model
+    model = tiny_model()
+    train.require_finite_weights(model, step=7)  # finite: passes
+    with torch.no_grad():
+        model.layers[1].feed_forward.w2.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"step 7: layers.1.feed_forward.w2.weight is no longer finite"):
+        train.require_finite_weights(model, step=7)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The device run behind results/eager-gap/ (one H200). Writes into $OUT.
+#   run 1: python3 results/eager-gap/gap_ab.py 3, before lomo_before.py and the LOMO variants existed
+#   run 2: the CUDA update tests, gap_ab.py (change 19 against before), bench.py eager and compiled (part a)
+#   run 3: gap_ab.py 4 "sgd (foreach);hook: add_;hook: norm + add_, no sync;hook: norm + add_ + syncs;LOMO before;LOMO" --compile
+#   run 4: part b: LOMO(check_finite=False) (change 20) interleaved, then bench.py eager and compiled
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+parts=("$@"); [ ${#parts[@]} -eq 0 ] && parts=(a)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/run.log"
+B="python3 bench.py --model 7B --activation-checkpointing --batch-size 4 --seq-len 512 --steps 30"
+for part in "${parts[@]}"; do
+  case $part in
+  a)
+python3 -m pytest -q tests/test_lomo.py -k "rounded or error_inside or alive" >> "$OUT/run.log" 2>&1
+python3 results/eager-gap/gap_ab.py 4 "sgd (foreach);hook: add_;LOMO before;LOMO;sgd, offloaded;LOMO before, offloaded;LOMO, offloaded" 2>&1 \
+  | grep -v -i warn >> "$OUT/run.log"
+$B --modes lomo,sgd --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --offload-checkpoints --modes lomo,sgd --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --compile --modes lomo,sgd,lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
+  b)
+V="sgd (foreach);hook: add_;LOMO;LOMO, check_finite=False"
+python3 -m pytest -q tests/test_lomo.py -k "rounded or without_checks" >> "$OUT/run.log" 2>&1
+python3 results/eager-gap/gap_ab.py 4 "$V" 2>&1 | grep -v -i warn >> "$OUT/run.log"
+python3 results/eager-gap/gap_ab.py 4 "$V" --compile 2>&1 | grep -v -i warn >> "$OUT/run.log"
+for extra in "" "--compile"; do
+  $B $extra --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+  $B $extra --modes sgd,lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+done ;;
+  esac
+done
