@@ -141,9 +141,9 @@ class LOMO:
         self.loss_scaler, self.max_consecutive_skips = loss_scaler, max_consecutive_skips
         # One-pass mode (no clipping by norm, no fp16) checks by default: the loss is read before backward (a
         # non-finite one skips the step) and every gradient's norm is summed on the device (reported; a
-        # non-finite one stops training). check_finite=False drops both, as the paper's LOMO: no host sync
-        # and no extra read of each gradient (~5% of a 7B step, PERF_NOTES.md), and a non-finite loss or
-        # gradient reaches the weights unseen. A norm pass always checks: its norm is the check.
+        # non-finite one stops training). check_finite=False drops both, as the paper's LOMO: no host sync,
+        # no extra read of each gradient (6-10% of a 7B step on an H200, PERF_NOTES.md), and a non-finite
+        # loss or gradient reaches the weights unseen. A norm pass always checks: its norm is the check.
         self.check_finite = check_finite
         self.step_count, self.consecutive_skips = 0, 0
         # Parallelism (shard.py): a parameter with a `tensor_parallel_dim` attribute is split across the

@@ -96,6 +96,23 @@ def step_hooks_no_sync():  # the norms summed on the device, never read: no host
     norms = []
 
 
+def step_hooks_pre_sync():  # only the loss read before backward
+    global norms
+    value = loss()
+    float(value.detach())
+    value.backward()
+    torch.stack(norms).square().sum().sqrt()
+    norms = []
+
+
+def step_hooks_post_sync():  # only the norms read after backward
+    global norms
+    value = loss()
+    value.backward()
+    float(torch.stack(norms).square().sum().sqrt())
+    norms = []
+
+
 def step_hooks_last_sync():
     global norms
     value = loss()
@@ -132,6 +149,8 @@ variants = {  # name: (hook or None, step, set-up)
     "hook: add_": (bare, step_hooks),
     "hook: add_ + syncs": (bare, step_hooks_syncs),
     "hook: norm + add_, no sync": (bare_norm, step_hooks_no_sync),
+    "hook: norm + add_, sync before backward": (bare_norm, step_hooks_pre_sync),
+    "hook: norm + add_, sync after backward": (bare_norm, step_hooks_post_sync),
     "hook: norm + add_ + syncs": (bare_norm, step_hooks_syncs),
     "hook: compiled add+norm, syncs": (compiled_norm, step_hooks_syncs),
     "hook: norm + fused_sgd, no pre-sync": (fused_sgd_norm, step_hooks_last_sync),

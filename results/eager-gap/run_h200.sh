@@ -4,6 +4,9 @@
 #   run 2: the CUDA update tests, gap_ab.py (change 19 against before), bench.py eager and compiled (part a)
 #   run 3: gap_ab.py 4 "sgd (foreach);hook: add_;hook: norm + add_, no sync;hook: norm + add_ + syncs;LOMO before;LOMO" --compile
 #   run 4: part b: LOMO(check_finite=False) (change 20) interleaved, then bench.py eager and compiled
+#   run 5: gap_ab.py 4 "sgd (foreach);hook: norm + add_, no sync;hook: norm + add_, sync before backward;
+#          hook: norm + add_, sync after backward;hook: norm + add_ + syncs;LOMO, check_finite=False" --compile
+#   run 6: part c: the final build, every eager mode once (the README's table)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -29,5 +32,10 @@ for extra in "" "--compile"; do
   $B $extra --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
   $B $extra --modes sgd,lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
 done ;;
+  c)
+$B --modes infer,lomo,lomo-clip,sgd,hook-sgd --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --offload-checkpoints --modes lomo,lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --offload-checkpoints --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
   esac
 done
