@@ -23,8 +23,10 @@ How it works:
   always takes the norm pass: a non-finite norm means overflow, the step is skipped with every weight
   untouched, and the scale is halved. It doubles after `growth_interval` clean steps (the official
   code never grows it back).
-- bf16/fp32: a non-finite loss is caught before backward and the step skipped (one host sync). With a
-  norm pass a non-finite norm skips the step as well, before any weight moves. Without one (the fast
+- bf16/fp32: a non-finite loss skips the step before any weight moves. With a norm pass it is read with
+  the norm; in one pass it is copied to the host when the step begins and read at the first update (by
+  then long computed, with backward's first kernels queued: no idle GPU), and a non-finite one makes the
+  rest of that backward only free gradients. With a norm pass a non-finite norm skips the step as well. Without one (the fast
   default: one backward), each gradient's norm is still summed on the device as the gradient goes by
   (one read of it, ~1.5% of a 7B step, and the step reports the norm), but a gradient can only be
   checked after its weights have moved: a non-finite norm with a finite loss (rare outside fp16) stops
@@ -154,6 +156,7 @@ class LOMO:
         # What the hooks do is set by step() for each pass: None (plain autograd, hooks do nothing),
         # "norm" (pass 1: accumulate the squared norm) or "update" (apply SGD).
         self._mode = None
+        self._loss_on_host = None  # (host copy, CUDA event) of a checked one-pass step's loss, until read
         # Vectors (1-D parameters: the RMSNorm weights, 65 of them in 7B, 0.5 MiB in bf16) get no hook. Their
         # gradients accumulate during backward and are applied together after it with multi-tensor kernels,
         # instead of a Python hook, a norm and an update launch each: CPU time, in an eager step that is
@@ -199,11 +202,28 @@ class LOMO:
         if self._mode == "norm":
             self._record_norm(param, grad)
             return
+        if self._loss_on_host is not None:
+            self._read_loss()  # the first update of a checked one-pass step: is the loss finite?
+        if self._mode == "discard":
+            return
         if self._single_pass:
             # No norm pass vouched for this gradient: record its norm on the device (no host sync);
             # step() checks the total after backward.
             self._record_norm(param, grad)
         self._update(param, grad)
+
+    def _read_loss(self):
+        """Before the first weight of a checked one-pass step moves: the loss, copied to the host when the
+        step began, is read now (long computed: no wait, and backward's first kernels are already queued, so
+        the GPU does not idle as it would after a read before backward). If it is not finite, the rest of
+        the pass only frees gradients ("discard") and step() reports the step skipped."""
+        host, copied = self._loss_on_host
+        self._loss_on_host = None
+        if copied is not None:
+            copied.synchronize()
+        self._loss_value = float(host)
+        if not math.isfinite(self._loss_value):
+            self._mode = "discard"
 
     @torch.no_grad()  # outside backward, unlike the hooks: the in-place updates must not be recorded
     def _finish_vectors(self):
@@ -214,6 +234,10 @@ class LOMO:
         grads = [p.grad for p in params]
         for p in params:
             p.grad = None
+        if self._mode != "norm" and self._loss_on_host is not None:
+            self._read_loss()  # no hook ran an update before these (a model of vectors only)
+        if self._mode == "discard":
+            return
         if self.dp_group is not None:
             grads = _average_flat(grads, self.dp_size, self.dp_group)  # one all-reduce, not one per vector
         same_dtype = len({g.dtype for g in grads}) == 1
@@ -337,12 +361,11 @@ class LOMO:
         if unchecked:
             result.loss = mean_loss  # read when asked for: this step makes no host sync
         elif not self.needs_norm_pass:
-            # One host sync, before any backward: a non-finite loss would give non-finite gradients, and
-            # in one pass they would reach the weights. (With a norm pass the loss is read with the norm,
-            # in one sync after pass 1: a non-finite loss makes a non-finite norm, and no weight has moved.)
-            result.loss = float(mean_loss)
-            if not math.isfinite(result.loss):
-                return self._skip(result, f"non-finite loss {result.loss}")
+            # A non-finite loss gives non-finite gradients, and in one pass they would reach the weights. It
+            # is copied to the host now without waiting, and read before the first update (_read_loss).
+            # (With a norm pass the loss is read with the norm, in one sync after pass 1: a non-finite loss
+            # makes a non-finite norm, and no weight has moved.)
+            self._loss_on_host = _copy_to_host(mean_loss)
         scaled_loss = loss * scale if scale != 1.0 else loss
         self._inv_scale, self._clip_coef, self._lr = 1.0 / scale, 1.0, lr
         try:
@@ -371,10 +394,16 @@ class LOMO:
                 self._reset_norm(loss.device)
             scaled_loss.backward()
             self._finish_vectors()
+            if self._loss_on_host is not None:
+                self._read_loss()  # no gradient reached any parameter
+            discarded = self._mode == "discard"
         finally:
-            self._mode = None
+            self._mode, self._loss_on_host = None, None
             for p in self._vectors:
                 p.grad = None  # after an error inside backward: nothing of this step may leak into the next
+        if discarded:
+            result.loss = self._loss_value
+            return self._skip(result, f"non-finite loss {result.loss}")
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow=False, step=self.step_count)
         if self._single_pass:
@@ -443,6 +472,18 @@ class LOMO:
         self._handles = []
         for layer in self._gram_layers:
             layer.gram_norm = False
+
+
+def _copy_to_host(tensor):
+    """(a host copy, the CUDA event to wait for before reading it) without making the CPU wait now; on the
+    CPU, (the tensor, None)."""
+    if tensor.device.type != "cuda":
+        return tensor, None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return host, copied
 
 
 def _average_flat(grads, dp_size, group):

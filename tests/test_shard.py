@@ -157,6 +157,27 @@ def test_parallel_runs_match_one_process(world_size, tp, clip, checkpointing, ti
                                        msg=lambda m: f"rank {rank}, {name}: {m}")
 
 
+def nan_on_one_replica_worker():
+    grid = shard.init_distributed(tp=1)  # two data-parallel replicas
+    model = shard.build_model(run_args(), grid, seed=0)
+    lomo = LOMO(model, lr=0.1, dp_group=grid.dp_group)
+    inputs, targets = batch_for(grid.dp_rank, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = losses.model_loss(model, inputs, targets, grid)
+    first = lomo.step(loss * float("nan") if grid.dp_rank == 1 else loss)
+    unchanged = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    second = lomo.step(losses.model_loss(model, inputs, targets, grid))  # the replicas still agree: no hang
+    return dict(first=(first.skipped, first.reason), unchanged=unchanged, second=second.skipped,
+                weights=[p.detach().clone() for p in model.parameters()])
+
+
+def test_a_non_finite_loss_on_one_replica_skips_the_step_on_every_replica():
+    ranks = run_ranks(nan_on_one_replica_worker, 2)
+    for result in ranks:
+        assert result["first"] == (True, "non-finite loss nan") and result["unchanged"] and not result["second"]
+    assert all(torch.equal(p, q) for p, q in zip(ranks[0]["weights"], ranks[1]["weights"]))
+
+
 def local_norm_worker():
     """CoLLiE's LOMO under tp: each rank clips with the norm of its own shards only."""
     grid = shard.init_distributed(tp=2)

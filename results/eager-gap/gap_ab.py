@@ -2,7 +2,8 @@
 per-parameter hook interleaved in one process (one model), each timed by CUDA events per step (median),
 then one step of each under the profiler for the GPU's busy time (the union of its kernels) against the
 step's span. "LOMO before" is lomo.py before change 19 (PERF_NOTES.md), beside this file: make it with
-`git show 8cee26c:lomo.py > results/eager-gap/lomo_before.py`. Run 1 had no LOMO variants but "LOMO".
+`git show 8cee26c:lomo.py > results/eager-gap/lomo_before.py` (runs 2-6; run 7 compares with 59f240d, the
+loss read before backward). Run 1 had no LOMO variants but "LOMO".
 Run from anywhere: python3 results/eager-gap/gap_ab.py [rounds] ["variant;variant;..."] [--compile]"""
 import os
 import sys

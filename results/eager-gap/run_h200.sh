@@ -7,6 +7,7 @@
 #   run 5: gap_ab.py 4 "sgd (foreach);hook: norm + add_, no sync;hook: norm + add_, sync before backward;
 #          hook: norm + add_, sync after backward;hook: norm + add_ + syncs;LOMO, check_finite=False" --compile
 #   run 6: part c: the final build, every eager mode once (the README's table)
+#   run 7: part d, with lomo_before.py from 59f240d: the loss read at the first update instead of before backward
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -37,5 +38,10 @@ $B --modes infer,lomo,lomo-clip,sgd,hook-sgd --out "$OUT/bench.jsonl" >> "$OUT/r
 $B --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
 $B --offload-checkpoints --modes lomo,lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
 $B --offload-checkpoints --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
+  d)
+V="sgd (foreach);hook: norm + add_, sync after backward;LOMO before;LOMO;LOMO, check_finite=False"
+python3 -m pytest -q tests/test_lomo.py -k "rounded or nan_loss or without_checks" >> "$OUT/run.log" 2>&1
+python3 results/eager-gap/gap_ab.py 4 "$V" --compile 2>&1 | grep -v -i warn >> "$OUT/run.log"
+python3 results/eager-gap/gap_ab.py 4 "$V" 2>&1 | grep -v -i warn >> "$OUT/run.log" ;;
   esac
 done
