@@ -176,7 +176,8 @@ def use(name):
     elif hook == "lomo_unchecked":
         handles.extend(p.register_post_accumulate_grad_hook(lomo_unchecked._hook) for p in params if p.dim() > 1)
     elif hook == "lomo_old":
-        handles.extend(p.register_post_accumulate_grad_hook(lomo_old._hook) for p in params)
+        hooked = [p for p in params if p.dim() > 1] if hasattr(lomo_old, "_vectors") else params  # after change 19
+        handles.extend(p.register_post_accumulate_grad_hook(lomo_old._hook) for p in hooked)
     elif hook is not None:
         handles.extend(p.register_post_accumulate_grad_hook(hook) for p in params)
     return step
