@@ -7,8 +7,8 @@
 Modes, each measured in its own process so that one mode's peak never hides in another's:
   infer      forward and the training loss under no_grad: the floor LOMO aims for
   infer-logits  the usual inference forward: all (tokens x vocab) logits, then the loss from them
-  lomo       LOMO, one backward pass with the update fused in, and its checks (the loss read before
-             backward, each gradient's norm); --no-finite-checks: without them, as the paper's LOMO
+  lomo       LOMO, one backward pass with the update fused in, and its checks (the loss before the first
+             update, each gradient's norm); --no-finite-checks: without them, as the paper's LOMO
   lomo-clip  LOMO with clipping by global norm: two backward passes
   sgd        loss.backward() then torch.optim.SGD (all gradients alive at once)
   adamw      loss.backward() then torch.optim.AdamW (gradients and two states per parameter)

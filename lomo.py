@@ -141,9 +141,9 @@ class LOMO:
         self.lr, self.weight_decay = lr, weight_decay
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
         self.loss_scaler, self.max_consecutive_skips = loss_scaler, max_consecutive_skips
-        # One-pass mode (no clipping by norm, no fp16) checks by default: the loss is read before backward (a
-        # non-finite one skips the step) and every gradient's norm is summed on the device (reported; a
-        # non-finite one stops training). check_finite=False drops both, as the paper's LOMO: no host sync,
+        # One-pass mode (no clipping by norm, no fp16) checks by default: the loss is read before the first
+        # update (a non-finite one skips the step) and every gradient's norm is summed on the device (reported;
+        # a non-finite one stops training). check_finite=False drops both, as the paper's LOMO: no host sync,
         # no extra read of each gradient (6-10% of a 7B step on an H200, PERF_NOTES.md), and a non-finite
         # loss or gradient reaches the weights unseen. A norm pass always checks: its norm is the check.
         self.check_finite = check_finite
