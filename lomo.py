@@ -45,7 +45,7 @@ step rounds back to the parameter's dtype, as in the paper), gradient accumulati
 inside backward cannot wait for later micro-batches), and AdaLomo.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -69,7 +69,7 @@ class StepResult:
     loss_scale: Optional[float] = None  # fp16 only: the scale used for this step
     # The mean loss: a float, or (check_finite=False, one pass) the loss still on the device, read (one host
     # sync) when `loss` is first asked for, so that a step nobody reads never waits for the GPU.
-    _loss: object = math.nan
+    _loss: object = field(default=math.nan, repr=False)
 
     @property
     def loss(self) -> float:
@@ -144,8 +144,8 @@ class LOMO:
         # One-pass mode (no clipping by norm, no fp16) checks by default: the loss is read before the first
         # update (a non-finite one skips the step) and every gradient's norm is summed on the device (reported;
         # a non-finite one stops training). check_finite=False drops both, as the paper's LOMO: no host sync,
-        # no extra read of each gradient (6-10% of a 7B step on an H200, PERF_NOTES.md), and a non-finite
-        # loss or gradient reaches the weights unseen. A norm pass always checks: its norm is the check.
+        # no extra read of each gradient (together 4-10% of a 7B step on an H200, PERF_NOTES.md), and a
+        # non-finite loss or gradient reaches the weights unseen. A norm pass always checks: its norm is the check.
         self.check_finite = check_finite
         self.step_count, self.consecutive_skips = 0, 0
         # Parallelism (shard.py): a parameter with a `tensor_parallel_dim` attribute is split across the
@@ -194,6 +194,10 @@ class LOMO:
             # None: a backward outside step() (a diagnostic, a test) leaves .grad to the caller.
             return
         param.grad = None  # free it now: this is where LOMO's memory saving comes from
+        if self._loss_on_host is not None:
+            self._read_loss()  # the first update of a checked one-pass step: is the loss finite?
+        if self._mode == "discard":
+            return  # (every dp replica decides on the same averaged loss, so none enters the all-reduce)
         if self.dp_group is not None:
             # Data parallelism: average this gradient over the dp replicas before using it, so every
             # replica computes the same norm and applies the same update and they stay equal.
@@ -201,10 +205,6 @@ class LOMO:
             dist.all_reduce(grad, group=self.dp_group)
         if self._mode == "norm":
             self._record_norm(param, grad)
-            return
-        if self._loss_on_host is not None:
-            self._read_loss()  # the first update of a checked one-pass step: is the loss finite?
-        if self._mode == "discard":
             return
         if self._single_pass:
             # No norm pass vouched for this gradient: record its norm on the device (no host sync);
@@ -489,7 +489,7 @@ def _copy_to_host(tensor):
 def _average_flat(grads, dp_size, group):
     """The mean over the dp group of many small gradients, in one all-reduce per dtype (views of it)."""
     averaged = list(grads)
-    for dtype in {g.dtype for g in grads}:
+    for dtype in dict.fromkeys(g.dtype for g in grads):  # in the same order on every replica (not a set)
         indices = [i for i, g in enumerate(grads) if g.dtype == dtype]
         flat = torch.cat([grads[i].reshape(-1) for i in indices]).div_(dp_size)  # divide first, as the hook
         dist.all_reduce(flat, group=group)

@@ -180,10 +180,13 @@ def test_loss_scale_floor_is_a_clear_error():
         scaler.update(overflow=True, step=2)
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_nan_loss_never_reaches_weights(batch, dtype, clip):
-    model = tiny_model(dtype=dtype)
+def test_nan_loss_never_reaches_weights(batch, dtype, clip, device):
+    # (On a GPU the one-pass check reads the loss from a host copy made without waiting, at the first update.)
+    model = tiny_model(dtype=dtype).to(device)
+    batch = tuple(t.to(device) for t in batch)
     before = weights(model)
     result = LOMO(model, lr=0.1, clip_grad_norm=clip).step(loss_of(model, batch) * float("nan"))
     assert result.skipped and "non-finite loss" in result.reason

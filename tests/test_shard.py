@@ -164,10 +164,16 @@ def nan_on_one_replica_worker():
     inputs, targets = batch_for(grid.dp_rank, 2)
     before = [p.detach().clone() for p in model.parameters()]
     loss = losses.model_loss(model, inputs, targets, grid)
-    first = lomo.step(loss * float("nan") if grid.dp_rank == 1 else loss)
+    calls = []
+    all_reduce = torch.distributed.all_reduce
+    torch.distributed.all_reduce = lambda *args, **kwargs: calls.append(1) or all_reduce(*args, **kwargs)
+    try:
+        first = lomo.step(loss * float("nan") if grid.dp_rank == 1 else loss)
+    finally:
+        torch.distributed.all_reduce = all_reduce
     unchanged = all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     second = lomo.step(losses.model_loss(model, inputs, targets, grid))  # the replicas still agree: no hang
-    return dict(first=(first.skipped, first.reason), unchanged=unchanged, second=second.skipped,
+    return dict(first=(first.skipped, first.reason), unchanged=unchanged, second=second.skipped, calls=len(calls),
                 weights=[p.detach().clone() for p in model.parameters()])
 
 
@@ -175,6 +181,7 @@ def test_a_non_finite_loss_on_one_replica_skips_the_step_on_every_replica():
     ranks = run_ranks(nan_on_one_replica_worker, 2)
     for result in ranks:
         assert result["first"] == (True, "non-finite loss nan") and result["unchanged"] and not result["second"]
+        assert result["calls"] == 1  # the loss's average only: a discarded backward exchanges no gradient
     assert all(torch.equal(p, q) for p, q in zip(ranks[0]["weights"], ranks[1]["weights"]))
 
 

@@ -98,16 +98,38 @@ def test_cuda_without_gpu_is_refused(tmp_path):
         run(tmp_path, "--device", "cuda")
 
 
-def test_without_finite_checks_training_logs_no_norm_and_stops_on_a_bad_loss(tmp_path):
-    quick = ["--steps", "2", "--eval-every", "2", "--eval-batches", "2", "--sample-tokens", "2", "--batch-size", "4",
-             "--seq-len", "32", "--no-finite-checks"]
+QUICK_UNCHECKED = ["--steps", "2", "--eval-every", "2", "--eval-batches", "2", "--sample-tokens", "2",
+                   "--batch-size", "4", "--seq-len", "32", "--no-finite-checks"]
+
+
+def test_without_finite_checks_training_logs_no_norm_and_stops_on_a_bad_loss(tmp_path, monkeypatch):
+    quick = QUICK_UNCHECKED
+    checked = []
+    real_check = train.require_finite_weights
+    monkeypatch.setattr(train, "require_finite_weights", lambda model, step: checked.append(step) or real_check(model, step))
     run(tmp_path / "ok", *quick, "--save-every", "2")
+    assert checked == [2]  # the weights were checked before the save
     logged = [r for r in rows(tmp_path / "ok") if "loss" in r and "step" in r]
     assert logged and all(r["grad_norm"] is None and r["loss"] == r["loss"] for r in logged)
     # lr 1e30 sends the weights to +-inf in step 1; step 2's loss is not finite, and with no checks its
     # update has been applied: training stops there, saying how to go on.
     with pytest.raises(FloatingPointError, match=r"step 2: loss .* with --no-finite-checks.*--resume"):
         run(tmp_path / "bad", *quick, "--lr", "1e30")
+
+
+def test_with_a_norm_pass_no_finite_checks_changes_nothing_and_a_bad_loss_is_skipped(tmp_path, monkeypatch):
+    calls = []
+
+    def second_loss_nan(*args):
+        calls.append(1)
+        loss = train_loss(*args)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    train_loss = train.model_loss
+    monkeypatch.setattr(train, "model_loss", second_loss_nan)
+    run(tmp_path, *QUICK_UNCHECKED, "--clip-grad-norm", "1.0")  # no FloatingPointError: the norm pass checks
+    steps = {r["step"]: r for r in rows(tmp_path) if "skipped" in r}
+    assert not steps[1]["skipped"] and steps[2]["skipped"] and steps[1]["grad_norm"] > 0
 
 
 def test_without_finite_checks_non_finite_weights_are_never_saved(tmp_path):
