@@ -26,9 +26,9 @@ How it works:
 - bf16/fp32: a non-finite loss skips the step before any weight moves. With a norm pass it is read with
   the norm; in one pass it is copied to the host when the step begins and read at the first update (by
   then long computed, with backward's first kernels queued: no idle GPU), and a non-finite one makes the
-  rest of that backward only free gradients. With a norm pass a non-finite norm skips the step as well. Without one (the fast
-  default: one backward), each gradient's norm is still summed on the device as the gradient goes by
-  (one read of it, ~1.5% of a 7B step, and the step reports the norm), but a gradient can only be
+  rest of that backward only free gradients. With a norm pass a non-finite norm skips the step as well.
+  Without one (the fast default: one backward), each gradient's norm is still summed on the device as
+  it goes by (one read of it, 1-1.5% of a 7B step, and the step reports the norm), but a gradient can only be
   checked after its weights have moved: a non-finite norm with a finite loss (rare outside fp16) stops
   training with an error saying to resume from a checkpoint with clipping on. Masking each gradient
   before its update would cost one more read and write of every gradient (~5% of a step, PERF_NOTES.md)
@@ -154,7 +154,8 @@ class LOMO:
         self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         self._single_pass = False
         # What the hooks do is set by step() for each pass: None (plain autograd, hooks do nothing),
-        # "norm" (pass 1: accumulate the squared norm) or "update" (apply SGD).
+        # "norm" (pass 1: accumulate the squared norm), "update" (apply SGD) or "discard" (the loss turned
+        # out non-finite: free each gradient, change nothing).
         self._mode = None
         self._loss_on_host = None  # (host copy, CUDA event) of a checked one-pass step's loss, until read
         # Vectors (1-D parameters: the RMSNorm weights, 65 of them in 7B, 0.5 MiB in bf16) get no hook. Their
