@@ -35,7 +35,7 @@ How it works:
   for a step that is then half applied anyway. Many skipped steps in a row stop training too.
   `check_finite=False` drops the loss read and the norms, as the paper's LOMO does: a step with no host
   sync and nothing beyond backward and the update, for users who check elsewhere (train.py then stops on
-  a non-finite loss and checks the weights before each save).
+  a non-finite loss and checks the weights before each save and export).
 
 Weight decay is L2 regularization added to the gradient (g + wd * w), exactly as `torch.optim.SGD`'s
 `weight_decay`; with a constant lr this equals decoupled decay with factor lr * wd.

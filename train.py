@@ -324,6 +324,7 @@ def train(args, grid, dtype):
     # the loop, so that a caller running main() again can collect this run's objects.
     gc.collect()  # what is already garbage goes now: frozen, it would stay for the whole run
     gc.freeze()
+    unchecked = not lomo.check_finite and not lomo.needs_norm_pass  # --no-finite-checks (a norm pass checks anyway)
     try:
         bar = tqdm(range(first_step, args.steps + 1), desc="train", dynamic_ncols=True, file=sys.stdout,
                    initial=first_step - 1, total=args.steps, disable=not grid.is_main)
@@ -339,7 +340,6 @@ def train(args, grid, dtype):
             tokens = targets.numel() * grid.dp
             trained_tokens, train_time = trained_tokens + tokens, train_time + seconds
             skipped_steps += result.skipped
-            unchecked = not lomo.check_finite and not lomo.needs_norm_pass  # a norm pass checks anyway
             if unchecked and not math.isfinite(result.loss):
                 raise FloatingPointError(
                     f"step {step}: loss {result.loss} with --no-finite-checks, so its gradients have reached the "
@@ -367,6 +367,8 @@ def train(args, grid, dtype):
     finally:
         gc.unfreeze()
     if args.export_hf:
+        if unchecked:
+            require_finite_weights(model, args.steps)
         checkpoint.save_hf(model, args.export_hf, grid, tokenizer_path=tokenizer.path)
         print0(f"weights exported to {args.export_hf} (Hugging Face format)")
 

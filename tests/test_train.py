@@ -107,8 +107,8 @@ def test_without_finite_checks_training_logs_no_norm_and_stops_on_a_bad_loss(tmp
     checked = []
     real_check = train.require_finite_weights
     monkeypatch.setattr(train, "require_finite_weights", lambda model, step: checked.append(step) or real_check(model, step))
-    run(tmp_path / "ok", *quick, "--save-every", "2")
-    assert checked == [2]  # the weights were checked before the save
+    run(tmp_path / "ok", *quick, "--save-every", "2", "--export-hf", str(tmp_path / "hf"))
+    assert checked == [2, 2]  # the weights were checked before the save and before the export
     logged = [r for r in rows(tmp_path / "ok") if "loss" in r and "step" in r]
     assert logged and all(r["grad_norm"] is None and r["loss"] == r["loss"] for r in logged)
     # lr 1e30 sends the weights to +-inf in step 1; step 2's loss is not finite, and with no checks its
