@@ -29,10 +29,12 @@ How it works:
   rest of that backward only free gradients. With a norm pass a non-finite norm skips the step as well.
   Without one (the fast default: one backward), each gradient's norm is still summed on the device as
   it goes by (one read of it, 1-1.5% of a 7B step, and the step reports the norm), but a gradient can only be
-  checked after its weights have moved: a non-finite norm with a finite loss (rare outside fp16) stops
-  training with an error saying to resume from a checkpoint with clipping on. Masking each gradient
-  before its update would cost one more read and write of every gradient (~5% of a step, PERF_NOTES.md)
-  for a step that is then half applied anyway. Many skipped steps in a row stop training too.
+  checked after its weights have moved. So the step does not wait for the norm either: it is copied to the
+  host without waiting, and a non-finite one with a finite loss (rare outside fp16) stops training with an
+  error saying to resume from a checkpoint with clipping on, raised by `check_previous_step()` (train.py
+  calls it after each step) or else when the next step begins, before any of its weights moves. Masking
+  each gradient before its update would cost one more read and write of every gradient (~5% of a step,
+  PERF_NOTES.md) for a step that is then half applied anyway. Many skipped steps in a row stop training too.
   `check_finite=False` drops the loss read and the norms, as the paper's LOMO does: a step with no host
   sync and nothing beyond backward and the update, for users who check elsewhere (train.py then stops on
   a non-finite loss and checks the weights before each save and export).
@@ -63,23 +65,32 @@ class StepResult:
     """What one `LOMO.step` did."""
     step: int
     lr: float
-    grad_norm: Optional[float] = None  # global norm of the unscaled gradients (after value clipping)
     skipped: bool = False  # True: no weight changed
     reason: str = ""  # why the step was skipped
     loss_scale: Optional[float] = None  # fp16 only: the scale used for this step
-    # The mean loss: a float, or (check_finite=False, one pass) the loss still on the device, read (one host
-    # sync) when `loss` is first asked for, so that a step nobody reads never waits for the GPU.
+    # The mean loss and the global norm of the unscaled gradients (after value clipping; None without checks).
+    # Either may still be on its way from the device (check_finite=False's loss; a checked one-pass step's
+    # norm): it is read when first asked for, so that a step nobody reads never waits for the GPU.
     _loss: object = field(default=math.nan, repr=False)
+    _grad_norm: object = field(default=None, repr=False)
 
     @property
     def loss(self) -> float:
-        if isinstance(self._loss, torch.Tensor):
-            self._loss = float(self._loss)
+        self._loss = _read(self._loss)
         return self._loss
 
     @loss.setter
     def loss(self, value):
         self._loss = value
+
+    @property
+    def grad_norm(self) -> Optional[float]:
+        self._grad_norm = _read(self._grad_norm)
+        return self._grad_norm
+
+    @grad_norm.setter
+    def grad_norm(self, value):
+        self._grad_norm = value
 
 
 class DynamicLossScaler:
@@ -143,9 +154,10 @@ class LOMO:
         self.loss_scaler, self.max_consecutive_skips = loss_scaler, max_consecutive_skips
         # One-pass mode (no clipping by norm, no fp16) checks by default: the loss is read before the first
         # update (a non-finite one skips the step) and every gradient's norm is summed on the device (reported;
-        # a non-finite one stops training). check_finite=False drops both, as the paper's LOMO: no host sync,
-        # no extra read of each gradient (together 4-10% of a 7B step on an H200, PERF_NOTES.md), and a
-        # non-finite loss or gradient reaches the weights unseen. A norm pass always checks: its norm is the check.
+        # a non-finite one stops training, at check_previous_step). check_finite=False drops both, as the
+        # paper's LOMO: no extra read of each gradient (1-1.5% of a 7B step on an H200, PERF_NOTES.md), and
+        # a non-finite loss or gradient reaches the weights unseen. A norm pass always checks: its norm is
+        # the check.
         self.check_finite = check_finite
         self.step_count, self.consecutive_skips = 0, 0
         # Parallelism (shard.py): a parameter with a `tensor_parallel_dim` attribute is split across the
@@ -158,6 +170,7 @@ class LOMO:
         # out non-finite: free each gradient, change nothing).
         self._mode = None
         self._loss_on_host = None  # (host copy, CUDA event) of a checked one-pass step's loss, until read
+        self._unchecked_result = None  # the last checked one-pass step, until check_previous_step reads its norm
         # Vectors (1-D parameters: the RMSNorm weights, 65 of them in 7B, 0.5 MiB in bf16) get no hook. Their
         # gradients accumulate during backward and are applied together after it with multi-tensor kernels,
         # instead of a Python hook, a norm and an update launch each: CPU time, in an eager step that is
@@ -339,6 +352,7 @@ class LOMO:
 
     def step(self, loss: torch.Tensor, lr: Optional[float] = None) -> StepResult:
         """Backward (once, or twice with clipping/fp16) with the update fused in. Returns what happened."""
+        self.check_previous_step()  # before any weight of this step moves
         lr = self.lr if lr is None else lr
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"learning rate {lr} must be a finite number >= 0 (check the schedule's --min-lr-ratio)")
@@ -377,7 +391,7 @@ class LOMO:
                 with gram_norm.recording(self._keep_gram_norm if self._gram_norms else None):
                     scaled_loss.backward(retain_graph=True)
                 self._finish_vectors()
-                grad_norm, result.loss = self._global_norm(mean_loss)
+                grad_norm, result.loss = torch.stack([self._global_norm(), mean_loss.float()]).tolist()  # one sync
                 result.grad_norm = grad_norm
                 if not math.isfinite(result.loss):
                     return self._skip(result, f"non-finite loss {result.loss}")
@@ -408,22 +422,19 @@ class LOMO:
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow=False, step=self.step_count)
         if self._single_pass:
-            result.grad_norm, result.loss = self._global_norm(mean_loss)
-            if not math.isfinite(result.grad_norm):
-                raise FloatingPointError(
-                    f"step {self.step_count}: gradient norm {result.grad_norm} with a finite loss "
-                    f"({result.loss:.4g}); in one-pass mode the weights were updated before the norm was "
-                    f"known, so some are no longer finite. Resume from the last checkpoint (--resume) with "
-                    f"--clip-grad-norm, whose norm pass checks every gradient before any weight moves, or "
-                    f"a lower --lr")
+            # The norm is only known once this step's weights have moved, so nothing is gained by waiting for it
+            # now (a host sync: the GPU would idle while the CPU launches the next forward). It is copied to the
+            # host without waiting, and checked when the next step begins (check_previous_step).
+            result.loss, result.grad_norm = self._loss_value, _copy_to_host(self._global_norm())
+            self._unchecked_result = result
         self.consecutive_skips = 0
         return result
 
     def _reset_norm(self, device):
         self._sharded_norms, self._replicated_norms, self._norm_device = [], [], device
 
-    def _global_norm(self, mean_loss):
-        """(global gradient norm, mean loss), read from the device in one host sync."""
+    def _global_norm(self):
+        """The global gradient norm of this pass, on the device, from the norms its hooks recorded."""
         unscale = self._inv_scale if self.clip_grad_value is None else 1.0  # value clipping unscaled already
 
         def sum_of_squares(norms):
@@ -435,8 +446,19 @@ class LOMO:
         if self.tp_group is not None:
             dist.all_reduce(sharded, group=self.tp_group)  # each tp rank holds a different slice
         # Gradients were averaged over dp inside the hooks, so every dp replica has this same norm.
-        norm = (sharded + sum_of_squares(self._replicated_norms)).sqrt()
-        return tuple(torch.stack([norm, mean_loss.float()]).tolist())  # the one host sync
+        return (sharded + sum_of_squares(self._replicated_norms)).sqrt()
+
+    def check_previous_step(self):
+        """Raise if the last one-pass step's gradient norm was not finite (waiting for it if it is still on its
+        way from the device). step() calls this first, so training stops before another weight moves; call
+        it before saving weights, since by then the bad step's update has already been applied."""
+        result, self._unchecked_result = self._unchecked_result, None
+        if result is not None and not math.isfinite(result.grad_norm):
+            raise FloatingPointError(
+                f"step {result.step}: gradient norm {result.grad_norm} with a finite loss ({result.loss:.4g}); in "
+                f"one-pass mode the weights were updated before the norm was known, so some are no longer "
+                f"finite. Resume from the last checkpoint (--resume) with --clip-grad-norm, whose norm pass "
+                f"checks every gradient before any weight moves, or a lower --lr")
 
     def _skip(self, result: StepResult, reason: str) -> StepResult:
         for p in self.params:
@@ -485,6 +507,19 @@ def _copy_to_host(tensor):
     copied = torch.cuda.Event()
     copied.record()
     return host, copied
+
+
+def _read(value):
+    """A float from a value that may still be on the device: a tensor (read now, a host sync) or a host copy
+    with its CUDA event from _copy_to_host (a wait only until that copy is done); anything else as it is."""
+    if isinstance(value, tuple):
+        host, copied = value
+        if copied is not None:
+            copied.synchronize()
+        return float(host)
+    if isinstance(value, torch.Tensor):
+        return float(value)
+    return value
 
 
 def _average_flat(grads, dp_size, group):

@@ -335,7 +335,8 @@ def train(args, grid, dtype):
             lr = learning_rate(step, args.lr, args.steps, args.warmup_steps, args.schedule, args.min_lr_ratio)
             result = lomo.step(model_loss(model, inputs, targets, grid), lr)
             if device.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize()  # for the step's time; so reading what the step left on the GPU is free
+            lomo.check_previous_step()  # a one-pass step with a non-finite gradient norm stops here, not one step later
             seconds = time.perf_counter() - step_started
             tokens = targets.numel() * grid.dp
             trained_tokens, train_time = trained_tokens + tokens, train_time + seconds

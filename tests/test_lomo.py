@@ -1,6 +1,7 @@
 """LOMO against independent references: torch.optim.SGD, clip_grad_norm_, clip_grad_value_, and the
 guarantees of the fused update (one gradient alive at a time, nothing non-finite reaches a weight)."""
 import copy
+import math
 
 import pytest
 import torch
@@ -203,11 +204,21 @@ def test_nonfinite_gradient_is_skipped_with_clipping_and_stops_training_without(
     result = LOMO(model, lr=0.1, clip_grad_norm=1.0).step(loss_of(model, batch))
     assert result.skipped and "non-finite gradient norm" in result.reason
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    # One pass: the norm is known only after the update, so training stops, saying how to go on.
-    model = tiny_model(dtype=dtype)
-    inject(model, value)
-    with pytest.raises(FloatingPointError, match="step 1: gradient norm .* with a finite loss .*--clip-grad-norm"):
-        LOMO(model, lr=0.1, weight_decay=0.1).step(loss_of(model, batch))
+    # One pass: the norm is known only after the update, so training stops, saying how to go on: when asked
+    # (train.py asks after every step), or else when the next step begins, before any of its weights moves.
+    for ask in (True, False):
+        model = tiny_model(dtype=dtype)
+        inject(model, value)
+        lomo = LOMO(model, lr=0.1, weight_decay=0.1)
+        result = lomo.step(loss_of(model, batch))
+        assert not result.skipped and not math.isfinite(result.grad_norm) and math.isfinite(result.loss)
+        after_step_1 = weights(model)
+        with pytest.raises(FloatingPointError, match="step 1: gradient norm .* with a finite loss .*--clip-grad-norm"):
+            lomo.check_previous_step() if ask else lomo.step(loss_of(model, batch))
+        unchanged = (torch.allclose(p, q, rtol=0, atol=0, equal_nan=True) for p, q in zip(model.parameters(), after_step_1))
+        assert all(unchanged)
+        assert all(p.grad is None for p in model.parameters())
+        lomo.check_previous_step()  # reported once: a caller that goes on is not stopped again for it
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -250,7 +261,26 @@ def test_one_pass_step_reports_the_gradient_norm_of_clip_grad_norm_(batch, clip_
     expected = float(torch.nn.utils.get_total_norm(grads)) if hasattr(torch.nn.utils, "get_total_norm") else \
         float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
     result = LOMO(model, lr=0.1, clip_grad_value=clip_value).step(loss_of(model, batch))
+    assert isinstance(result._grad_norm, tuple)  # still a copy on its way: the step did not wait for it
     assert result.grad_norm == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a GPU matter")
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_a_one_pass_step_on_a_gpu_never_waits_for_the_whole_gpu(batch, check_finite):
+    # PyTorch's sync debug mode raises on every call that waits for the GPU's queue (.item(), a blocking copy,
+    # a stream sync). A checked step only waits for its loss's copy, through an event (not one of those).
+    model = tiny_model(dtype=torch.bfloat16).cuda()
+    batch = tuple(t.cuda() for t in batch)
+    lomo = LOMO(model, lr=0.1, check_finite=check_finite)
+    lomo.step(loss_of(model, batch))  # the first step, with its one-time allocations, outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [lomo.step(loss_of(model, batch)) for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(math.isfinite(r.loss) for r in results)
+    assert all((r.grad_norm is not None and r.grad_norm > 0) == check_finite for r in results)
 
 
 def test_many_bad_steps_in_a_row_stop_training_naming_the_step(batch):

@@ -140,3 +140,23 @@ def test_without_finite_checks_non_finite_weights_are_never_saved(tmp_path):
         model.layers[1].feed_forward.w2.weight[0, 0] = float("inf")
     with pytest.raises(FloatingPointError, match=r"step 7: layers.1.feed_forward.w2.weight is no longer finite"):
         train.require_finite_weights(model, step=7)
+
+
+def test_a_non_finite_gradient_norm_stops_training_at_its_step_before_it_is_logged_or_saved(tmp_path, monkeypatch):
+    # The one-pass step leaves its norm on the GPU (LOMO reads it at the next step); train.py, which waits for
+    # every step anyway, asks at once: the bad step is neither logged nor saved.
+    import lomo
+    real_norm, norms = lomo.LOMO._global_norm, []
+
+    def second_norm_nan(self):
+        norms.append(1)
+        norm = real_norm(self)
+        return norm * float("nan") if len(norms) == 2 else norm
+
+    monkeypatch.setattr(lomo.LOMO, "_global_norm", second_norm_nan)
+    quick = [flag for flag in QUICK_UNCHECKED if flag != "--no-finite-checks"]
+    with pytest.raises(FloatingPointError, match=r"step 2: gradient norm nan with a finite loss"):
+        run(tmp_path, *quick, "--steps", "3", "--save-every", "1")
+    assert [r["step"] for r in rows(tmp_path) if "loss" in r] == [1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["step-00000001"], \
+        list((tmp_path / "checkpoints").iterdir())
