@@ -154,6 +154,7 @@ variants = {  # name: (hook or None, step, set-up)
     "hook: norm + add_, sync after backward": (bare_norm, step_hooks_post_sync),
     "hook: norm + add_ + syncs": (bare_norm, step_hooks_syncs),
     "hook: compiled add+norm, syncs": (compiled_norm, step_hooks_syncs),
+    "hook: compiled add+norm, no sync": (compiled_norm, step_hooks_no_sync),
     "hook: norm + fused_sgd, no pre-sync": (fused_sgd_norm, step_hooks_last_sync),
     "LOMO before": ("lomo_old", step_lomo_old),
     "LOMO": ("lomo", step_lomo),

@@ -8,6 +8,9 @@
 #          hook: norm + add_, sync after backward;hook: norm + add_ + syncs;LOMO, check_finite=False" --compile
 #   run 6: part c: the final build, every eager mode once (the README's table)
 #   run 7: part d, with lomo_before.py from 59f240d: the loss read at the first update instead of before backward
+#   run 9: part e, with lomo_before.py from 5e503e9 (change 22: the norm read at the next step, not after backward);
+#          run 10: part f, every lomo/sgd bench mode of that build, eager and compiled
+#   run 11: part g: a compiled kernel that applies the update and sums the gradient's square in one read
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -43,5 +46,19 @@ V="sgd (foreach);hook: norm + add_, sync after backward;LOMO before;LOMO;LOMO, c
 python3 -m pytest -q tests/test_lomo.py -k "rounded or nan_loss or without_checks" >> "$OUT/run.log" 2>&1
 python3 results/eager-gap/gap_ab.py 4 "$V" --compile 2>&1 | grep -v -i warn >> "$OUT/run.log"
 python3 results/eager-gap/gap_ab.py 4 "$V" 2>&1 | grep -v -i warn >> "$OUT/run.log" ;;
+  e)
+V="sgd (foreach);LOMO before;LOMO;LOMO, check_finite=False"
+python3 -m pytest -q tests/test_lomo.py >> "$OUT/run.log" 2>&1
+python3 results/eager-gap/gap_ab.py 4 "$V" --compile 2>&1 | grep -v -i warn >> "$OUT/run.log"
+python3 results/eager-gap/gap_ab.py 4 "$V" 2>&1 | grep -v -i warn >> "$OUT/run.log" ;;
+  f)
+for extra in "" "--compile"; do
+  $B $extra --modes sgd,lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+  $B $extra --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+done ;;
+  g)
+V="sgd (foreach);hook: add_;hook: norm + add_, no sync;hook: compiled add+norm, no sync;LOMO"
+python3 results/eager-gap/gap_ab.py 4 "$V" --compile 2>&1 | grep -v -i warn >> "$OUT/run.log"
+python3 results/eager-gap/gap_ab.py 3 "$V" 2>&1 | grep -v -i warn >> "$OUT/run.log" ;;
   esac
 done
