@@ -11,6 +11,7 @@
 #   run 9: part e, with lomo_before.py from 5e503e9 (change 22: the norm read at the next step, not after backward);
 #          run 10: part f, every lomo/sgd bench mode of that build, eager and compiled
 #   run 11: part g: a compiled kernel that applies the update and sums the gradient's square in one read
+#   run 12: parts h and i: the final build, every mode, eager (h) and compiled (i) (the README's table)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -58,7 +59,16 @@ for extra in "" "--compile"; do
 done ;;
   g)
 V="sgd (foreach);hook: add_;hook: norm + add_, no sync;hook: compiled add+norm, no sync;LOMO"
+python3 results/eager-gap/fused_probe.py 2>&1 | grep -v -i warn >> "$OUT/run.log"
 python3 results/eager-gap/gap_ab.py 4 "$V" --compile 2>&1 | grep -v -i warn >> "$OUT/run.log"
 python3 results/eager-gap/gap_ab.py 3 "$V" 2>&1 | grep -v -i warn >> "$OUT/run.log" ;;
+  h)
+$B --modes infer,lomo,lomo-clip,sgd,hook-sgd --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --offload-checkpoints --modes lomo,lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --offload-checkpoints --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
+  i)
+$B --compile --modes sgd,lomo,lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --compile --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
   esac
 done
