@@ -115,6 +115,29 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+class StepClock:
+    """Step times without making the CPU wait for each step: on a GPU a CUDA event marks each step's start
+    on the GPU's own timeline (the time from one mark to the next is the step, including any time the GPU
+    sat idle between steps); on the CPU, wall time."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start, end):
+        """From mark `start` to mark `end`; on a GPU this waits until the GPU has passed `end`."""
+        if not self.cuda:
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+
+
 def require_finite_weights(model, step):
     """Under --no-finite-checks a non-finite gradient can reach the weights unseen: never save those."""
     named = [(name, p) for name, p in model.named_parameters()]
@@ -325,40 +348,58 @@ def train(args, grid, dtype):
     gc.collect()  # what is already garbage goes now: frozen, it would stay for the whole run
     gc.freeze()
     unchecked = not lomo.check_finite and not lomo.needs_norm_pass  # --no-finite-checks (a norm pass checks anyway)
+    clock = StepClock(device)
+
+    def finish(step, lr, result, tokens, seconds, evaluate_now):
+        """Write the row of a step that has run: by then its numbers are on the host, or nearly."""
+        nonlocal trained_tokens, train_time, skipped_steps
+        trained_tokens, train_time = trained_tokens + tokens, train_time + seconds
+        skipped_steps += result.skipped
+        if unchecked and not math.isfinite(result.loss):
+            raise FloatingPointError(
+                f"step {step}: loss {result.loss} with --no-finite-checks, so its gradients have reached the "
+                f"weights. Resume from the last checkpoint (--resume) without --no-finite-checks (a "
+                f"non-finite loss then skips the step), with --clip-grad-norm, or with a lower --lr")
+        bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.3g}", tok_s=f"{tokens / seconds:,.0f}")
+        if result.reason and grid.is_main:
+            tqdm.write(f"step {step}: skipped: {result.reason}")
+        row = dict(step=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, skipped=result.skipped,
+                   skipped_steps=skipped_steps, loss_scale=result.loss_scale, tokens_per_s=tokens / seconds,
+                   tokens_per_gpu_per_s=tokens / seconds / grid.world_size)
+        if device.type == "cuda":
+            row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if evaluate_now:
+            evaluations.append(dict(step=step, **evaluate(step)))
+            row.update(evaluations[-1])
+        log(row)
+
     try:
         bar = tqdm(range(first_step, args.steps + 1), desc="train", dynamic_ncols=True, file=sys.stdout,
                    initial=first_step - 1, total=args.steps, disable=not grid.is_main)
+        # The loop never waits for the GPU between steps: step t's row is written once step t+1 is queued
+        # behind it (its loss and norm have arrived by then, or nearly), so the GPU always has work while
+        # the CPU reads them, logs, and prepares the next batch. A step that evaluates, saves or ends the
+        # run is waited for and written at once.
+        previous = None  # (step, lr, result, tokens, clock mark at its start): issued, row not yet written
         for step in bar:
-            step_started = time.perf_counter()
             batch = [train_set.items[i] for i in sampler.next(args.batch_size * grid.dp)[rows]]
-            inputs, targets = (t.to(device) for t in collate(batch))
+            # Pinned host memory, so that the copy runs behind the queued work instead of waiting for it.
+            inputs, targets = (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+                               for t in collate(batch))
             lr = learning_rate(step, args.lr, args.steps, args.warmup_steps, args.schedule, args.min_lr_ratio)
-            result = lomo.step(model_loss(model, inputs, targets, grid), lr)
-            if device.type == "cuda":
-                torch.cuda.synchronize()  # for the step's time; so reading what the step left on the GPU is free
-            lomo.check_previous_step()  # a one-pass step with a non-finite gradient norm stops here, not one step later
-            seconds = time.perf_counter() - step_started
-            tokens = targets.numel() * grid.dp
-            trained_tokens, train_time = trained_tokens + tokens, train_time + seconds
-            skipped_steps += result.skipped
-            if unchecked and not math.isfinite(result.loss):
-                raise FloatingPointError(
-                    f"step {step}: loss {result.loss} with --no-finite-checks, so its gradients have reached the "
-                    f"weights. Resume from the last checkpoint (--resume) without --no-finite-checks (a "
-                    f"non-finite loss then skips the step), with --clip-grad-norm, or with a lower --lr")
-            bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.3g}", tok_s=f"{tokens / seconds:,.0f}")
-            if result.reason and grid.is_main:
-                tqdm.write(f"step {step}: skipped: {result.reason}")
-            row = dict(step=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, skipped=result.skipped,
-                       skipped_steps=skipped_steps, loss_scale=result.loss_scale, tokens_per_s=tokens / seconds,
-                       tokens_per_gpu_per_s=tokens / seconds / grid.world_size)
-            if device.type == "cuda":
-                row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            if step % args.eval_every == 0 or step == args.steps:
-                evaluations.append(dict(step=step, **evaluate(step)))
-                row.update(evaluations[-1])
-            log(row)
-            if args.save_every and (step % args.save_every == 0 or step == args.steps):
+            started = clock.mark()
+            result = lomo.step(model_loss(model, inputs, targets, grid), lr)  # checks the previous step first
+            if previous is not None:
+                finish(*previous[:-1], clock.seconds(previous[-1], started), evaluate_now=False)
+            previous = (step, lr, result, targets.numel() * grid.dp, started)
+            evaluate_now = step % args.eval_every == 0 or step == args.steps
+            save_now = args.save_every and (step % args.save_every == 0 or step == args.steps)
+            if evaluate_now or save_now:
+                seconds = clock.seconds(started, clock.mark())  # waits for this step to finish
+                lomo.check_previous_step()  # a one-pass step with a non-finite gradient norm stops here
+                finish(*previous[:-1], seconds, evaluate_now)
+                previous = None
+            if save_now:
                 if unchecked:
                     require_finite_weights(model, step)
                 training_state.save_training_state(saves, step, model, grid, dict(

@@ -115,6 +115,10 @@ def test_without_finite_checks_training_logs_no_norm_and_stops_on_a_bad_loss(tmp
     # update has been applied: training stops there, saying how to go on.
     with pytest.raises(FloatingPointError, match=r"step 2: loss .* with --no-finite-checks.*--resume"):
         run(tmp_path / "bad", *quick, "--lr", "1e30")
+    # Step 2 not the last: its row is written once step 3 is queued, and the error still names step 2.
+    with pytest.raises(FloatingPointError, match=r"step 2: loss .* with --no-finite-checks.*--resume"):
+        run(tmp_path / "bad-later", *quick, "--lr", "1e30", "--steps", "4", "--eval-every", "4")
+    assert [r["step"] for r in rows(tmp_path / "bad-later") if "loss" in r] == [1]
 
 
 def test_with_a_norm_pass_no_finite_checks_changes_nothing_and_a_bad_loss_is_skipped(tmp_path, monkeypatch):
@@ -160,3 +164,8 @@ def test_a_non_finite_gradient_norm_stops_training_at_its_step_before_it_is_logg
     assert [r["step"] for r in rows(tmp_path) if "loss" in r] == [1]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["step-00000001"], \
         list((tmp_path / "checkpoints").iterdir())
+    # Without a save or an evaluation at step 2, step 3's LOMO.step stops the run, before its update.
+    norms.clear()
+    with pytest.raises(FloatingPointError, match=r"step 2: gradient norm nan with a finite loss"):
+        run(tmp_path / "later", *quick, "--steps", "4", "--eval-every", "4")
+    assert [r["step"] for r in rows(tmp_path / "later") if "loss" in r] == [1]
