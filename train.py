@@ -188,7 +188,7 @@ def main(argv=None):
 
 
 def train(args, grid, dtype):
-    started = time.perf_counter()
+    run_started = time.perf_counter()
     device = grid.device
     print0 = print if grid.is_main else (lambda *a, **k: None)
     name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
@@ -387,15 +387,15 @@ def train(args, grid, dtype):
             inputs, targets = (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
                                for t in collate(batch))
             lr = learning_rate(step, args.lr, args.steps, args.warmup_steps, args.schedule, args.min_lr_ratio)
-            started = clock.mark()
+            step_mark = clock.mark()
             result = lomo.step(model_loss(model, inputs, targets, grid), lr)  # checks the previous step first
             if previous is not None:
-                finish(*previous[:-1], clock.seconds(previous[-1], started), evaluate_now=False)
-            previous = (step, lr, result, targets.numel() * grid.dp, started)
+                finish(*previous[:-1], clock.seconds(previous[-1], step_mark), evaluate_now=False)
+            previous = (step, lr, result, targets.numel() * grid.dp, step_mark)
             evaluate_now = step % args.eval_every == 0 or step == args.steps
             save_now = args.save_every and (step % args.save_every == 0 or step == args.steps)
             if evaluate_now or save_now:
-                seconds = clock.seconds(started, clock.mark())  # waits for this step to finish
+                seconds = clock.seconds(step_mark, clock.mark())  # waits for this step to finish
                 lomo.check_previous_step()  # a one-pass step with a non-finite gradient norm stops here
                 finish(*previous[:-1], seconds, evaluate_now)
                 previous = None
@@ -416,7 +416,7 @@ def train(args, grid, dtype):
 
     # -------------------------------------------------------------------------------- summary
     best = min(evaluations, key=lambda e: e["val_loss"])
-    summary = dict(summary=True, step=args.steps, time_s=time.perf_counter() - started,
+    summary = dict(summary=True, step=args.steps, time_s=time.perf_counter() - run_started,
                    tokens_per_s=trained_tokens / max(train_time, 1e-9),
                    tokens_per_gpu_per_s=trained_tokens / max(train_time, 1e-9) / grid.world_size, skipped_steps=skipped_steps, best_val_loss=best["val_loss"],
                    best_val_loss_step=best["step"], val_loss=evaluations[-1]["val_loss"],

@@ -25,6 +25,8 @@ def test_shortened_default_run_lowers_validation_loss(tmp_path, capsys):
     final = logged[-1]  # the summary row, which carries the final validation result too
     assert final["summary"] and final["val_loss"] == evaluations[-1]["val_loss"] == summary["val_loss"]
     assert final["best_val_loss"] == min(r["val_loss"] for r in evaluations) and final["tokens_per_s"] > 0
+    # The run's wall time holds its steps' time (150 steps of 16 x 128 tokens at the summary's tokens/s).
+    assert final["time_s"] > 150 * 16 * 128 / final["tokens_per_s"] > 0
     step = logged[1]
     assert set(step) >= {"loss", "lr", "grad_norm", "skipped", "skipped_steps", "loss_scale", "tokens_per_s",
                          "tokens_per_gpu_per_s"}
