@@ -32,7 +32,8 @@ How it works:
   checked after its weights have moved. So the step does not wait for the norm either: it is copied to the
   host without waiting, and a non-finite one with a finite loss (rare outside fp16) stops training with an
   error saying to resume from a checkpoint with clipping on, raised by `check_previous_step()` (train.py
-  calls it after each step) or else when the next step begins, before any of its weights moves. Masking
+  calls it before writing each step's row) or else when the next step begins, before any of its weights
+  moves. Masking
   each gradient before its update would cost one more read and write of every gradient (~5% of a step,
   PERF_NOTES.md) for a step that is then half applied anyway. Many skipped steps in a row stop training too.
   `check_finite=False` drops the loss read and the norms, as the paper's LOMO does: a step with no host
@@ -47,7 +48,7 @@ step rounds back to the parameter's dtype, as in the paper), gradient accumulati
 inside backward cannot wait for later micro-batches), and AdaLomo.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -60,7 +61,7 @@ import gram_norm
 UPDATE_CHUNK_NUMEL = 2**24
 
 
-@dataclass
+@dataclass(repr=False, eq=False)  # no ==: a value on its way from the GPU has none
 class StepResult:
     """What one `LOMO.step` did."""
     step: int
@@ -71,8 +72,8 @@ class StepResult:
     # The mean loss and the global norm of the unscaled gradients (after value clipping; None without checks).
     # Either may still be on its way from the device (check_finite=False's loss; a checked one-pass step's
     # norm): it is read when first asked for, so that a step nobody reads never waits for the GPU.
-    _loss: object = field(default=math.nan, repr=False)
-    _grad_norm: object = field(default=None, repr=False)
+    _loss: object = math.nan
+    _grad_norm: object = None
 
     @property
     def loss(self) -> float:
@@ -91,6 +92,10 @@ class StepResult:
     @grad_norm.setter
     def grad_norm(self, value):
         self._grad_norm = value
+
+    def __repr__(self):  # with the loss and the norm, read if still on their way
+        return (f"StepResult(step={self.step}, lr={self.lr}, loss={self.loss}, grad_norm={self.grad_norm}, "
+                f"skipped={self.skipped}, reason={self.reason!r}, loss_scale={self.loss_scale})")
 
 
 class DynamicLossScaler:
@@ -221,8 +226,8 @@ class LOMO:
             self._record_norm(param, grad)
             return
         if self._single_pass:
-            # No norm pass vouched for this gradient: record its norm on the device (no host sync);
-            # step() checks the total after backward.
+            # No norm pass vouched for this gradient: record its norm on the device (no host sync); the
+            # total is checked by check_previous_step (the next step() calls it first).
             self._record_norm(param, grad)
         self._update(param, grad)
 
@@ -374,7 +379,7 @@ class LOMO:
         result = StepResult(step=self.step_count, lr=lr, loss_scale=scale if self.loss_scaler is not None else None)
         unchecked = not self.needs_norm_pass and not self.check_finite
         if unchecked:
-            result.loss = mean_loss  # read when asked for: this step makes no host sync
+            result.loss = _copy_to_host(mean_loss)  # read when asked for: this step makes no host sync
         elif not self.needs_norm_pass:
             # A non-finite loss gives non-finite gradients, and in one pass they would reach the weights. It
             # is copied to the host now without waiting, and read before the first update (_read_loss).
@@ -503,9 +508,9 @@ def _copy_to_host(tensor):
     if tensor.device.type != "cuda":
         return tensor, None
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
+    host.copy_(tensor, non_blocking=True)  # queued on the tensor's device's current stream
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(tensor.device))  # that stream, not the current device's
     return host, copied
 
 

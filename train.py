@@ -350,9 +350,10 @@ def train(args, grid, dtype):
     unchecked = not lomo.check_finite and not lomo.needs_norm_pass  # --no-finite-checks (a norm pass checks anyway)
     clock = StepClock(device)
 
-    def finish(step, lr, result, tokens, seconds, evaluate_now):
-        """Write the row of a step that has run: by then its numbers are on the host, or nearly."""
+    def finish(step, lr, result, tokens, peak, seconds, evaluate_now):
+        """Write the row of a step that has run: by then its loss and norm are on the host, or nearly."""
         nonlocal trained_tokens, train_time, skipped_steps
+        lomo.check_previous_step()  # a one-pass step with a non-finite gradient norm stops training here
         trained_tokens, train_time = trained_tokens + tokens, train_time + seconds
         skipped_steps += result.skipped
         if unchecked and not math.isfinite(result.loss):
@@ -366,8 +367,8 @@ def train(args, grid, dtype):
         row = dict(step=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, skipped=result.skipped,
                    skipped_steps=skipped_steps, loss_scale=result.loss_scale, tokens_per_s=tokens / seconds,
                    tokens_per_gpu_per_s=tokens / seconds / grid.world_size)
-        if device.type == "cuda":
-            row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if peak is not None:
+            row["peak_memory_gib"] = peak
         if evaluate_now:
             evaluations.append(dict(step=step, **evaluate(step)))
             row.update(evaluations[-1])
@@ -376,11 +377,11 @@ def train(args, grid, dtype):
     try:
         bar = tqdm(range(first_step, args.steps + 1), desc="train", dynamic_ncols=True, file=sys.stdout,
                    initial=first_step - 1, total=args.steps, disable=not grid.is_main)
-        # The loop never waits for the GPU between steps: step t's row is written once step t+1 is queued
-        # behind it (its loss and norm have arrived by then, or nearly), so the GPU always has work while
-        # the CPU reads them, logs, and prepares the next batch. A step that evaluates, saves or ends the
-        # run is waited for and written at once.
-        previous = None  # (step, lr, result, tokens, clock mark at its start): issued, row not yet written
+        # The loop never waits for the GPU between steps: step t's row is written once step t+1's forward
+        # is queued behind it (t's loss and norm have arrived by then, or nearly), so the GPU has work while
+        # the CPU reads them and logs, and before t+1's backward moves any weight (a bad step t stops the
+        # run first). A step that evaluates, saves or ends the run is waited for and written at once.
+        previous = None  # (step, lr, result, tokens, peak memory, clock mark at its start): row not yet written
         for step in bar:
             batch = [train_set.items[i] for i in sampler.next(args.batch_size * grid.dp)[rows]]
             # Pinned host memory, so that the copy runs behind the queued work instead of waiting for it.
@@ -388,16 +389,16 @@ def train(args, grid, dtype):
                                for t in collate(batch))
             lr = learning_rate(step, args.lr, args.steps, args.warmup_steps, args.schedule, args.min_lr_ratio)
             step_mark = clock.mark()
-            result = lomo.step(model_loss(model, inputs, targets, grid), lr)  # checks the previous step first
+            loss = model_loss(model, inputs, targets, grid)
             if previous is not None:
                 finish(*previous[:-1], clock.seconds(previous[-1], step_mark), evaluate_now=False)
-            previous = (step, lr, result, targets.numel() * grid.dp, step_mark)
+            result = lomo.step(loss, lr)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+            previous = (step, lr, result, targets.numel() * grid.dp, peak, step_mark)
             evaluate_now = step % args.eval_every == 0 or step == args.steps
             save_now = args.save_every and (step % args.save_every == 0 or step == args.steps)
             if evaluate_now or save_now:
-                seconds = clock.seconds(step_mark, clock.mark())  # waits for this step to finish
-                lomo.check_previous_step()  # a one-pass step with a non-finite gradient norm stops here
-                finish(*previous[:-1], seconds, evaluate_now)
+                finish(*previous[:-1], clock.seconds(step_mark, clock.mark()), evaluate_now)  # waits for the step
                 previous = None
             if save_now:
                 if unchecked:

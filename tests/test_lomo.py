@@ -229,7 +229,7 @@ def test_without_checks_the_step_is_sgd_and_the_loss_is_read_only_when_asked(bat
         with torch.no_grad():
             expected_loss = float(loss_of(model, batch))
         result = lomo.step(loss_of(model, batch))
-        assert isinstance(result._loss, torch.Tensor)  # not read yet: the step made no host sync for it
+        assert isinstance(result._loss, tuple)  # a copy on its way, not read yet: the step did not wait for it
         assert result.loss == expected_loss and isinstance(result._loss, float)
         assert result.grad_norm is None and not result.skipped and result.step == step + 1
     sgd_reference(reference, batch, lr=0.3, weight_decay=weight_decay, steps=3)
@@ -269,18 +269,25 @@ def test_one_pass_step_reports_the_gradient_norm_of_clip_grad_norm_(batch, clip_
 @pytest.mark.parametrize("check_finite", [True, False])
 def test_a_one_pass_step_on_a_gpu_never_waits_for_the_whole_gpu(batch, check_finite):
     # PyTorch's sync debug mode raises on every call that waits for the GPU's queue (.item(), a blocking copy,
-    # a stream sync). A checked step only waits for its loss's copy, through an event (not one of those).
+    # a stream sync). A checked step only waits for its loss's copy, through an event (not one of those); and
+    # reading a step's loss and norm once the next step is queued (as train.py does) waits for copies only.
     model = tiny_model(dtype=torch.bfloat16).cuda()
     batch = tuple(t.cuda() for t in batch)
     lomo = LOMO(model, lr=0.1, check_finite=check_finite)
     lomo.step(loss_of(model, batch))  # the first step, with its one-time allocations, outside the check
+    read = []
     torch.cuda.set_sync_debug_mode("error")
     try:
-        results = [lomo.step(loss_of(model, batch)) for _ in range(3)]
+        previous = None
+        for _ in range(3):
+            result = lomo.step(loss_of(model, batch))
+            if previous is not None:
+                read.append((previous.loss, previous.grad_norm))
+            previous = result
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert all(math.isfinite(r.loss) for r in results)
-    assert all((r.grad_norm is not None and r.grad_norm > 0) == check_finite for r in results)
+    assert len(read) == 2 and all(math.isfinite(loss) for loss, _ in read)
+    assert all((norm is not None and norm > 0) == check_finite for _, norm in read)
 
 
 def test_many_bad_steps_in_a_row_stop_training_naming_the_step(batch):

@@ -117,7 +117,8 @@ def test_without_finite_checks_training_logs_no_norm_and_stops_on_a_bad_loss(tmp
     # update has been applied: training stops there, saying how to go on.
     with pytest.raises(FloatingPointError, match=r"step 2: loss .* with --no-finite-checks.*--resume"):
         run(tmp_path / "bad", *quick, "--lr", "1e30")
-    # Step 2 not the last: its row is written once step 3 is queued, and the error still names step 2.
+    # Step 2 not the last: its row is written once step 3's forward is queued, and the error still names
+    # step 2 (and comes before step 3's update).
     with pytest.raises(FloatingPointError, match=r"step 2: loss .* with --no-finite-checks.*--resume"):
         run(tmp_path / "bad-later", *quick, "--lr", "1e30", "--steps", "4", "--eval-every", "4")
     assert [r["step"] for r in rows(tmp_path / "bad-later") if "loss" in r] == [1]
@@ -149,8 +150,8 @@ def test_without_finite_checks_non_finite_weights_are_never_saved(tmp_path):
 
 
 def test_a_non_finite_gradient_norm_stops_training_at_its_step_before_it_is_logged_or_saved(tmp_path, monkeypatch):
-    # The one-pass step leaves its norm on the GPU (LOMO reads it at the next step); train.py, which waits for
-    # every step anyway, asks at once: the bad step is neither logged nor saved.
+    # The one-pass step leaves its norm on the GPU; train.py asks for it before it writes the step's row,
+    # which a step that saves does at once: the bad step is neither logged nor saved.
     import lomo
     real_norm, norms = lomo.LOMO._global_norm, []
 
@@ -166,7 +167,8 @@ def test_a_non_finite_gradient_norm_stops_training_at_its_step_before_it_is_logg
     assert [r["step"] for r in rows(tmp_path) if "loss" in r] == [1]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["step-00000001"], \
         list((tmp_path / "checkpoints").iterdir())
-    # Without a save or an evaluation at step 2, step 3's LOMO.step stops the run, before its update.
+    # Without a save or an evaluation at step 2, its row waits for step 3's forward, and the run stops there,
+    # before step 3's update.
     norms.clear()
     with pytest.raises(FloatingPointError, match=r"step 2: gradient norm nan with a finite loss"):
         run(tmp_path / "later", *quick, "--steps", "4", "--eval-every", "4")
