@@ -28,14 +28,14 @@ How it works:
   then long computed, with backward's first kernels queued: no idle GPU), and a non-finite one makes the
   rest of that backward only free gradients. With a norm pass a non-finite norm skips the step as well.
   Without one (the fast default: one backward), each gradient's norm is still summed on the device as
-  it goes by (one read of it, 1-1.5% of a 7B step, and the step reports the norm), but a gradient can only be
+  it goes by (one read of it, 1.5-2.5% of a 7B step, and the step reports the norm), but a gradient can only be
   checked after its weights have moved. So the step does not wait for the norm either: it is copied to the
   host without waiting, and a non-finite one with a finite loss (rare outside fp16) stops training with an
   error saying to resume from a checkpoint with clipping on, raised by `check_previous_step()` (train.py
   calls it before writing each step's row) or else when the next step begins, before any of its weights
-  moves. Masking
-  each gradient before its update would cost one more read and write of every gradient (~5% of a step,
-  PERF_NOTES.md) for a step that is then half applied anyway. Many skipped steps in a row stop training too.
+  moves. Masking each gradient before its update would cost one more read and write of every gradient (~5%
+  of a step, PERF_NOTES.md) for a step that is then half applied anyway. Many skipped steps in a row stop
+  training too.
   `check_finite=False` drops the loss read and the norms, as the paper's LOMO does: a step with no host
   sync and nothing beyond backward and the update, for users who check elsewhere (train.py then stops on
   a non-finite loss and checks the weights before each save and export).
@@ -160,7 +160,7 @@ class LOMO:
         # One-pass mode (no clipping by norm, no fp16) checks by default: the loss is read before the first
         # update (a non-finite one skips the step) and every gradient's norm is summed on the device (reported;
         # a non-finite one stops training, at check_previous_step). check_finite=False drops both, as the
-        # paper's LOMO: no extra read of each gradient (1-1.5% of a 7B step on an H200, PERF_NOTES.md), and
+        # paper's LOMO: no extra read of each gradient (1.5-2.5% of a 7B step on an H200, PERF_NOTES.md), and
         # a non-finite loss or gradient reaches the weights unseen. A norm pass always checks: its norm is
         # the check.
         self.check_finite = check_finite
