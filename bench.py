@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--no-gram-norms", action="store_true",
                    help="lomo-clip's norm pass makes every weight gradient for its norm (the A/B for gram_norm.py)")
     p.add_argument("--no-finite-checks", action="store_true",
-                   help="lomo: LOMO(check_finite=False), the paper's one pass: no host sync, no gradient norms")
+                   help="lomo: LOMO(check_finite=False), the paper's one pass: no loss check, no gradient norms")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps, after --warmup steps")
     p.add_argument("--warmup", type=int, default=2)
