@@ -55,6 +55,9 @@ def parse_args(argv=None):
                    help="lomo-clip's norm pass makes every weight gradient for its norm (the A/B for gram_norm.py)")
     p.add_argument("--no-finite-checks", action="store_true",
                    help="lomo: LOMO(check_finite=False), the paper's one pass: no loss check, no gradient norms")
+    p.add_argument("--no-fused-kernel", action="store_true",
+                   help="lomo: LOMO(fused_kernel=False): the update and the norm as two PyTorch ops, not "
+                        "fused_update.py's one kernel (the A/B for it; only a GPU with Triton has the kernel)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps, after --warmup steps")
     p.add_argument("--warmup", type=int, default=2)
@@ -116,7 +119,7 @@ def run_mode(args, mode):
         if mode in ("lomo", "lomo-clip"):
             lomo = LOMO(model, lr=lr, clip_grad_norm=1.0 if mode == "lomo-clip" else None,
                         tp_group=grid.tp_group, dp_group=grid.dp_group, gram_norms=not args.no_gram_norms,
-                        check_finite=not args.no_finite_checks)
+                        check_finite=not args.no_finite_checks, fused_kernel=not args.no_fused_kernel)
             step = lambda: lomo.step(loss_of())  # noqa: E731
         elif mode in ("sgd", "adamw"):
             optimizer = (torch.optim.SGD(params, lr=lr) if mode == "sgd" else torch.optim.AdamW(params, lr=lr))
@@ -168,13 +171,14 @@ def run_mode(args, mode):
         sync()
         seconds = (time.perf_counter() - started) / args.steps
         step_ms = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
-        return measurements(args, mode, margs, model, grid, seconds, step_ms)
+        fused_kernel = lomo.uses_fused_kernel if mode in ("lomo", "lomo-clip") else None
+        return measurements(args, mode, margs, model, grid, seconds, step_ms, fused_kernel)
     finally:
         gc.unfreeze()
         destroy_distributed()
 
 
-def measurements(args, mode, margs, model, grid, seconds, step_ms=()):
+def measurements(args, mode, margs, model, grid, seconds, step_ms=(), fused_kernel=None):
     device = grid.device
     element = next(model.parameters()).element_size()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -194,6 +198,7 @@ def measurements(args, mode, margs, model, grid, seconds, step_ms=()):
                activation_checkpointing=args.activation_checkpointing,
                offload_checkpoints=args.offload_checkpoints, compile=args.compile, memory_cap_gb=args.memory_cap_gb,
                finite_checks=not args.no_finite_checks if mode == "lomo" else None,
+               fused_kernel=fused_kernel,  # whether the update and norm ran as one kernel (fused_update.py)
                # whether lomo-clip's norm pass takes the linear layers' norms from Grams (compiled blocks do not)
                gram_norms=any(getattr(m, "gram_norm", False) for m in model.modules()) and not args.compile,
                device=name, torch=torch.__version__, seconds_per_step=seconds, tokens_per_s=tokens_per_s,

@@ -54,6 +54,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+import fused_update
 import gram_norm
 
 # The fp32 update of a bf16/fp16 parameter runs in chunks of this many elements, so its temporaries
@@ -141,7 +142,8 @@ class LOMO:
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
                  clip_grad_norm: Optional[float] = None, clip_grad_value: Optional[float] = None,
                  loss_scaler: Optional[DynamicLossScaler] = None, max_consecutive_skips: int = 25,
-                 tp_group=None, dp_group=None, gram_norms: bool = True, check_finite: bool = True):
+                 tp_group=None, dp_group=None, gram_norms: bool = True, check_finite: bool = True,
+                 fused_kernel: bool = True):
         for name, value in (("lr", lr), ("weight_decay", weight_decay)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}={value} must be a finite number >= 0")
@@ -164,6 +166,10 @@ class LOMO:
         # a non-finite loss or gradient reaches the weights unseen. A norm pass always checks: its norm is
         # the check.
         self.check_finite = check_finite
+        # On a GPU with Triton, a checked one-pass step updates each bf16/fp16 matrix and sums its gradient's
+        # squares in one kernel (fused_update.py): one read of the gradient instead of two. False: the two
+        # PyTorch ops (for comparison: bench.py --no-fused-kernel).
+        self.fused_kernel = fused_kernel
         self.step_count, self.consecutive_skips = 0, 0
         # Parallelism (shard.py): a parameter with a `tensor_parallel_dim` attribute is split across the
         # tp group; one without is replicated there. Every parameter is replicated across the dp group.
@@ -228,6 +234,10 @@ class LOMO:
         if self._single_pass:
             # No norm pass vouched for this gradient: record its norm on the device (no host sync); the
             # total is checked by check_previous_step (the next step() calls it first).
+            if self._can_fuse(param, grad):  # the update and the sum of squares in one read of grad
+                alpha = -self._lr * self._clip_coef * self._inv_scale
+                fused_update.update_and_sum_squares(param, grad, alpha, self._square_sum_slots(param))
+                return
             self._record_norm(param, grad)
         self._update(param, grad)
 
@@ -297,6 +307,25 @@ class LOMO:
                 # step and halve the scale, so a non-finite raw gradient makes the norm non-finite (0 * inf).
                 norm = norm + 0.0 * torch.linalg.vector_norm(grad, dtype=torch.float32)
         self._keep_norm(param, norm)
+
+    @property
+    def uses_fused_kernel(self) -> bool:
+        """Whether a step updates the matrices with fused_update.py's kernel: a checked one-pass step, with
+        bf16/fp16 weights on a GPU with Triton, no value clipping and no weight decay."""
+        return (self.check_finite and not self.needs_norm_pass
+                and any(self._can_fuse(p, p) for p in self.params if p.dim() > 1))
+
+    def _can_fuse(self, param, grad):
+        # fused_update.py computes exactly _update's CUDA fast path plus the plain (unclipped) norm.
+        return (self.fused_kernel and self.clip_grad_value is None and not self.weight_decay
+                and fused_update.available(param, grad))
+
+    def _square_sum_slots(self, param):
+        # fused_update's per-program sums of squares, one buffer per norm group (as _keep_norm's lists).
+        group = "sharded" if hasattr(param, "tensor_parallel_dim") else "replicated"
+        if group not in self._square_sums:
+            self._square_sums[group] = fused_update.new_slots(param.device)
+        return self._square_sums[group]
 
     def _keep_gram_norm(self, weight, norm):
         # gram_norm.py's recorder in the norm pass. A weight reached twice in one backward (a layer called
@@ -437,10 +466,14 @@ class LOMO:
 
     def _reset_norm(self, device):
         self._sharded_norms, self._replicated_norms, self._norm_device = [], [], device
+        self._square_sums = {}  # fused_update.py's buffers, by group
 
     def _global_norm(self):
         """The global gradient norm of this pass, on the device, from the norms its hooks recorded."""
         unscale = self._inv_scale if self.clip_grad_value is None else 1.0  # value clipping unscaled already
+        for group, norms in (("sharded", self._sharded_norms), ("replicated", self._replicated_norms)):
+            if group in self._square_sums:
+                norms.append(self._square_sums[group].sum().sqrt())  # the fused kernel's gradients, as one norm
 
         def sum_of_squares(norms):
             if not norms:

@@ -42,3 +42,19 @@ def sgd_reference(model, batch, lr, weight_decay=0.0, clip_norm=None, clip_value
             norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)))
         sgd.step()
     return norms
+
+
+def inject(model, value, name="layers.0.attention.wq"):
+    """Make one element of the gradient reaching one linear layer's output `value` (inf or nan), so that
+    its weight's gradient is non-finite whether that norm is taken from the gradient or from Grams."""
+    layer = dict(model.named_modules())[name]
+
+    def corrupt(grad):
+        grad = grad.clone()
+        grad.view(-1)[0] = value
+        return grad
+
+    def on_output(module, inputs, output):
+        output.register_hook(corrupt)  # (a forward hook that returned something would replace the output)
+
+    return layer.register_forward_hook(on_output)

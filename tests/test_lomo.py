@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import loss_of, sgd_reference, tiny_model
+from conftest import inject, loss_of, sgd_reference, tiny_model
 from lomo import LOMO, DynamicLossScaler
 
 
@@ -111,22 +111,6 @@ def test_backward_outside_step_leaves_weights_and_grads_to_the_caller(batch):
     loss_of(model, batch).backward()
     assert all(p.grad is not None for p in model.parameters())
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-
-
-def inject(model, value, name="layers.0.attention.wq"):
-    """Make one element of the gradient reaching one linear layer's output `value` (inf or nan), so that
-    its weight's gradient is non-finite whether that norm is taken from the gradient or from Grams."""
-    layer = dict(model.named_modules())[name]
-
-    def corrupt(grad):
-        grad = grad.clone()
-        grad.view(-1)[0] = value
-        return grad
-
-    def on_output(module, inputs, output):
-        output.register_hook(corrupt)  # (a forward hook that returned something would replace the output)
-
-    return layer.register_forward_hook(on_output)
 
 
 def test_fp16_overflow_skips_step_halves_scale_and_keeps_weights(batch):

@@ -1,6 +1,10 @@
 """Does inductor make one kernel of `p += alpha * g` and `sum(g**2)` (one read of g), and how long do the
 separate eager kernels take against it? One 11008 x 4096 bf16 matrix (a 7B MLP weight), on one GPU.
+Run 13 adds fused_update.py's Triton kernel (one kernel, one read of g) and the update alone (add_).
 Run: python3 results/eager-gap/fused_probe.py"""
+import os
+import sys
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -28,7 +32,26 @@ square_sum = add_and_square_sum(fused, g, alpha)
 print("fused update equal to eager add_:", torch.equal(fused, reference),
       "max abs diff", (fused.float() - reference.float()).abs().max().item(),
       "norm", square_sum.sqrt().item(), "vs", torch.linalg.vector_norm(g, dtype=torch.float32).item())
-for name, fn, a in (("eager norm + add_", eager, -1e-3), ("compiled add+norm", add_and_square_sum, alpha)):
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import fused_update  # noqa: E402
+
+slots = fused_update.new_slots("cuda")
+triton_updated = p.clone()
+fused_update.update_and_sum_squares(triton_updated, g, -1e-3, slots)
+print("triton update equal to eager add_:", torch.equal(triton_updated, reference),
+      "norm", slots.sum().sqrt().item(), "vs float64", g.double().square().sum().sqrt().item())
+
+
+def triton_kernel(p, g, a):
+    fused_update.update_and_sum_squares(p, g, a, slots)
+
+
+def add_only(p, g, a):
+    p.add_(g, alpha=a)
+
+
+for name, fn, a in (("eager norm + add_", eager, -1e-3), ("compiled add+norm", add_and_square_sum, alpha),
+                    ("triton kernel", triton_kernel, -1e-3), ("add_ alone", add_only, -1e-3)):
     for _ in range(3):
         fn(p, g, a)
     torch.cuda.synchronize()

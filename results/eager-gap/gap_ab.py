@@ -25,6 +25,8 @@ lomo_old = lomo_before.LOMO(model, lr=LR)
 lomo_old.remove_hooks()
 lomo_unchecked = type(lomo)(model, lr=LR, check_finite=False)  # the paper's one pass: no sync, no norms
 lomo_unchecked.remove_hooks()
+lomo_unfused = type(lomo)(model, lr=LR, fused_kernel=False)  # the update and the norm as two PyTorch ops
+lomo_unfused.remove_hooks()
 
 lomo.remove_hooks()  # its hooks are registered again for the variant "LOMO" only
 handles = []
@@ -56,6 +58,23 @@ def compiled_norm(p):
     g = p.grad
     p.grad = None
     norms.append(add_and_square_sum(p, g, alpha_dev))
+
+
+import fused_update  # noqa: E402
+
+slots = fused_update.new_slots("cuda")
+
+
+def triton_norm(p):  # fused_update.py's kernel alone: what LOMO's checked step does, without its loss read
+    g = p.grad
+    p.grad = None
+    fused_update.update_and_sum_squares(p, g, -LR, slots)
+
+
+def step_triton_no_sync():
+    loss().backward()
+    slots.sum().sqrt()
+    slots.zero_()
 
 
 def fused_sgd_norm(p):
@@ -131,6 +150,10 @@ def step_lomo_unchecked():
     lomo_unchecked.step(loss())
 
 
+def step_lomo_unfused():
+    lomo_unfused.step(loss())
+
+
 def step_lomo_old():
     lomo_old.step(loss())
 
@@ -156,9 +179,11 @@ variants = {  # name: (hook or None, step, set-up)
     "hook: compiled add+norm, syncs": (compiled_norm, step_hooks_syncs),
     "hook: compiled add+norm, no sync": (compiled_norm, step_hooks_no_sync),
     "hook: norm + fused_sgd, no pre-sync": (fused_sgd_norm, step_hooks_last_sync),
+    "hook: triton kernel, no sync": (triton_norm, step_triton_no_sync),
     "LOMO before": ("lomo_old", step_lomo_old),
     "LOMO": ("lomo", step_lomo),
     "LOMO, check_finite=False": ("lomo_unchecked", step_lomo_unchecked),
+    "LOMO, fused_kernel=False": ("lomo_unfused", step_lomo_unfused),
     "sgd, offloaded": (None, offloaded(step_sgd)),
     "LOMO before, offloaded": ("lomo_old", offloaded(step_lomo_old)),
     "LOMO, offloaded": ("lomo", offloaded(step_lomo)),
@@ -176,6 +201,8 @@ def use(name):
         handles.extend(p.register_post_accumulate_grad_hook(lomo._hook) for p in params if p.dim() > 1)
     elif hook == "lomo_unchecked":
         handles.extend(p.register_post_accumulate_grad_hook(lomo_unchecked._hook) for p in params if p.dim() > 1)
+    elif hook == "lomo_unfused":
+        handles.extend(p.register_post_accumulate_grad_hook(lomo_unfused._hook) for p in params if p.dim() > 1)
     elif hook == "lomo_old":
         hooked = [p for p in params if p.dim() > 1] if hasattr(lomo_old, "_vectors") else params  # after change 19
         handles.extend(p.register_post_accumulate_grad_hook(lomo_old._hook) for p in hooked)

@@ -12,6 +12,8 @@
 #          run 10: part f, every lomo/sgd bench mode of that build, eager and compiled
 #   run 11: part g: a compiled kernel that applies the update and sums the gradient's square in one read
 #   run 12: parts h and i: the final build, every mode, eager (h) and compiled (i) (the README's table)
+#   run 13: part j: fused_update.py's kernel (change 24): its tests, the probe, LOMO with and without it, eager;
+#           run 14: part k, the same compiled, then parts h and i again (the README's table)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -70,5 +72,23 @@ $B --offload-checkpoints --no-finite-checks --modes lomo --out "$OUT/bench.jsonl
   i)
 $B --compile --modes sgd,lomo,lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
 $B --compile --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
+  j)
+V="sgd (foreach);hook: add_;hook: triton kernel, no sync;LOMO;LOMO, fused_kernel=False;LOMO, check_finite=False"
+python3 -m pytest -q tests/test_fused_update.py tests/test_lomo.py >> "$OUT/run.log" 2>&1 \
+  || { echo "tests failed: no benchmark" >> "$OUT/run.log"; exit 1; }
+python3 -m pytest -q tests/test_train.py -k "finite or gradient_norm or resume" >> "$OUT/run.log" 2>&1
+python3 train.py --model 7B --dtype bf16 --activation-checkpointing --batch-size 4 --seq-len 512 --steps 20 \
+  --eval-every 1000 --eval-batches 1 --sample-tokens 1 --lr 1e-6 --device cuda --data data/botchan.txt \
+  --out /tmp/runs/train-7b > "$OUT/train-7b.log" 2>&1; tail -4 "$OUT/train-7b.log" >> "$OUT/run.log"
+python3 results/eager-gap/fused_probe.py 2>&1 | grep -v -i warn >> "$OUT/run.log"
+python3 results/eager-gap/gap_ab.py 3 "$V" 2>&1 | grep -v -i warn >> "$OUT/run.log"
+$B --modes sgd,lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --no-fused-kernel --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
+  k)
+V="sgd (foreach);hook: add_;hook: triton kernel, no sync;LOMO;LOMO, fused_kernel=False;LOMO, check_finite=False"
+python3 results/eager-gap/gap_ab.py 3 "$V" 2>&1 | grep -v -i warn >> "$OUT/run.log"
+python3 results/eager-gap/gap_ab.py 3 "$V" --compile 2>&1 | grep -v -i warn >> "$OUT/run.log"
+$B --compile --no-fused-kernel --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
   esac
 done

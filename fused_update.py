@@ -1,0 +1,68 @@
+"""One GPU kernel for LOMO's checked one-pass update: w <- w + alpha * g, and the sum of g^2 on the way.
+
+Why it exists: a checked one-pass step (lomo.py's default) updates each weight and also sums its
+gradient's squares, for the norm it reports and checks. As two PyTorch ops that is two kernels, and the
+norm's kernel reads the whole gradient a second time: 1.5-2.5% of a 7B step on an H200, the whole of
+LOMO's gap to plain SGD (PERF_NOTES.md, session 7). `torch.compile` does not fuse the two (it makes three
+kernels). This Triton kernel does both in one read: each program walks its share of the tensor,
+updates it, and adds the squares it saw into its own slot of a small fp32 buffer. The buffer is summed
+once per step; no slot is written by two programs, so the norm does not depend on timing (no atomics).
+
+The maths is that of `param.add_(grad, alpha=alpha)` on CUDA: both loaded as fp32, alpha in fp32, one
+rounding back into the parameter's dtype; the updated weights are bit-identical to it
+(tests/test_lomo.py checks this on a GPU). Only the norm's summation order differs from
+`torch.linalg.vector_norm`'s.
+
+Left out: the CPU (no Triton there; lomo.py uses the two PyTorch ops), weight decay and value clipping
+(they take the unfused path), and tensors that are not contiguous or have 2**31 elements or more.
+Triton ships with PyTorch's CUDA builds; without it `available()` is False and nothing changes.
+"""
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of PyTorch come without Triton
+    triton = None
+
+# Programs per launch, and so slots in the buffer. About one wave on an H100/H200 (132 SMs, 8 programs of
+# 256 threads each); a larger tensor is covered by each program looping over several blocks.
+NUM_SLOTS = 1024
+BLOCK = 4096  # elements per program per iteration: 16 per thread, i.e. two 16-byte loads of bf16
+
+if triton is not None:
+    @triton.jit
+    def _update_and_sum_squares(param_ptr, grad_ptr, slots_ptr, numel, alpha, iterations, BLOCK: tl.constexpr):
+        program, programs = tl.program_id(0), tl.num_programs(0)
+        squares = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(iterations):  # program p takes blocks p, p + programs, p + 2 programs, ...
+            offsets = (i * programs + program) * BLOCK + tl.arange(0, BLOCK)
+            inside = offsets < numel
+            grad = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            weight = tl.load(param_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            tl.store(param_ptr + offsets, (weight + alpha * grad).to(param_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=inside)
+            squares += grad * grad
+        # This program's slot is its own: a plain read-add-write, ordered by the stream across launches.
+        tl.store(slots_ptr + program, tl.load(slots_ptr + program) + tl.sum(squares, axis=0))
+
+
+def available(param: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether `update_and_sum_squares` can take this pair; otherwise use the PyTorch ops."""
+    return (triton is not None and param.is_cuda and param.dtype in (torch.bfloat16, torch.float16)
+            and grad.dtype == param.dtype and grad.shape == param.shape
+            and param.is_contiguous() and grad.is_contiguous() and param.numel() < 2**31)
+
+
+def new_slots(device) -> torch.Tensor:
+    """A zeroed buffer for one step's sums of squares (pass it to every call of that step)."""
+    return torch.zeros(NUM_SLOTS, dtype=torch.float32, device=device)
+
+
+def update_and_sum_squares(param: torch.Tensor, grad: torch.Tensor, alpha: float, slots: torch.Tensor) -> None:
+    """param += alpha * grad (fp32 maths, rounded once), and sum(grad**2) (fp32) added into `slots`.
+    The squared norm of all the gradients seen is then `slots.sum()`."""
+    numel = param.numel()
+    blocks = triton.cdiv(numel, BLOCK)
+    programs = min(NUM_SLOTS, blocks)
+    _update_and_sum_squares[(programs,)](param, grad, slots, numel, alpha, triton.cdiv(blocks, programs),
+                                         BLOCK=BLOCK, num_warps=8)

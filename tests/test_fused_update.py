@@ -1,0 +1,64 @@
+"""fused_update.py's kernel against PyTorch's own ops: the update bit for bit against `add_`, the sum of
+squares against float64, and LOMO with the kernel against LOMO without it. The kernel needs a GPU and
+Triton, so on the CPU only the fallback's test runs; the rest run on the GPU machine."""
+import math
+
+import pytest
+import torch
+
+import fused_update
+from conftest import inject, loss_of, tiny_model
+from lomo import LOMO
+
+needs_kernel = pytest.mark.skipif(not (torch.cuda.is_available() and fused_update.triton is not None),
+                                  reason="the kernel needs a GPU and Triton")
+
+
+def test_without_a_gpu_lomo_takes_the_pytorch_ops(batch):
+    model = tiny_model(dtype=torch.bfloat16)
+    weight = model.layers[0].attention.wq.weight
+    assert not fused_update.available(weight, weight)
+    assert not LOMO(model, lr=0.1).uses_fused_kernel
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("numel", [1, 4095, 4096 * 1024 + 17])  # the last has more blocks than slots: loops
+def test_kernel_update_is_add_and_its_sum_of_squares_the_float64_one(dtype, numel):
+    make = torch.Generator(device="cuda").manual_seed(numel)
+    pairs = [(torch.randn(n, device="cuda", generator=make).to(dtype),
+              (torch.randn(n, device="cuda", generator=make) * 0.01).to(dtype)) for n in (numel, 3 * 4096 + 5)]
+    slots = fused_update.new_slots("cuda")
+    for param, grad in pairs:  # two tensors into the same slots, as one step's matrices
+        expected = param.clone().add_(grad, alpha=-0.37)  # CUDA: fp32 maths and alpha, one rounding
+        fused_update.update_and_sum_squares(param, grad, -0.37, slots)
+        assert torch.equal(param, expected)
+    squares = sum(grad.double().square().sum().item() for _, grad in pairs)
+    assert slots.sum().item() == pytest.approx(squares, rel=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])  # with decay LOMO takes the PyTorch ops
+def test_lomo_trains_with_the_kernel_exactly_as_without_it(batch, weight_decay):
+    batch = tuple(t.cuda() for t in batch)
+    models = [tiny_model(dtype=torch.bfloat16).cuda() for _ in range(2)]
+    fused, plain = (LOMO(m, lr=0.37, weight_decay=weight_decay, fused_kernel=f) for m, f in zip(models, (True, False)))
+    assert fused.uses_fused_kernel == (weight_decay == 0.0) and not plain.uses_fused_kernel
+    for _ in range(3):
+        a, b = fused.step(loss_of(models[0], batch)), plain.step(loss_of(models[1], batch))
+        assert a.loss == b.loss and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(p, q), name
+
+
+@needs_kernel
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_the_kernel_s_norm_still_stops_training_on_a_nonfinite_gradient(batch, value):
+    model = tiny_model(dtype=torch.bfloat16).cuda()
+    inject(model, value)
+    lomo = LOMO(model, lr=0.1)
+    assert lomo.uses_fused_kernel
+    result = lomo.step(loss_of(model, tuple(t.cuda() for t in batch)))
+    assert math.isfinite(result.loss) and not math.isfinite(result.grad_norm)
+    with pytest.raises(FloatingPointError, match="step 1: gradient norm"):
+        lomo.check_previous_step()
