@@ -23,7 +23,7 @@ def test_without_a_gpu_lomo_takes_the_pytorch_ops(batch):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("numel", [1, 4095, 4096 * 1024 + 17])  # the last has more blocks than slots: loops
+@pytest.mark.parametrize("numel", [1, 4095, fused_update.NUM_SLOTS * fused_update.BLOCK * 2 + 17])  # the last loops
 def test_kernel_update_is_add_and_its_sum_of_squares_the_float64_one(dtype, numel):
     make = torch.Generator(device="cuda").manual_seed(numel)
     pairs = [(torch.randn(n, device="cuda", generator=make).to(dtype),

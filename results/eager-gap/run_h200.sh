@@ -13,7 +13,8 @@
 #   run 11: part g: a compiled kernel that applies the update and sums the gradient's square in one read
 #   run 12: parts h and i: the final build, every mode, eager (h) and compiled (i) (the README's table)
 #   run 13: part j: fused_update.py's kernel (change 24): its tests, the probe, LOMO with and without it, eager;
-#           run 14: part k, the same compiled, then parts h and i again (the README's table)
+#           run 14: part k, the same interleaved, eager and compiled; then kernel_tune.py (tune.log)
+#   run 15: parts h and i, with the tuned kernel and lomo --no-fused-kernel added (the README's table)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -65,13 +66,16 @@ python3 results/eager-gap/fused_probe.py 2>&1 | grep -v -i warn >> "$OUT/run.log
 python3 results/eager-gap/gap_ab.py 4 "$V" --compile 2>&1 | grep -v -i warn >> "$OUT/run.log"
 python3 results/eager-gap/gap_ab.py 3 "$V" 2>&1 | grep -v -i warn >> "$OUT/run.log" ;;
   h)
+python3 -m pytest -q tests/test_fused_update.py >> "$OUT/run.log" 2>&1 || { echo "tests failed" >> "$OUT/run.log"; exit 1; }
 $B --modes infer,lomo,lomo-clip,sgd,hook-sgd --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
 $B --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --no-fused-kernel --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
 $B --offload-checkpoints --modes lomo,lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
 $B --offload-checkpoints --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
   i)
 $B --compile --modes sgd,lomo,lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
-$B --compile --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
+$B --compile --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --compile --no-fused-kernel --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
   j)
 V="sgd (foreach);hook: add_;hook: triton kernel, no sync;LOMO;LOMO, fused_kernel=False;LOMO, check_finite=False"
 python3 -m pytest -q tests/test_fused_update.py tests/test_lomo.py >> "$OUT/run.log" 2>&1 \
