@@ -7,6 +7,8 @@ LOMO's gap to plain SGD (PERF_NOTES.md, session 7). `torch.compile` does not fus
 kernels). This Triton kernel does both in one read: each program walks its share of the tensor,
 updates it, and adds the squares it saw into its own slot of a small fp32 buffer. The buffer is summed
 once per step; no slot is written by two programs, so the norm does not depend on timing (no atomics).
+The kernel also reads a flag on the device, whether the step's loss is finite, and writes nothing if it is
+not: so a checked step never has to wait for its loss to reach the host before updating (lomo.py).
 
 The maths is that of `param.add_(grad, alpha=alpha)` on CUDA: both loaded as fp32, alpha in fp32, one
 rounding back into the parameter's dtype; the updated weights are bit-identical to it
@@ -35,15 +37,18 @@ NUM_WARPS = 8
 
 if triton is not None:
     @triton.jit
-    def _update_and_sum_squares(param_ptr, grad_ptr, slots_ptr, numel, alpha, iterations, BLOCK: tl.constexpr):
+    def _update_and_sum_squares(param_ptr, grad_ptr, slots_ptr, apply_ptr, numel, alpha, iterations,
+                                BLOCK: tl.constexpr):
         program, programs = tl.program_id(0), tl.num_programs(0)
+        apply = tl.load(apply_ptr) != 0  # 0: the loss was not finite, leave the weights as they are
         squares = tl.zeros([BLOCK], dtype=tl.float32)
         for i in range(iterations):  # program p takes blocks p, p + programs, p + 2 programs, ...
             offsets = (i * programs + program) * BLOCK + tl.arange(0, BLOCK)
             inside = offsets < numel
             grad = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
             weight = tl.load(param_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-            tl.store(param_ptr + offsets, (weight + alpha * grad).to(param_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=inside)
+            updated = (weight + alpha * grad).to(param_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+            tl.store(param_ptr + offsets, updated, mask=inside & apply)
             squares += grad * grad
         # This program's slot is its own: a plain read-add-write, ordered by the stream across launches.
         tl.store(slots_ptr + program, tl.load(slots_ptr + program) + tl.sum(squares, axis=0))
@@ -61,11 +66,13 @@ def new_slots(device) -> torch.Tensor:
     return torch.zeros(NUM_SLOTS, dtype=torch.float32, device=device)
 
 
-def update_and_sum_squares(param: torch.Tensor, grad: torch.Tensor, alpha: float, slots: torch.Tensor) -> None:
-    """param += alpha * grad (fp32 maths, rounded once), and sum(grad**2) (fp32) added into `slots`.
-    The squared norm of all the gradients seen is then `slots.sum()`."""
+def update_and_sum_squares(param: torch.Tensor, grad: torch.Tensor, alpha: float, slots: torch.Tensor,
+                           apply: torch.Tensor) -> None:
+    """param += alpha * grad (fp32 maths, rounded once) if the 0-dim uint8 tensor `apply` is not 0, and
+    sum(grad**2) (fp32) added into `slots` either way. The squared norm of all the gradients seen is then
+    `slots.sum()`."""
     numel = param.numel()
     blocks = triton.cdiv(numel, BLOCK)
     programs = min(NUM_SLOTS, blocks)
-    _update_and_sum_squares[(programs,)](param, grad, slots, numel, alpha, triton.cdiv(blocks, programs),
+    _update_and_sum_squares[(programs,)](param, grad, slots, apply, numel, alpha, triton.cdiv(blocks, programs),
                                          BLOCK=BLOCK, num_warps=NUM_WARPS)

@@ -67,14 +67,43 @@ class StepResult:
     """What one `LOMO.step` did."""
     step: int
     lr: float
-    skipped: bool = False  # True: no weight changed
-    reason: str = ""  # why the step was skipped
     loss_scale: Optional[float] = None  # fp16 only: the scale used for this step
     # The mean loss and the global norm of the unscaled gradients (after value clipping; None without checks).
     # Either may still be on its way from the device (check_finite=False's loss; a checked one-pass step's
-    # norm): it is read when first asked for, so that a step nobody reads never waits for the GPU.
+    # norm, and its loss where the GPU kernel checked it): it is read when first asked for, so that a step
+    # nobody reads never waits for the GPU.
     _loss: object = math.nan
     _grad_norm: object = None
+    _skipped: bool = False
+    _reason: str = ""
+    # True: the device decided whether to update (fused_update.py), on whether the loss is finite, and the
+    # host learns which when it reads the loss: `skipped` and `reason` read it.
+    _loss_decides: bool = False
+
+    @property
+    def skipped(self) -> bool:
+        """True: no weight changed."""
+        self._settle()
+        return self._skipped
+
+    @skipped.setter
+    def skipped(self, value):
+        self._skipped = value
+
+    @property
+    def reason(self) -> str:
+        """Why the step was skipped."""
+        self._settle()
+        return self._reason
+
+    @reason.setter
+    def reason(self, value):
+        self._reason = value
+
+    def _settle(self):  # (once the loss is read, this is cheap and changes nothing more)
+        if self._loss_decides and not self._skipped:
+            if not math.isfinite(self.loss):
+                self._skipped, self._reason, self._grad_norm = True, f"non-finite loss {self.loss}", None
 
     @property
     def loss(self) -> float:
@@ -87,6 +116,7 @@ class StepResult:
 
     @property
     def grad_norm(self) -> Optional[float]:
+        self._settle()
         self._grad_norm = _read(self._grad_norm)
         return self._grad_norm
 
@@ -181,6 +211,9 @@ class LOMO:
         # out non-finite: free each gradient, change nothing).
         self._mode = None
         self._loss_on_host = None  # (host copy, CUDA event) of a checked one-pass step's loss, until read
+        # On a GPU: whether that loss is finite, as a flag on the device (uint8), which fused_update.py's
+        # kernel reads instead of the host waiting for the loss: a non-finite loss makes it write nothing.
+        self._loss_is_finite = None
         self._unchecked_result = None  # the last checked one-pass step, until check_previous_step reads its norm
         # Vectors (1-D parameters: the RMSNorm weights, 65 of them in 7B, 0.5 MiB in bf16) get no hook. Their
         # gradients accumulate during backward and are applied together after it with multi-tensor kernels,
@@ -219,8 +252,11 @@ class LOMO:
             # None: a backward outside step() (a diagnostic, a test) leaves .grad to the caller.
             return
         param.grad = None  # free it now: this is where LOMO's memory saving comes from
-        if self._loss_on_host is not None:
-            self._read_loss()  # the first update of a checked one-pass step: is the loss finite?
+        # A checked one-pass step: the update and the sum of squares in one kernel, which reads the loss's
+        # finiteness on the device (no host wait). Any other update of such a step waits for the loss first.
+        fuse = self._single_pass and self._can_fuse(param, grad)
+        if self._loss_on_host is not None and not fuse:
+            self._read_loss()  # the first unguarded update of a checked one-pass step: is the loss finite?
         if self._mode == "discard":
             return  # (every dp replica decides on the same averaged loss, so none enters the all-reduce)
         if self.dp_group is not None:
@@ -231,13 +267,14 @@ class LOMO:
         if self._mode == "norm":
             self._record_norm(param, grad)
             return
+        # No norm pass vouched for a one-pass step's gradient: its norm is recorded on the device (no host
+        # sync); the total is checked by check_previous_step (the next step() calls it first).
+        if fuse:  # one read of the gradient for both
+            alpha = -self._lr * self._clip_coef * self._inv_scale
+            fused_update.update_and_sum_squares(param, grad, alpha, self._square_sum_slots(param),
+                                                self._loss_is_finite)
+            return
         if self._single_pass:
-            # No norm pass vouched for this gradient: record its norm on the device (no host sync); the
-            # total is checked by check_previous_step (the next step() calls it first).
-            if self._can_fuse(param, grad):  # the update and the sum of squares in one read of grad
-                alpha = -self._lr * self._clip_coef * self._inv_scale
-                fused_update.update_and_sum_squares(param, grad, alpha, self._square_sum_slots(param))
-                return
             self._record_norm(param, grad)
         self._update(param, grad)
 
@@ -263,13 +300,18 @@ class LOMO:
         grads = [p.grad for p in params]
         for p in params:
             p.grad = None
-        if self._mode != "norm" and self._loss_on_host is not None:
-            self._read_loss()  # no hook ran an update before these (a model of vectors only)
+        same_dtype = len({g.dtype for g in grads}) == 1
+        multi_tensor = (same_dtype and params[0].is_cuda and params[0].dtype in (torch.bfloat16, torch.float16)
+                        and self.clip_grad_value is None and not self.weight_decay)
+        # The loss may still be unread (the kernel guarded every matrix): the multi-tensor update below can
+        # guard itself with the same flag; the others wait for it.
+        guarded = multi_tensor and self._loss_is_finite is not None
+        if self._mode != "norm" and self._loss_on_host is not None and not guarded:
+            self._read_loss()
         if self._mode == "discard":
             return
         if self.dp_group is not None:
             grads = _average_flat(grads, self.dp_size, self.dp_group)  # one all-reduce, not one per vector
-        same_dtype = len({g.dtype for g in grads}) == 1
         if self._mode == "norm" or self._single_pass:
             if self.clip_grad_value is None and same_dtype:
                 norms = torch._foreach_norm(grads, 2, dtype=torch.promote_types(grads[0].dtype, torch.float32))
@@ -280,9 +322,11 @@ class LOMO:
                     self._record_norm(p, g)
         if self._mode == "norm":
             return
-        if (same_dtype and params[0].is_cuda and params[0].dtype in (torch.bfloat16, torch.float16)
-                and self.clip_grad_value is None and not self.weight_decay):
+        if multi_tensor:
             # As _update's CUDA fast path (fp32 maths, one rounding), in a few kernels for all of them.
+            if self._loss_on_host is not None:  # unread: a non-finite loss zeroes the gradients (0.5 MiB in 7B)
+                flat = torch.cat([g.reshape(-1) for g in grads]).where(self._loss_is_finite.bool(), 0.0)
+                grads = [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)]
             torch._foreach_add_(params, grads, alpha=-self._lr * self._clip_coef * self._inv_scale)
             return
         for p, g in zip(params, grads):
@@ -415,6 +459,8 @@ class LOMO:
             # (With a norm pass the loss is read with the norm, in one sync after pass 1: a non-finite loss
             # makes a non-finite norm, and no weight has moved.)
             self._loss_on_host = _copy_to_host(mean_loss)
+            if self.fused_kernel and mean_loss.is_cuda:
+                self._loss_is_finite = torch.isfinite(mean_loss).view(torch.uint8)
         scaled_loss = loss * scale if scale != 1.0 else loss
         self._inv_scale, self._clip_coef, self._lr = 1.0 / scale, 1.0, lr
         try:
@@ -443,11 +489,12 @@ class LOMO:
                 self._reset_norm(loss.device)
             scaled_loss.backward()
             self._finish_vectors()
-            if self._loss_on_host is not None:
-                self._read_loss()  # no gradient reached any parameter
+            # Still unread: every update was guarded on the device (or none was made, if no gradient reached a
+            # parameter). The host learns whether the step was skipped when it reads the loss.
+            unread_loss = self._loss_on_host
             discarded = self._mode == "discard"
         finally:
-            self._mode, self._loss_on_host = None, None
+            self._mode, self._loss_on_host, self._loss_is_finite = None, None, None
             for p in self._vectors:
                 p.grad = None  # after an error inside backward: nothing of this step may leak into the next
         if discarded:
@@ -459,7 +506,12 @@ class LOMO:
             # The norm is only known once this step's weights have moved, so nothing is gained by waiting for it
             # now (a host sync: the GPU would idle while the CPU launches the next forward). It is copied to the
             # host without waiting, and checked when the next step begins (check_previous_step).
-            result.loss, result.grad_norm = self._loss_value, _copy_to_host(self._global_norm())
+            result.grad_norm = _copy_to_host(self._global_norm())
+            if unread_loss is not None:
+                result.loss, result._loss_decides = unread_loss, True
+                self._unchecked_result = result
+                return result  # skipped or not: counted by check_previous_step
+            result.loss = self._loss_value
             self._unchecked_result = result
         self.consecutive_skips = 0
         return result
@@ -489,9 +541,17 @@ class LOMO:
     def check_previous_step(self):
         """Raise if the last one-pass step's gradient norm was not finite (waiting for it if it is still on its
         way from the device). step() calls this first, so training stops before another weight moves; call
-        it before saving weights, since by then the bad step's update has already been applied."""
+        it before saving weights, since by then the bad step's update has already been applied. A step that
+        the device skipped for its loss is counted here (too many in a row raise)."""
         result, self._unchecked_result = self._unchecked_result, None
-        if result is not None and not math.isfinite(result.grad_norm):
+        if result is None:
+            return
+        if result._loss_decides:
+            if result.skipped:  # a non-finite loss: the kernel left every weight as it was
+                self._count_bad_step(result)
+                return
+            self.consecutive_skips = 0
+        if not math.isfinite(result.grad_norm):
             raise FloatingPointError(
                 f"step {result.step}: gradient norm {result.grad_norm} with a finite loss ({result.loss:.4g}); in "
                 f"one-pass mode the weights were updated before the norm was known, so some are no longer "

@@ -28,13 +28,15 @@ def test_kernel_update_is_add_and_its_sum_of_squares_the_float64_one(dtype, nume
     make = torch.Generator(device="cuda").manual_seed(numel)
     pairs = [(torch.randn(n, device="cuda", generator=make).to(dtype),
               (torch.randn(n, device="cuda", generator=make) * 0.01).to(dtype)) for n in (numel, 3 * 4096 + 5)]
-    slots = fused_update.new_slots("cuda")
-    for param, grad in pairs:  # two tensors into the same slots, as one step's matrices
-        expected = param.clone().add_(grad, alpha=-0.37)  # CUDA: fp32 maths and alpha, one rounding
-        fused_update.update_and_sum_squares(param, grad, -0.37, slots)
-        assert torch.equal(param, expected)
     squares = sum(grad.double().square().sum().item() for _, grad in pairs)
-    assert slots.sum().item() == pytest.approx(squares, rel=1e-5)
+    for apply in (0, 1):  # 0: the step's loss was not finite: no weight changes, the squares are summed still
+        slots = fused_update.new_slots("cuda")
+        for param, grad in pairs:  # two tensors into the same slots, as one step's matrices
+            expected = param.clone().add_(grad, alpha=-0.37) if apply else param.clone()  # CUDA: fp32 maths, alpha
+            fused_update.update_and_sum_squares(param, grad, -0.37, slots, torch.tensor(apply, dtype=torch.uint8,
+                                                                                        device="cuda"))
+            assert torch.equal(param, expected)
+        assert slots.sum().item() == pytest.approx(squares, rel=1e-5)
 
 
 @needs_kernel
@@ -49,6 +51,25 @@ def test_lomo_trains_with_the_kernel_exactly_as_without_it(batch, weight_decay):
         assert a.loss == b.loss and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         assert torch.equal(p, q), name
+
+
+@needs_kernel
+def test_a_nonfinite_loss_is_caught_on_the_device_and_counted_when_read(batch):
+    # The kernel reads the loss's finiteness on the device, so the step does not wait for the loss: it is
+    # skipped (no weight moves) and the host learns it when it reads the loss or checks the step.
+    model = tiny_model(dtype=torch.bfloat16).cuda()
+    batch = tuple(t.cuda() for t in batch)
+    before = [p.detach().clone() for p in model.parameters()]
+    lomo = LOMO(model, lr=0.1, max_consecutive_skips=2)
+    result = lomo.step(loss_of(model, batch) * float("nan"))
+    assert result._loss_decides and isinstance(result._loss, tuple)  # not read by the step
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert result.grad_norm is None and result.skipped and "non-finite loss" in result.reason
+    lomo.check_previous_step()  # one skip: counted, no error
+    assert lomo.consecutive_skips == 1
+    with pytest.raises(FloatingPointError, match="step 2: 2 bad steps in a row"):
+        lomo.step(loss_of(model, batch) * float("inf"))
+        lomo.check_previous_step()
 
 
 @needs_kernel

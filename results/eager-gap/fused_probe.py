@@ -36,14 +36,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import fused_update  # noqa: E402
 
 slots = fused_update.new_slots("cuda")
+apply = torch.ones((), dtype=torch.uint8, device="cuda")
 triton_updated = p.clone()
-fused_update.update_and_sum_squares(triton_updated, g, -1e-3, slots)
+fused_update.update_and_sum_squares(triton_updated, g, -1e-3, slots, apply)
 print("triton update equal to eager add_:", torch.equal(triton_updated, reference),
       "norm", slots.sum().sqrt().item(), "vs float64", g.double().square().sum().sqrt().item())
 
 
 def triton_kernel(p, g, a):
-    fused_update.update_and_sum_squares(p, g, a, slots)
+    fused_update.update_and_sum_squares(p, g, a, slots, apply)
 
 
 def add_only(p, g, a):

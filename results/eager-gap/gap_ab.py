@@ -63,12 +63,13 @@ def compiled_norm(p):
 import fused_update  # noqa: E402
 
 slots = fused_update.new_slots("cuda")
+apply = torch.ones((), dtype=torch.uint8, device="cuda")
 
 
 def triton_norm(p):  # fused_update.py's kernel alone: what LOMO's checked step does, without its loss read
     g = p.grad
     p.grad = None
-    fused_update.update_and_sum_squares(p, g, -LR, slots)
+    fused_update.update_and_sum_squares(p, g, -LR, slots, apply)
 
 
 def step_triton_no_sync():

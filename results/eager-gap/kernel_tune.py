@@ -39,6 +39,7 @@ def cpu_us(fn, reps=2000):
 
 
 slots = torch.zeros(65536, device="cuda")
+apply = torch.ones((), dtype=torch.uint8, device="cuda")
 tensors = {name: (torch.randn(shape, device="cuda", dtype=torch.bfloat16),
                   torch.randn(shape, device="cuda", dtype=torch.bfloat16)) for name, shape in SHAPES.items()}
 configs = [(block, warps, programs) for block in (1024, 2048, 4096, 8192) for warps in (4, 8)
@@ -52,7 +53,7 @@ for name, (p, g) in tensors.items():
     for block, warps, programs in configs:
         fused_update.BLOCK, fused_update.NUM_WARPS = block, warps
         fused_update.NUM_SLOTS = programs or 65536
-        t = gpu_us(lambda: fused_update.update_and_sum_squares(p, g, -1e-6, slots))
+        t = gpu_us(lambda: fused_update.update_and_sum_squares(p, g, -1e-6, slots, apply))
         totals[(block, warps, programs)] = totals.get((block, warps, programs), 0.0) + t * COUNTS[name]
 print(f"per 7B step: add_ alone {baseline / 1000:.2f} ms")
 for config, total in sorted(totals.items(), key=lambda kv: kv[1])[:8]:
@@ -63,4 +64,4 @@ p, g = torch.randn(4096, device="cuda", dtype=torch.bfloat16), torch.randn(4096,
 n = torch.zeros((), device="cuda")
 print(f"CPU per launch: add_ {cpu_us(lambda: p.add_(g, alpha=-1e-6)):.1f} us, "
       f"vector_norm {cpu_us(lambda: torch.linalg.vector_norm(g, dtype=torch.float32)):.1f} us, "
-      f"kernel {cpu_us(lambda: fused_update.update_and_sum_squares(p, g, -1e-6, slots)):.1f} us")
+      f"kernel {cpu_us(lambda: fused_update.update_and_sum_squares(p, g, -1e-6, slots, apply)):.1f} us")

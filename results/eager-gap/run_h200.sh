@@ -14,7 +14,9 @@
 #   run 12: parts h and i: the final build, every mode, eager (h) and compiled (i) (the README's table)
 #   run 13: part j: fused_update.py's kernel (change 24): its tests, the probe, LOMO with and without it, eager;
 #           run 14: part k, the same interleaved, eager and compiled; then kernel_tune.py (tune.log)
-#   run 15: parts h and i, with the tuned kernel and lomo --no-fused-kernel added (the README's table)
+#   run 15: part h, with the tuned kernel and lomo --no-fused-kernel added (it showed checked steps stalling)
+#   run 16: parts t and h: change 25 (the kernel reads the loss's finiteness on the device: no host wait in a
+#           checked step); run 17: parts i and m (compiled; m: interleaved) (the README's table)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -94,5 +96,12 @@ V="sgd (foreach);hook: add_;hook: triton kernel, no sync;LOMO;LOMO, fused_kernel
 python3 results/eager-gap/gap_ab.py 3 "$V" 2>&1 | grep -v -i warn >> "$OUT/run.log"
 python3 results/eager-gap/gap_ab.py 3 "$V" --compile 2>&1 | grep -v -i warn >> "$OUT/run.log"
 $B --compile --no-fused-kernel --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
+  t)
+python3 -m pytest -q tests/test_fused_update.py tests/test_lomo.py >> "$OUT/run.log" 2>&1 \
+  || { echo "tests failed: no benchmark" >> "$OUT/run.log"; exit 1; }
+python3 -m pytest -q tests/test_train.py -k "finite or gradient_norm or resume" >> "$OUT/run.log" 2>&1 ;;
+  m)
+V="sgd (foreach);hook: add_;LOMO;LOMO, fused_kernel=False;LOMO, check_finite=False"
+python3 results/eager-gap/gap_ab.py 3 "$V" --compile 2>&1 | grep -v -i warn >> "$OUT/run.log" ;;
   esac
 done
