@@ -24,11 +24,16 @@ How it works:
   untouched, and the scale is halved. It doubles after `growth_interval` clean steps (the official
   code never grows it back).
 - bf16/fp32: a non-finite loss skips the step before any weight moves. With a norm pass it is read with
-  the norm; in one pass it is copied to the host when the step begins and read at the first update (by
-  then long computed, with backward's first kernels queued: no idle GPU), and a non-finite one makes the
-  rest of that backward only free gradients. With a norm pass a non-finite norm skips the step as well.
+  the norm. In one pass on a GPU with Triton, bf16/fp16 matrices are updated by fused_update.py's kernel,
+  which reads whether the loss is finite on the device and writes nothing if not: the step never waits
+  for its loss, and the host learns that it was skipped when it reads the loss (`StepResult.skipped`;
+  `check_previous_step()` counts it). Any other one-pass update (the CPU, fp32, weight decay, value
+  clipping) waits for the loss first: it is copied to the host when the step begins and read at the first
+  such update (by then long computed, with backward's first kernels queued), and a non-finite one makes
+  the rest of that backward only free gradients. With a norm pass a non-finite norm skips the step as well.
   Without one (the fast default: one backward), each gradient's norm is still summed on the device as
-  it goes by (one read of it, 1.5-2.5% of a 7B step, and the step reports the norm), but a gradient can only be
+  it goes by (the kernel does it in the same read as the update; as a separate PyTorch op it is one more
+  read, 1.5-2.5% of a 7B step), and the step reports the norm, but a gradient can only be
   checked after its weights have moved. So the step does not wait for the norm either: it is copied to the
   host without waiting, and a non-finite one with a finite loss (rare outside fp16) stops training with an
   error saying to resume from a checkpoint with clipping on, raised by `check_previous_step()` (train.py

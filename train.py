@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--clip-grad-value", type=float, default=None, help="clip each gradient element to +-value")
     p.add_argument("--no-finite-checks", action="store_true",
                    help="one-pass LOMO without its per-step checks, as in the paper (lomo.py): no gradient norm, "
-                        "about 2%% faster in bench.py on an H200; training stops on a non-finite loss, after its update")
+                        "0-3%% faster in bench.py on an H200; training stops on a non-finite loss, after its update")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (fp16 uses dynamic loss scaling)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda if available); under torchrun "
                    "each process takes the GPU of its LOCAL_RANK")
