@@ -12,19 +12,21 @@ not: so a checked step never has to wait for its loss to reach the host before u
 
 The maths is that of `param.add_(grad, alpha=alpha)` on CUDA: both loaded as fp32, alpha in fp32, one
 rounding back into the parameter's dtype; the updated weights are bit-identical to it
-(tests/test_lomo.py checks this on a GPU). Only the norm's summation order differs from
+(tests/test_fused_update.py checks this on a GPU). Only the norm's summation order differs from
 `torch.linalg.vector_norm`'s.
 
 Left out: the CPU (no Triton there; lomo.py uses the two PyTorch ops), weight decay and value clipping
 (they take the unfused path), and tensors that are not contiguous or have 2**31 elements or more.
 Triton ships with PyTorch's CUDA builds; without it `available()` is False and nothing changes.
 """
+import functools
+
 import torch
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU builds of PyTorch come without Triton
+except Exception:  # CPU builds of PyTorch come without Triton (and a broken install is no Triton either)
     triton = None
 
 # Programs per launch (and so slots in the buffer), elements per program per iteration, and warps per
@@ -42,6 +44,7 @@ if triton is not None:
         program, programs = tl.program_id(0), tl.num_programs(0)
         apply = tl.load(apply_ptr) != 0  # 0: the loss was not finite, leave the weights as they are
         squares = tl.zeros([BLOCK], dtype=tl.float32)
+        # (Offsets are int32: below 2**31 since numel is and NUM_SLOTS * BLOCK, a power of two, divides 2**31.)
         for i in range(iterations):  # program p takes blocks p, p + programs, p + 2 programs, ...
             offsets = (i * programs + program) * BLOCK + tl.arange(0, BLOCK)
             inside = offsets < numel
@@ -58,7 +61,14 @@ def available(param: torch.Tensor, grad: torch.Tensor) -> bool:
     """Whether `update_and_sum_squares` can take this pair; otherwise use the PyTorch ops."""
     return (triton is not None and param.is_cuda and param.dtype in (torch.bfloat16, torch.float16)
             and grad.dtype == param.dtype and grad.shape == param.shape
-            and param.is_contiguous() and grad.is_contiguous() and param.numel() < 2**31)
+            and param.is_contiguous() and grad.is_contiguous() and param.numel() < 2**31
+            and _supported(param.device.index))
+
+
+@functools.lru_cache(maxsize=None)
+def _supported(device_index) -> bool:
+    # Triton builds for NVIDIA GPUs from Volta (compute capability 7.0) on, and for AMD's through ROCm.
+    return torch.version.hip is not None or torch.cuda.get_device_capability(device_index) >= (7, 0)
 
 
 def new_slots(device) -> torch.Tensor:

@@ -24,11 +24,13 @@ How it works:
   untouched, and the scale is halved. It doubles after `growth_interval` clean steps (the official
   code never grows it back).
 - bf16/fp32: a non-finite loss skips the step before any weight moves. With a norm pass it is read with
-  the norm. In one pass on a GPU with Triton, bf16/fp16 matrices are updated by fused_update.py's kernel,
-  which reads whether the loss is finite on the device and writes nothing if not: the step never waits
-  for its loss, and the host learns that it was skipped when it reads the loss (`StepResult.skipped`;
-  `check_previous_step()` counts it). Any other one-pass update (the CPU, fp32, weight decay, value
-  clipping) waits for the loss first: it is copied to the host when the step begins and read at the first
+  the norm. In one pass on a GPU with Triton, bf16 matrices are updated by fused_update.py's kernel (and
+  the vectors by a multi-tensor add), which read whether the loss is finite from a flag on the device and
+  change nothing if not: the step never waits for its loss, and the host learns that it was skipped when
+  it reads the loss (`StepResult.skipped`); `check_previous_step()` counts the skip, so a run of too many
+  raises there or at the next step, and `consecutive_skips` (and `state_dict()`) are current only after
+  it. Any other one-pass update (the CPU, fp32, weight decay, value clipping, `fused_kernel=False`)
+  waits for the loss first: it is copied to the host when the step begins and read at the first
   such update (by then long computed, with backward's first kernels queued), and a non-finite one makes
   the rest of that backward only free gradients. With a norm pass a non-finite norm skips the step as well.
   Without one (the fast default: one backward), each gradient's norm is still summed on the device as
@@ -81,8 +83,9 @@ class StepResult:
     _grad_norm: object = None
     _skipped: bool = False
     _reason: str = ""
-    # True: the device decided whether to update (fused_update.py), on whether the loss is finite, and the
-    # host learns which when it reads the loss: `skipped` and `reason` read it.
+    # True: updates were guarded on the device by whether the loss is finite (fused_update.py's kernel, and the
+    # vectors' update), so the step did not read it; the host learns whether the step was skipped when it
+    # reads the loss: `skipped`, `reason` and `grad_norm` read it.
     _loss_decides: bool = False
 
     @property
@@ -219,6 +222,7 @@ class LOMO:
         # On a GPU: whether that loss is finite, as a flag on the device (uint8), which fused_update.py's
         # kernel reads instead of the host waiting for the loss: a non-finite loss makes it write nothing.
         self._loss_is_finite = None
+        self._step_loss = None  # that loss on the device, from which the flag is made at the first kernel
         self._unchecked_result = None  # the last checked one-pass step, until check_previous_step reads its norm
         # Vectors (1-D parameters: the RMSNorm weights, 65 of them in 7B, 0.5 MiB in bf16) get no hook. Their
         # gradients accumulate during backward and are applied together after it with multi-tensor kernels,
@@ -259,7 +263,7 @@ class LOMO:
         param.grad = None  # free it now: this is where LOMO's memory saving comes from
         # A checked one-pass step: the update and the sum of squares in one kernel, which reads the loss's
         # finiteness on the device (no host wait). Any other update of such a step waits for the loss first.
-        fuse = self._single_pass and self._can_fuse(param, grad)
+        fuse = self._single_pass and self._can_fuse(param, grad) and self._step_loss.device == param.device
         if self._loss_on_host is not None and not fuse:
             self._read_loss()  # the first unguarded update of a checked one-pass step: is the loss finite?
         if self._mode == "discard":
@@ -276,8 +280,16 @@ class LOMO:
         # sync); the total is checked by check_previous_step (the next step() calls it first).
         if fuse:  # one read of the gradient for both
             alpha = -self._lr * self._clip_coef * self._inv_scale
-            fused_update.update_and_sum_squares(param, grad, alpha, self._square_sum_slots(param),
-                                                self._loss_is_finite)
+            if self._loss_is_finite is None:  # the first: the flag the kernel reads (queued after the loss)
+                self._loss_is_finite = torch.isfinite(self._step_loss).view(torch.uint8)
+            try:
+                fused_update.update_and_sum_squares(param, grad, alpha, self._square_sum_slots(param),
+                                                    self._loss_is_finite)
+            except Exception as error:  # a Triton that cannot build for this GPU, say
+                raise RuntimeError(
+                    f"fused_update.py's Triton kernel failed on {self._names.get(id(param), 'a weight')} "
+                    f"({type(error).__name__}: {error}); use the PyTorch ops instead: LOMO(fused_kernel=False), "
+                    f"train.py/bench.py --no-fused-kernel") from error
             return
         if self._single_pass:
             self._record_norm(param, grad)
@@ -464,8 +476,7 @@ class LOMO:
             # (With a norm pass the loss is read with the norm, in one sync after pass 1: a non-finite loss
             # makes a non-finite norm, and no weight has moved.)
             self._loss_on_host = _copy_to_host(mean_loss)
-            if self.fused_kernel and mean_loss.is_cuda:
-                self._loss_is_finite = torch.isfinite(mean_loss).view(torch.uint8)
+            self._step_loss = mean_loss  # fused_update.py's kernel makes its flag from it
         scaled_loss = loss * scale if scale != 1.0 else loss
         self._inv_scale, self._clip_coef, self._lr = 1.0 / scale, 1.0, lr
         try:
@@ -494,12 +505,14 @@ class LOMO:
                 self._reset_norm(loss.device)
             scaled_loss.backward()
             self._finish_vectors()
-            # Still unread: every update was guarded on the device (or none was made, if no gradient reached a
-            # parameter). The host learns whether the step was skipped when it reads the loss.
-            unread_loss = self._loss_on_host
+            # Still unread with a flag made: every update was guarded on the device by it. The host learns
+            # whether the step was skipped when it reads the loss.
+            unread_loss = self._loss_on_host if self._loss_is_finite is not None else None
+            if self._loss_on_host is not None and unread_loss is None:
+                self._read_loss()  # no gradient reached any parameter
             discarded = self._mode == "discard"
         finally:
-            self._mode, self._loss_on_host, self._loss_is_finite = None, None, None
+            self._mode, self._loss_on_host, self._loss_is_finite, self._step_loss = None, None, None, None
             for p in self._vectors:
                 p.grad = None  # after an error inside backward: nothing of this step may leak into the next
         if discarded:
@@ -528,7 +541,8 @@ class LOMO:
     def _global_norm(self):
         """The global gradient norm of this pass, on the device, from the norms its hooks recorded."""
         unscale = self._inv_scale if self.clip_grad_value is None else 1.0  # value clipping unscaled already
-        for group, norms in (("sharded", self._sharded_norms), ("replicated", self._replicated_norms)):
+        sharded_norms, replicated_norms = list(self._sharded_norms), list(self._replicated_norms)
+        for group, norms in (("sharded", sharded_norms), ("replicated", replicated_norms)):
             if group in self._square_sums:
                 norms.append(self._square_sums[group].sum().sqrt())  # the fused kernel's gradients, as one norm
 
@@ -537,17 +551,18 @@ class LOMO:
                 return torch.zeros((), device=self._norm_device)
             return (torch.stack(norms) * unscale).square().sum()
 
-        sharded = sum_of_squares(self._sharded_norms)
+        sharded = sum_of_squares(sharded_norms)
         if self.tp_group is not None:
             dist.all_reduce(sharded, group=self.tp_group)  # each tp rank holds a different slice
         # Gradients were averaged over dp inside the hooks, so every dp replica has this same norm.
-        return (sharded + sum_of_squares(self._replicated_norms)).sqrt()
+        return (sharded + sum_of_squares(replicated_norms)).sqrt()
 
     def check_previous_step(self):
         """Raise if the last one-pass step's gradient norm was not finite (waiting for it if it is still on its
         way from the device). step() calls this first, so training stops before another weight moves; call
-        it before saving weights, since by then the bad step's update has already been applied. A step that
-        the device skipped for its loss is counted here (too many in a row raise)."""
+        it before saving weights, since by then the bad step's update has already been applied. A step whose
+        updates the device held back for a non-finite loss is counted here as skipped (too many in a row
+        raise): call it before reading `consecutive_skips` or saving `state_dict()`."""
         result, self._unchecked_result = self._unchecked_result, None
         if result is None:
             return
@@ -586,6 +601,7 @@ class LOMO:
 
     def load_state_dict(self, state):
         self.step_count, self.consecutive_skips = int(state["step_count"]), int(state["consecutive_skips"])
+        self._unchecked_result = None  # a step of before the restore is not this state's to count
         if (state["loss_scaler"] is None) != (self.loss_scaler is None):
             raise ValueError("the saved state and this LOMO disagree on loss scaling (fp16 vs bf16/fp32): "
                              "resume with the --dtype the run was started with")

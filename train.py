@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--no-finite-checks", action="store_true",
                    help="one-pass LOMO without its per-step checks, as in the paper (lomo.py): no gradient norm, "
                         "0-3%% faster in bench.py on an H200; training stops on a non-finite loss, after its update")
+    p.add_argument("--no-fused-kernel", action="store_true",
+                   help="on a GPU, check with two PyTorch ops instead of fused_update.py's Triton kernel (for a GPU "
+                        "or Triton the kernel does not build for)")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (fp16 uses dynamic loss scaling)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda if available); under torchrun "
                    "each process takes the GPU of its LOCAL_RANK")
@@ -271,7 +274,7 @@ def train(args, grid, dtype):
     # -------------------------------------------------------------------------------- LOMO
     lomo = LOMO(model, lr=args.lr, weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm,
                 clip_grad_value=args.clip_grad_value, tp_group=grid.tp_group, dp_group=grid.dp_group,
-                check_finite=not args.no_finite_checks)
+                check_finite=not args.no_finite_checks, fused_kernel=not args.no_fused_kernel)
     print0(f"LOMO: lr {args.lr} ({args.schedule}, warmup {args.warmup_steps}), weight decay {args.weight_decay}, "
            f"clip norm {args.clip_grad_norm}, clip value {args.clip_grad_value}, "
            f"{'two backward passes' if lomo.needs_norm_pass else 'one backward pass'}"

@@ -1,6 +1,7 @@
 """fused_update.py's kernel against PyTorch's own ops: the update bit for bit against `add_`, the sum of
 squares against float64, and LOMO with the kernel against LOMO without it. The kernel needs a GPU and
-Triton, so on the CPU only the fallback's test runs; the rest run on the GPU machine."""
+Triton: on the CPU, lomo.py's side of it (the loss flag, the skips it decides, the norm from its slots)
+runs against the kernel's contract written in PyTorch ops; the kernel itself is tested on the GPU machine."""
 import math
 
 import pytest
@@ -19,6 +20,102 @@ def test_without_a_gpu_lomo_takes_the_pytorch_ops(batch):
     weight = model.layers[0].attention.wq.weight
     assert not fused_update.available(weight, weight)
     assert not LOMO(model, lr=0.1).uses_fused_kernel
+
+
+def reference_kernel(param, grad, alpha, slots, apply):
+    """The kernel's contract in PyTorch ops, so that lomo.py's side of it runs in CPU CI too."""
+    updated = (param.float() + alpha * grad.float()).to(param.dtype)
+    param.copy_(torch.where(apply.bool(), updated, param))
+    slots[0] += grad.float().square().sum()
+
+
+def frozen_vectors_model():
+    # The norm weights' guarded update is a GPU path (a multi-tensor add): frozen here, only matrices train.
+    model = tiny_model(dtype=torch.bfloat16)
+    for p in model.parameters():
+        p.requires_grad_(p.dim() > 1)
+    return model
+
+
+@pytest.fixture
+def kernel_on_the_cpu(monkeypatch):
+    def use_for(which):
+        monkeypatch.setattr(fused_update, "available", lambda param, grad: which(param))
+        monkeypatch.setattr(fused_update, "update_and_sum_squares", reference_kernel)
+    return use_for
+
+
+def test_with_the_kernel_a_nonfinite_loss_moves_nothing_and_is_counted_when_read(batch, kernel_on_the_cpu):
+    kernel_on_the_cpu(lambda param: True)
+    models = [frozen_vectors_model() for _ in range(2)]
+    fused, plain = LOMO(models[0], lr=0.37, max_consecutive_skips=2), LOMO(models[1], lr=0.37, fused_kernel=False)
+    assert fused.uses_fused_kernel and not plain.uses_fused_kernel
+    a, b = fused.step(loss_of(models[0], batch)), plain.step(loss_of(models[1], batch))
+    assert a._loss_decides and not b._loss_decides  # the step never read its loss: the flag guarded each update
+    assert not a.skipped and a.loss == b.loss and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
+    assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
+    before = [p.detach().clone() for p in models[0].parameters()]
+    bad = fused.step(loss_of(models[0], batch) * float("nan"))
+    assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), before))
+    assert bad.skipped and "non-finite loss" in bad.reason and bad.grad_norm is None  # read before the check
+    assert fused.consecutive_skips == 0  # not counted until checked
+    fused.check_previous_step()
+    assert fused.consecutive_skips == 1
+    fused.step(loss_of(models[0], batch))
+    fused.check_previous_step()
+    assert fused.consecutive_skips == 0  # a good step resets the count
+    fused.step(loss_of(models[0], batch) * float("inf"))
+    with pytest.raises(FloatingPointError, match="step 5: 2 bad steps in a row"):
+        fused.step(loss_of(models[0], batch) * float("nan"))
+        fused.check_previous_step()
+
+
+def test_with_the_kernel_on_some_matrices_the_others_still_wait_for_the_loss(batch, kernel_on_the_cpu):
+    kernel_on_the_cpu(lambda param: param.shape[0] == param.shape[1])  # the square ones only
+    model = frozen_vectors_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    lomo = LOMO(model, lr=0.1)
+    result = lomo.step(loss_of(model, batch) * float("nan"))
+    assert not result._loss_decides and result.skipped  # read by the first unguarded update
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    result = lomo.step(loss_of(model, batch))
+    assert not result.skipped and lomo.consecutive_skips == 0
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_with_the_kernel_a_nonfinite_gradient_still_stops_training(batch, kernel_on_the_cpu):
+    kernel_on_the_cpu(lambda param: True)
+    model = frozen_vectors_model()
+    inject(model, float("inf"))
+    lomo = LOMO(model, lr=0.1)
+    result = lomo.step(loss_of(model, batch))
+    assert not result.skipped and math.isfinite(result.loss) and not math.isfinite(result.grad_norm)
+    with pytest.raises(FloatingPointError, match="step 1: gradient norm"):
+        lomo.check_previous_step()
+
+
+def test_a_kernel_that_fails_names_the_way_around_it(batch, kernel_on_the_cpu):
+    kernel_on_the_cpu(lambda param: True)
+
+    def broken(*args):
+        raise ValueError("no build for this GPU")
+
+    fused_update.update_and_sum_squares = broken  # (monkeypatch restores the module's function afterwards)
+    model = frozen_vectors_model()
+    with pytest.raises(RuntimeError, match="no build for this GPU.*--no-fused-kernel"):
+        LOMO(model, lr=0.1).step(loss_of(model, batch))
+
+
+def test_a_restored_state_does_not_count_a_step_of_before(batch, kernel_on_the_cpu):
+    kernel_on_the_cpu(lambda param: True)
+    model = frozen_vectors_model()
+    lomo = LOMO(model, lr=0.1)
+    lomo.step(loss_of(model, batch))
+    state = lomo.state_dict()
+    lomo.step(loss_of(model, batch) * float("nan"))  # unchecked when the state is restored
+    lomo.load_state_dict(state)
+    lomo.check_previous_step()
+    assert lomo.consecutive_skips == 0 and lomo.step_count == 1
 
 
 @needs_kernel
