@@ -278,22 +278,27 @@ class LOMO:
             return
         # No norm pass vouched for a one-pass step's gradient: its norm is recorded on the device (no host
         # sync); the total is checked by check_previous_step (the next step() calls it first).
-        if fuse:  # one read of the gradient for both
-            alpha = -self._lr * self._clip_coef * self._inv_scale
-            if self._loss_is_finite is None:  # the first: the flag the kernel reads (queued after the loss)
-                self._loss_is_finite = torch.isfinite(self._step_loss).view(torch.uint8)
-            try:
-                fused_update.update_and_sum_squares(param, grad, alpha, self._square_sum_slots(param),
-                                                    self._loss_is_finite)
-            except Exception as error:  # a Triton that cannot build for this GPU, say
-                raise RuntimeError(
-                    f"fused_update.py's Triton kernel failed on {self._names.get(id(param), 'a weight')} "
-                    f"({type(error).__name__}: {error}); use the PyTorch ops instead: LOMO(fused_kernel=False), "
-                    f"train.py/bench.py --no-fused-kernel") from error
+        if fuse:
+            self._update_with_kernel(param, grad)
             return
         if self._single_pass:
             self._record_norm(param, grad)
         self._update(param, grad)
+
+    def _update_with_kernel(self, param, grad):
+        """_update's CUDA fast path and _record_norm in one read of the gradient (fused_update.py), guarded by
+        a flag on the device: whether this step's loss is finite (if not, the kernel writes no weight)."""
+        if self._loss_is_finite is None:  # the step's first kernel makes the flag (queued after the loss)
+            self._loss_is_finite = torch.isfinite(self._step_loss).view(torch.uint8)
+        alpha = -self._lr * self._clip_coef * self._inv_scale
+        try:
+            fused_update.update_and_sum_squares(param, grad, alpha, self._square_sum_slots(param),
+                                                self._loss_is_finite)
+        except Exception as error:  # a Triton that cannot build for this GPU, say
+            raise RuntimeError(
+                f"fused_update.py's Triton kernel failed on {self._names.get(id(param), 'a weight')} "
+                f"({type(error).__name__}: {error}); use the PyTorch ops instead: LOMO(fused_kernel=False), "
+                f"train.py/bench.py --no-fused-kernel") from error
 
     def _read_loss(self):
         """Before the first weight of a checked one-pass step moves: the loss, copied to the host when the
