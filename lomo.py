@@ -55,7 +55,6 @@ step rounds back to the parameter's dtype, as in the paper), gradient accumulati
 inside backward cannot wait for later micro-batches), and AdaLomo.
 """
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -63,78 +62,11 @@ import torch.distributed as dist
 
 import fused_update
 import gram_norm
+from step_result import StepResult, copy_to_host
 
 # The fp32 update of a bf16/fp16 parameter runs in chunks of this many elements, so its temporaries
 # stay bounded (2**24 elements = 64 MiB per fp32 temporary) however large the parameter.
 UPDATE_CHUNK_NUMEL = 2**24
-
-
-@dataclass(repr=False, eq=False)  # no ==: a value on its way from the GPU has none
-class StepResult:
-    """What one `LOMO.step` did."""
-    step: int
-    lr: float
-    loss_scale: Optional[float] = None  # fp16 only: the scale used for this step
-    # The mean loss and the global norm of the unscaled gradients (after value clipping; None without checks).
-    # Either may still be on its way from the device (check_finite=False's loss; a checked one-pass step's
-    # norm, and its loss where the GPU kernel checked it): it is read when first asked for, so that a step
-    # nobody reads never waits for the GPU.
-    _loss: object = math.nan
-    _grad_norm: object = None
-    _skipped: bool = False
-    _reason: str = ""
-    # True: updates were guarded on the device by whether the loss is finite (fused_update.py's kernel, and the
-    # vectors' update), so the step did not read it; the host learns whether the step was skipped when it
-    # reads the loss: `skipped`, `reason` and `grad_norm` read it.
-    _loss_decides: bool = False
-
-    @property
-    def skipped(self) -> bool:
-        """True: no weight changed."""
-        self._settle()
-        return self._skipped
-
-    @skipped.setter
-    def skipped(self, value):
-        self._skipped = value
-
-    @property
-    def reason(self) -> str:
-        """Why the step was skipped."""
-        self._settle()
-        return self._reason
-
-    @reason.setter
-    def reason(self, value):
-        self._reason = value
-
-    def _settle(self):  # (once the loss is read, this is cheap and changes nothing more)
-        if self._loss_decides and not self._skipped:
-            if not math.isfinite(self.loss):
-                self._skipped, self._reason, self._grad_norm = True, f"non-finite loss {self.loss}", None
-
-    @property
-    def loss(self) -> float:
-        self._loss = _read(self._loss)
-        return self._loss
-
-    @loss.setter
-    def loss(self, value):
-        self._loss = value
-
-    @property
-    def grad_norm(self) -> Optional[float]:
-        self._settle()
-        self._grad_norm = _read(self._grad_norm)
-        return self._grad_norm
-
-    @grad_norm.setter
-    def grad_norm(self, value):
-        self._grad_norm = value
-
-    def __repr__(self):  # with the loss and the norm, read if still on their way
-        return (f"StepResult(step={self.step}, lr={self.lr}, loss={self.loss}, grad_norm={self.grad_norm}, "
-                f"skipped={self.skipped}, reason={self.reason!r}, loss_scale={self.loss_scale})")
 
 
 class DynamicLossScaler:
@@ -474,13 +406,13 @@ class LOMO:
         result = StepResult(step=self.step_count, lr=lr, loss_scale=scale if self.loss_scaler is not None else None)
         unchecked = not self.needs_norm_pass and not self.check_finite
         if unchecked:
-            result.loss = _copy_to_host(mean_loss)  # read when asked for: this step makes no host sync
+            result.loss = copy_to_host(mean_loss)  # read when asked for: this step makes no host sync
         elif not self.needs_norm_pass:
             # A non-finite loss gives non-finite gradients, and in one pass they would reach the weights. It
             # is copied to the host now without waiting, and read before the first update (_read_loss).
             # (With a norm pass the loss is read with the norm, in one sync after pass 1: a non-finite loss
             # makes a non-finite norm, and no weight has moved.)
-            self._loss_on_host = _copy_to_host(mean_loss)
+            self._loss_on_host = copy_to_host(mean_loss)
             self._step_loss = mean_loss  # fused_update.py's kernel makes its flag from it
         scaled_loss = loss * scale if scale != 1.0 else loss
         self._inv_scale, self._clip_coef, self._lr = 1.0 / scale, 1.0, lr
@@ -529,7 +461,7 @@ class LOMO:
             # The norm is only known once this step's weights have moved, so nothing is gained by waiting for it
             # now (a host sync: the GPU would idle while the CPU launches the next forward). It is copied to the
             # host without waiting, and checked when the next step begins (check_previous_step).
-            result.grad_norm = _copy_to_host(self._global_norm())
+            result.grad_norm = copy_to_host(self._global_norm())
             if unread_loss is not None:
                 result.loss, result._loss_decides = unread_loss, True
                 self._unchecked_result = result
@@ -619,31 +551,6 @@ class LOMO:
         self._handles = []
         for layer in self._gram_layers:
             layer.gram_norm = False
-
-
-def _copy_to_host(tensor):
-    """(a host copy, the CUDA event to wait for before reading it) without making the CPU wait now; on the
-    CPU, (the tensor, None)."""
-    if tensor.device.type != "cuda":
-        return tensor, None
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)  # queued on the tensor's device's current stream
-    copied = torch.cuda.Event()
-    copied.record(torch.cuda.current_stream(tensor.device))  # that stream, not the current device's
-    return host, copied
-
-
-def _read(value):
-    """A float from a value that may still be on the device: a tensor (read now, a host sync) or a host copy
-    with its CUDA event from _copy_to_host (a wait only until that copy is done); anything else as it is."""
-    if isinstance(value, tuple):
-        host, copied = value
-        if copied is not None:
-            copied.synchronize()
-        return float(host)
-    if isinstance(value, torch.Tensor):
-        return float(value)
-    return value
 
 
 def _average_flat(grads, dp_size, group):
