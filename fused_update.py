@@ -3,8 +3,8 @@
 Why it exists: a checked one-pass step (lomo.py's default) updates each weight and also sums its
 gradient's squares, for the norm it reports and checks. As two PyTorch ops that is two kernels, and the
 norm's kernel reads the whole gradient a second time: 1.5-2.5% of a 7B step on an H200, most of the
-checked LOMO's gap to plain SGD (PERF_NOTES.md, sessions 7 and 8). `torch.compile` does not fuse the two (it makes three
-kernels). This Triton kernel does both in one read: each program walks its share of the tensor,
+checked LOMO's gap to plain SGD (PERF_NOTES.md, sessions 7 and 8). `torch.compile` does not fuse the two
+(it makes three kernels). This Triton kernel does both in one read: each program walks its share of the tensor,
 updates it, and adds the squares it saw into its own slot of a small fp32 buffer. The buffer is summed
 once per step; no slot is written by two programs, so the norm does not depend on timing (no atomics).
 The kernel also reads a flag on the device, whether the step's loss is finite, and writes nothing if it is

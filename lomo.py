@@ -62,7 +62,7 @@ import torch.distributed as dist
 
 import fused_update
 import gram_norm
-from step_result import StepResult, copy_to_host
+from step_result import StepResult, copy_to_host, read
 
 # The fp32 update of a bf16/fp16 parameter runs in chunks of this many elements, so its temporaries
 # stay bounded (2**24 elements = 64 MiB per fp32 temporary) however large the parameter.
@@ -136,7 +136,7 @@ class LOMO:
         # a non-finite loss or gradient reaches the weights unseen. A norm pass always checks: its norm is
         # the check.
         self.check_finite = check_finite
-        # On a GPU with Triton, a checked one-pass step updates each bf16/fp16 matrix and sums its gradient's
+        # On a GPU with Triton, a checked one-pass step updates each bf16 matrix and sums its gradient's
         # squares in one kernel (fused_update.py): one read of the gradient instead of two. False: the two
         # PyTorch ops (for comparison: bench.py --no-fused-kernel).
         self.fused_kernel = fused_kernel
@@ -237,11 +237,7 @@ class LOMO:
         step began, is read now (long computed: no wait, and backward's first kernels are already queued, so
         the GPU does not idle as it would after a read before backward). If it is not finite, the rest of
         the pass only frees gradients ("discard") and step() reports the step skipped."""
-        host, copied = self._loss_on_host
-        self._loss_on_host = None
-        if copied is not None:
-            copied.synchronize()
-        self._loss_value = float(host)
+        self._loss_value, self._loss_on_host = read(self._loss_on_host), None
         if not math.isfinite(self._loss_value):
             self._mode = "discard"
 
@@ -309,7 +305,7 @@ class LOMO:
     @property
     def uses_fused_kernel(self) -> bool:
         """Whether a step updates the matrices with fused_update.py's kernel: a checked one-pass step, with
-        bf16/fp16 weights on a GPU with Triton, no value clipping and no weight decay."""
+        bf16 weights on a GPU with Triton, no value clipping and no weight decay (fp16 takes the norm pass)."""
         return (self.check_finite and not self.needs_norm_pass
                 and any(self._can_fuse(p, p) for p in self.params if p.dim() > 1))
 
