@@ -38,15 +38,23 @@ BLOCK = 2048  # 8 per thread with 8 warps of 32 threads: one 16-byte load of bf1
 NUM_WARPS = 8
 
 if triton is not None:
-    @triton.jit
-    def _update_and_sum_squares(param_ptr, grad_ptr, slots_ptr, apply_ptr, numel, alpha, iterations,
-                                BLOCK: tl.constexpr):
+    # The block size is a global constant, not an argument: the kernel then takes only run-time arguments,
+    # which every Triton's compiled-kernel launcher takes the same way (see _direct_launcher).
+    _BLOCK = tl.constexpr(BLOCK)
+
+    # numel and iterations are not specialized on (Triton would otherwise compile a variant for each value
+    # class: 1, a multiple of 16, other), so one compiled kernel per dtype serves every matrix; numel is
+    # passed divided by 16, which tells the compiler what specializing told it: the masks below are
+    # uniform over 16 elements, so loads and stores stay 16-byte wide.
+    @triton.jit(do_not_specialize=["numel_over_16", "iterations"])
+    def _update_and_sum_squares(param_ptr, grad_ptr, slots_ptr, apply_ptr, numel_over_16, alpha, iterations):
         program, programs = tl.program_id(0), tl.num_programs(0)
+        numel = numel_over_16 * 16
         apply = tl.load(apply_ptr) != 0  # 0: the loss was not finite, leave the weights as they are
-        squares = tl.zeros([BLOCK], dtype=tl.float32)
+        squares = tl.zeros([_BLOCK], dtype=tl.float32)
         # (Offsets are int32: below 2**31 since numel is and NUM_SLOTS * BLOCK, a power of two, divides 2**31.)
         for i in range(iterations):  # program p takes blocks p, p + programs, p + 2 programs, ...
-            offsets = (i * programs + program) * BLOCK + tl.arange(0, BLOCK)
+            offsets = (i * programs + program) * _BLOCK + tl.arange(0, _BLOCK)
             inside = offsets < numel
             grad = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
             weight = tl.load(param_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
@@ -62,7 +70,7 @@ def available(param: torch.Tensor, grad: torch.Tensor) -> bool:
     return (triton is not None and param.is_cuda and param.dtype in (torch.bfloat16, torch.float16)
             and grad.dtype == param.dtype and grad.shape == param.shape
             and param.is_contiguous() and grad.is_contiguous() and param.numel() < 2**31
-            and _supported(param.device.index))
+            and param.numel() % 16 == 0 and _supported(param.device.index))
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,9 +88,44 @@ def update_and_sum_squares(param: torch.Tensor, grad: torch.Tensor, alpha: float
                            apply: torch.Tensor) -> None:
     """param += alpha * grad (fp32 maths, rounded once) if the 0-dim uint8 tensor `apply` is not 0, and
     sum(grad**2) (fp32) added into `slots` either way. The squared norm of all the gradients seen is then
-    `slots.sum()`."""
+    `slots.sum()`. Needs `available(param, grad)`."""
     numel = param.numel()
-    blocks = triton.cdiv(numel, BLOCK)
+    blocks = -(-numel // BLOCK)
     programs = min(NUM_SLOTS, blocks)
-    _update_and_sum_squares[(programs,)](param, grad, slots, apply, numel, alpha, triton.cdiv(blocks, programs),
-                                         BLOCK=BLOCK, num_warps=NUM_WARPS)
+    args = (param, grad, slots, apply, numel // 16, alpha, -(-blocks // programs))
+    aligned = not (param.data_ptr() % 16 or grad.data_ptr() % 16 or slots.data_ptr() % 16 or apply.data_ptr() % 16)
+    # (The JIT launches on the current device's stream, as does the direct launch, with a kernel loaded for it.)
+    direct = aligned and param.device.index == torch.cuda.current_device()
+    launch = _direct_launcher(param.device.index, param.dtype) if direct else None
+    if launch is not None:
+        launch((programs, 1, 1))(*args)
+    else:
+        _update_and_sum_squares[(programs,)](*args, num_warps=NUM_WARPS)
+
+
+@functools.lru_cache(maxsize=None)
+def _direct_launcher(device_index, dtype):
+    """The compiled kernel for this GPU and dtype, to launch directly; None to launch through Triton's JIT.
+
+    Why: `kernel[grid](...)` costs ~25 us of CPU per call (Triton binds the arguments, works out their
+    specialization and looks the compiled kernel up), more than the two PyTorch ops the kernel replaces,
+    and an eager 7B step makes 224 such calls from inside backward, where the CPU is often what the GPU
+    waits for (PERF_NOTES.md, change 26). The compiled kernel that the JIT returns can be launched as
+    `compiled[grid](*args)`, which skips all that. It is the right kernel for every later call with the
+    same dtype whose pointers are 16-byte aligned: numel and iterations are not specialized on, and all
+    four pointers were aligned here as there. That launch is checked once here, on scratch tensors (one
+    host sync per dtype per process), so that a Triton whose compiled kernels take their arguments
+    differently falls back to the JIT launch instead of computing anything wrong."""
+    device = torch.device("cuda", device_index)
+    weight = torch.zeros(2 * BLOCK, dtype=dtype, device=device)
+    grad = torch.ones_like(weight)
+    slots, apply = new_slots(device), torch.ones((), dtype=torch.uint8, device=device)
+    args = (weight, grad, slots, apply, weight.numel() // 16, 0.5)
+    try:
+        with torch.cuda.device(device):
+            compiled = _update_and_sum_squares[(1,)](*args, 2, num_warps=NUM_WARPS)  # one program, two blocks
+            compiled[(2, 1, 1)](*args, 1)  # two programs, one block each
+        works = bool((weight == 1.0).all()) and slots[:2].tolist() == [3 * BLOCK, BLOCK]
+    except Exception:  # noqa: BLE001 - any failure here means: use the JIT launch, which raises its own errors
+        return None
+    return compiled.__getitem__ if works else None

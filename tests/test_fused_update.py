@@ -120,11 +120,15 @@ def test_a_restored_state_does_not_count_a_step_of_before(batch, kernel_on_the_c
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("numel", [1, 4095, fused_update.NUM_SLOTS * fused_update.BLOCK * 2 + 17])  # the last loops
-def test_kernel_update_is_add_and_its_sum_of_squares_the_float64_one(dtype, numel):
+@pytest.mark.parametrize("numel", [16, 4096, fused_update.NUM_SLOTS * fused_update.BLOCK * 2 + 48])  # the last loops
+@pytest.mark.parametrize("launch", ["direct", "jit"])
+def test_kernel_update_is_add_and_its_sum_of_squares_the_float64_one(dtype, numel, launch):
     make = torch.Generator(device="cuda").manual_seed(numel)
-    pairs = [(torch.randn(n, device="cuda", generator=make).to(dtype),
-              (torch.randn(n, device="cuda", generator=make) * 0.01).to(dtype)) for n in (numel, 3 * 4096 + 5)]
+    # A tensor starting 2 bytes into its storage is not 16-byte aligned: Triton's JIT launches the kernel then.
+    offset = {"direct": 0, "jit": 1}[launch]
+    pairs = [(torch.randn(n + offset, device="cuda", generator=make).to(dtype)[offset:],
+              (torch.randn(n + offset, device="cuda", generator=make) * 0.01).to(dtype)[offset:])
+             for n in (numel, 3 * 4096 + 16)]
     squares = sum(grad.double().square().sum().item() for _, grad in pairs)
     for apply in (0, 1):  # 0: the step's loss was not finite: no weight changes, the squares are summed still
         slots = fused_update.new_slots("cuda")
@@ -134,6 +138,23 @@ def test_kernel_update_is_add_and_its_sum_of_squares_the_float64_one(dtype, nume
                                                                                         device="cuda"))
             assert torch.equal(param, expected)
         assert slots.sum().item() == pytest.approx(squares, rel=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_compiled_kernel_is_launched_directly(dtype):
+    # Triton's JIT launch costs ~25 us of CPU a call; this Triton's compiled kernels take the direct launch
+    # (a Triton that launched them differently would fail its check and fall back, correct but slower).
+    assert fused_update._direct_launcher(torch.cuda.current_device(), dtype) is not None
+
+
+@needs_kernel
+def test_tensors_the_kernel_does_not_take_go_to_the_pytorch_ops():
+    weight = torch.zeros(4095, dtype=torch.bfloat16, device="cuda")  # not a multiple of 16 elements
+    assert not fused_update.available(weight, weight)
+    assert not fused_update.available(weight.float(), weight.float())
+    square = torch.zeros(64, 64, dtype=torch.bfloat16, device="cuda")
+    assert fused_update.available(square, square) and not fused_update.available(square.t(), square.t())
 
 
 @needs_kernel

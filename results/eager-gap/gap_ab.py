@@ -169,6 +169,17 @@ def offloaded(step):
     return run
 
 
+def jit_launch(step):  # fused_update.py's kernel launched through Triton's JIT, as before change 26
+    def run():
+        direct = fused_update._direct_launcher
+        fused_update._direct_launcher = lambda device_index, dtype: None
+        try:
+            step()
+        finally:
+            fused_update._direct_launcher = direct
+    return run
+
+
 variants = {  # name: (hook or None, step, set-up)
     "sgd (foreach)": (None, step_sgd),
     "hook: add_": (bare, step_hooks),
@@ -185,6 +196,7 @@ variants = {  # name: (hook or None, step, set-up)
     "LOMO": ("lomo", step_lomo),
     "LOMO, check_finite=False": ("lomo_unchecked", step_lomo_unchecked),
     "LOMO, fused_kernel=False": ("lomo_unfused", step_lomo_unfused),
+    "LOMO, Triton JIT launch": ("lomo", jit_launch(step_lomo)),
     "sgd, offloaded": (None, offloaded(step_sgd)),
     "LOMO before, offloaded": ("lomo_old", offloaded(step_lomo_old)),
     "LOMO, offloaded": ("lomo", offloaded(step_lomo)),

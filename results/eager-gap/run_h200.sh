@@ -18,6 +18,8 @@
 #   run 16: parts t and h: change 25 (the kernel reads the loss's finiteness on the device: no host wait in a
 #           checked step); run 17: part i (compiled) (the README's table; its part m failed: lomo_before.py
 #           was not carried); run 18: part m, interleaved, compiled then eager
+#   run 21: part n: change 26 (the kernel launched through its compiled launcher, not Triton's JIT): tests,
+#           launch_probe.py, eager bench.py sgd/lomo twice each, unfused, unchecked; then gap_ab.py eager
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -104,6 +106,16 @@ python3 -m pytest -q tests/test_train.py -k "finite or gradient_norm or resume" 
   m)
 V="sgd (foreach);hook: add_;LOMO;LOMO, fused_kernel=False;LOMO, check_finite=False"
 python3 results/eager-gap/gap_ab.py 3 "$V" --compile 2>&1 | grep -v -i warn >> "$OUT/run.log"
+python3 results/eager-gap/gap_ab.py 3 "$V" 2>&1 | grep -v -i warn >> "$OUT/run.log" ;;
+  n)
+python3 -m pytest -q tests/test_fused_update.py tests/test_lomo.py >> "$OUT/run.log" 2>&1 \
+  || { echo "tests failed: no benchmark" >> "$OUT/run.log"; exit 1; }
+python3 results/eager-gap/launch_probe.py 2>&1 | grep -v -i warn >> "$OUT/run.log"
+$B --modes sgd,lomo,sgd,lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --no-fused-kernel --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
+  o)
+V="sgd (foreach);LOMO;LOMO, Triton JIT launch;LOMO, fused_kernel=False;LOMO, check_finite=False"
 python3 results/eager-gap/gap_ab.py 3 "$V" 2>&1 | grep -v -i warn >> "$OUT/run.log" ;;
   esac
 done
