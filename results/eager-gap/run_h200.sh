@@ -20,6 +20,7 @@
 #           was not carried); run 18: part m, interleaved, compiled then eager
 #   run 21: part n: change 26 (the kernel launched through its compiled launcher, not Triton's JIT): tests,
 #           launch_probe.py, eager bench.py sgd/lomo twice each, unfused, unchecked; then gap_ab.py eager
+#   run 22: part p: the same build, sgd and lomo alternating in separate processes, 5 pairs eager and 2 compiled
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -117,5 +118,8 @@ $B --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>
   o)
 V="sgd (foreach);LOMO;LOMO, Triton JIT launch;LOMO, fused_kernel=False;LOMO, check_finite=False"
 python3 results/eager-gap/gap_ab.py 3 "$V" 2>&1 | grep -v -i warn >> "$OUT/run.log" ;;
+  p)
+for i in 1 2 3 4 5; do $B --modes sgd,lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1; done
+for i in 1 2; do $B --compile --modes sgd,lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1; done ;;
   esac
 done
