@@ -21,6 +21,8 @@
 #   run 21: part n: change 26 (the kernel launched through its compiled launcher, not Triton's JIT): tests,
 #           launch_probe.py, eager bench.py sgd/lomo twice each, unfused, unchecked; then gap_ab.py eager
 #   run 22: part p: the same build, sgd and lomo alternating in separate processes, 5 pairs eager and 2 compiled
+#   run 23: part q: the CPU each mode needs to issue a 7B step: 1 x 16 tokens, so that the GPU waits for the CPU
+#           and a step's time is the CPU's
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -121,5 +123,12 @@ python3 results/eager-gap/gap_ab.py 3 "$V" 2>&1 | grep -v -i warn >> "$OUT/run.l
   p)
 for i in 1 2 3 4 5; do $B --modes sgd,lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1; done
 for i in 1 2; do $B --compile --modes sgd,lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1; done ;;
+  q)
+C="python3 bench.py --model 7B --activation-checkpointing --batch-size 1 --seq-len 16 --steps 30"
+for i in 1 2; do
+  $C --modes sgd,lomo,hook-sgd --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+  $C --no-fused-kernel --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+  $C --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+done ;;
   esac
 done
