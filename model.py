@@ -17,8 +17,8 @@ Choices, each matching Meta's `llama/model.py` so that its checkpoints load with
 - The output head is untied from the embedding by default; `tie_embeddings=True` shares them.
 - `init_weights(model, seed)` is deterministic: each parameter's values depend only on the seed and the
   parameter's name (not on the order of construction or the device count).
-- Activation checkpointing per block is one switch (`model.activation_checkpointing = True`); a second
-  (`model.offload_checkpoints = True`) keeps the saved block inputs in host memory (offload.py).
+- Activation checkpointing per block is one switch (`model.activation_checkpointing = True`, offload.py);
+  a second (`model.offload_checkpoints = True`) keeps the saved block inputs in host memory.
 - A `KVCache` for generation: each new token attends to the stored keys and values of earlier ones.
 
 Left out on purpose: process groups (shard.py rewrites this model for tensor parallelism), files
@@ -32,10 +32,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import gram_norm
-from offload import HostStash, run_blocks_offloaded
+from offload import HostStash, run_blocks_checkpointed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -386,18 +385,14 @@ class Transformer(nn.Module):
         cos, sin = rotary_cos_sin(self.args.head_dim, start + seq, self.args.rope_theta, device=tokens.device)
         cos, sin = cos[start:], sin[start:]
         h = self.tok_embeddings(tokens)
-        if self.activation_checkpointing and self.offload_checkpoints and cache is None and torch.is_grad_enabled():
-            self._host_stash = self._host_stash or HostStash()
-            return self.norm(run_blocks_offloaded(self.layers, h, cos, sin, self._host_stash))
+        if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+            # Each block recomputed in backward from its saved input (offload.py), on the GPU or in host memory.
+            stash = None
+            if self.offload_checkpoints:
+                stash = self._host_stash = self._host_stash or HostStash()
+            return self.norm(run_blocks_checkpointed(self.layers, h, cos, sin, stash))
         for i, layer in enumerate(self.layers):
-            if cache is not None:
-                h = layer(h, cos, sin, cache.layers[i])
-            elif self.activation_checkpointing and torch.is_grad_enabled():
-                # Non-reentrant checkpointing works with hooks on parameters and with backward run twice
-                # over a retained graph (LOMO's clipping pass), which the reentrant variant does not.
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False, checkpointed=True)
-            else:
-                h = layer(h, cos, sin)
+            h = layer(h, cos, sin, cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.length += seq
         return self.norm(h)

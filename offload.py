@@ -1,28 +1,35 @@
-"""Activation checkpointing with the saved block inputs in host memory (optional: --offload-checkpoints).
+"""Activation checkpointing of the blocks, one autograd Function per block; the saved block inputs on the
+GPU, or in pinned host memory (optional: --offload-checkpoints).
 
-With activation checkpointing a LOMO step keeps one (batch, seq, dim) input per block on the GPU until
-backward reaches that block: 512 MiB for 7B at 4 x 512 tokens, 4 GiB at 16 x 1024. That is the largest
-term of LOMO's memory above the weights, and what keeps its peak above inference's. Here those inputs
-live in pinned host memory instead:
+Checkpointing keeps one (batch, seq, dim) input per block until backward reaches that block, and recomputes
+the block from it there:
 
-- forward: each block runs under no_grad, as in any checkpoint; its input is copied to a pinned host
-  buffer on a side CUDA stream, so the copy overlaps the blocks that follow, and the GPU copy is dropped.
-- backward, block by block in reverse: the block's input comes back from the host (prefetched on the side
-  stream while the block after it ran its attention's backward), the block is recomputed with grad, and
-  its backward runs inside this one, as in torch.utils.checkpoint's original "reentrant" variant. The
-  parameter gradients accumulate in that inner backward, so LOMO's hooks fire exactly as without offloading.
-- Backward may run twice over the same graph (LOMO's clipping pass): each pass fetches the inputs again.
+- forward: each block runs without building a graph (an autograd Function's forward), and only its input
+  is kept: on the GPU, or copied to a pinned host buffer on a side CUDA stream, so that the copy overlaps
+  the blocks that follow, and the GPU copy dropped.
+- backward, block by block in reverse: the block's input (on the host: brought back, prefetched on the side
+  stream while the block after it ran its attention's backward) is recomputed with grad, and its backward
+  runs inside this one, as in torch.utils.checkpoint's original "reentrant" variant. The parameter
+  gradients accumulate in that inner backward, so LOMO's hooks fire as without checkpointing.
+- Backward may run twice over the same graph (LOMO's clipping pass): each pass recomputes every block again.
 - On the CPU the "host copy" is a plain copy: the code path runs, so tests can check it against autograd.
 
-Cost: two PCIe copies of each block input per step (16 MiB each for 7B at 4 x 512, well under a
-millisecond), which the side stream hides behind the blocks' matmuls, and host memory for the inputs of
-one step (of two, while the caller still holds the previous step's graph).
+Why not torch.utils.checkpoint (non-reentrant, which the model used before): it does the same recompute,
+but through saved-tensor hooks in Python, one call per tensor each block saves, in forward and in backward.
+Eager 7B steps on a fast GPU are partly bound by the CPU that issues them, and this Function issues a step
+with less CPU (PERF_NOTES.md, change 27). The results are bit-identical (tests/test_offload.py).
+
+Inputs in host memory: 512 MiB less GPU memory for 7B at 4 x 512 tokens (4 GiB at 16 x 1024), the largest
+term of LOMO's memory above the weights, for two PCIe copies of each block input per step (16 MiB each at
+4 x 512, well under a millisecond), hidden by the side stream behind the blocks' matmuls, and host memory
+for the inputs of one step (of two, while the caller still holds the previous step's graph).
 
 Left out: offloading anything inside a block (it is recomputed anyway), compressing what is offloaded,
 and KV-cache generation (which runs without checkpointing).
 Limitation: as with torch.utils.checkpoint's reentrant variant, backward must come from `.backward()`
 (LOMO, train.py), not `torch.autograd.grad`: the inner backward accumulates the block's parameter
-gradients into `.grad` whatever the outer call asked for.
+gradients into `.grad` whatever the outer call asked for (`torch.autograd.grad` of a block's weight fails:
+the outer graph does not reach it).
 """
 import contextlib
 from typing import Optional
@@ -100,18 +107,20 @@ class HostCopy:
             self.stash.release(self.key, self.buffer)
 
 
-class _OffloadedCheckpoint(torch.autograd.Function):
+class _CheckpointedBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, block, cos, sin, saved: HostCopy):
-        ctx.block, ctx.saved = block, saved
-        ctx.save_for_backward(cos, sin)
+    def forward(ctx, x, block, cos, sin, host_copy: Optional[HostCopy]):
+        ctx.block, ctx.host_copy = block, host_copy
+        ctx.save_for_backward(cos, sin, x if host_copy is None else None)  # the input itself, or nothing here
         return block(x, cos, sin)  # autograd.Function's forward runs without building a graph
 
     @staticmethod
     def backward(ctx, grad_output):
-        cos, sin = ctx.saved_tensors
-        x = ctx.saved.fetch().requires_grad_(True)
-        with torch.enable_grad(), _prefetch_after_feed_forward(ctx.block, ctx.saved.previous):
+        cos, sin, kept = ctx.saved_tensors
+        host_copy = ctx.host_copy
+        x = (kept if host_copy is None else host_copy.fetch()).detach().requires_grad_(True)
+        previous = host_copy.previous if host_copy is not None else None
+        with torch.enable_grad(), _prefetch_after_feed_forward(ctx.block, previous):
             # checkpointed=True: this graph is backwarded once, so the block's backward may reuse the memory
             # of what it saved (model.swiglu_down).
             output = ctx.block(x, cos, sin, checkpointed=True)
@@ -148,14 +157,16 @@ def _prefetch_after_feed_forward(block, previous: Optional[HostCopy]):
         handle.remove()
 
 
-def run_blocks_offloaded(blocks, h, cos, sin, stash: HostStash):
-    """h -> blocks[-1](... blocks[0](h)), with each block checkpointed and its input kept in host memory."""
+def run_blocks_checkpointed(blocks, h, cos, sin, stash: Optional[HostStash] = None):
+    """h -> blocks[-1](... blocks[0](h)), with each block checkpointed: its input kept on the device, or with
+    a stash in host memory."""
     if not h.requires_grad:  # e.g. a frozen embedding: the blocks' backward must still run
         h = h.detach().requires_grad_(True)
     previous = None
     for block in blocks:
-        saved = stash.save(h)
-        saved.previous = previous
-        h = _OffloadedCheckpoint.apply(h, block, cos, sin, saved)
-        previous = saved
+        host_copy = stash.save(h) if stash is not None else None
+        if host_copy is not None:
+            host_copy.previous = previous
+        h = _CheckpointedBlock.apply(h, block, cos, sin, host_copy)
+        previous = host_copy
     return h

@@ -1,10 +1,13 @@
-"""Checkpointing with the block inputs in host memory (offload.py) against plain autograd, torch's own
-checkpoint, torch.optim.SGD and clip_grad_norm_; and the host buffers' reuse from step to step."""
+"""The blocks' activation checkpointing (offload.py), with the inputs on the device and in host memory,
+against plain autograd, torch's own checkpoint, torch.optim.SGD and clip_grad_norm_; and the host buffers'
+reuse from step to step."""
 import pytest
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from conftest import loss_of, sgd_reference, tiny_model
 from lomo import LOMO
+from model import cross_entropy_loss, rotary_cos_sin
 
 
 def offloaded(model):
@@ -12,30 +15,71 @@ def offloaded(model):
     return model
 
 
-def test_gradients_equal_plain_autograd_in_float64(batch):
-    plain, offload = tiny_model(dtype=torch.float64, n_layers=3), offloaded(tiny_model(dtype=torch.float64, n_layers=3))
-    for model in (plain, offload):
+def checkpointed(model, offload):
+    model.activation_checkpointing, model.offload_checkpoints = True, offload
+    return model
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_gradients_equal_plain_autograd_in_float64(batch, offload):
+    plain = tiny_model(dtype=torch.float64, n_layers=3)
+    recomputed = checkpointed(tiny_model(dtype=torch.float64, n_layers=3), offload)
+    for model in (plain, recomputed):
         loss_of(model, batch).backward()
-    for (name, p), q in zip(plain.named_parameters(), offload.parameters()):
+    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters()):
         assert q.grad is not None, name
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
 
 
-def test_gradients_equal_torch_checkpoint_bit_for_bit(batch):
-    grads = []
+def torch_checkpoint_loss(model, batch):
+    """The model's loss with each block under torch.utils.checkpoint (non-reentrant), what the model used
+    before offload.py's Function took its place for every checkpointed run."""
+    inputs, targets = batch
+    cos, sin = rotary_cos_sin(model.args.head_dim, inputs.shape[1], model.args.rope_theta)
+    h = model.tok_embeddings(inputs)
+    for layer in model.layers:
+        h = checkpoint(layer, h, cos, sin, use_reentrant=False, checkpointed=True)
+    return cross_entropy_loss(model.output(model.norm(h)), targets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_equal_torch_checkpoint_bit_for_bit(batch, dtype):
+    reference = tiny_model(dtype=dtype)
+    torch_checkpoint_loss(reference, batch).backward()
     for offload in (False, True):
-        model = tiny_model()
-        model.activation_checkpointing, model.offload_checkpoints = True, offload
+        model = checkpointed(tiny_model(dtype=dtype), offload)
         loss_of(model, batch).backward()
-        grads.append([p.grad for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert torch.equal(p.grad, q.grad), (name, offload)
 
 
+def test_on_the_device_the_saved_input_is_the_block_input_itself(batch):
+    # No copy is made: the node of the last block keeps the tensor the block was called with, and backward
+    # recomputes from it; autograd's version counter guards it (overwritten after forward, backward refuses).
+    model = checkpointed(tiny_model(), offload=False)
+    inputs = []
+    model.layers[-1].register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    last_w2 = model.layers[-1].feed_forward.w2.weight
+    loss = loss_of(model, batch)
+    loss.backward(retain_graph=True)
+    reference, last_w2.grad = last_w2.grad, None
+    node = loss.grad_fn
+    while type(node).__name__ != "_CheckpointedBlockBackward":  # walk back to the last block's node
+        node = node.next_functions[0][0]
+    kept = node.saved_tensors[2]
+    assert kept.data_ptr() == inputs[0].data_ptr() and node.host_copy is None
+    with torch.no_grad():
+        inputs[0].mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # autograd notices
+        loss.backward()
+
+
+@pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("clip", [None, 0.05])
-def test_lomo_steps_equal_sgd_with_clipping(batch, clip):
+def test_lomo_steps_equal_sgd_with_clipping(batch, clip, offload):
     # Two steps: the second reuses the host buffers of the first. With clipping, backward runs twice over
-    # one graph and each pass fetches every input again.
-    model, reference = offloaded(tiny_model()), tiny_model()
+    # one graph and each pass recomputes (and fetches) every input again.
+    model, reference = checkpointed(tiny_model(), offload), tiny_model()
     lomo = LOMO(model, lr=0.3, clip_grad_norm=clip)
     norms = [lomo.step(loss_of(model, batch)).grad_norm for _ in range(2)]
     expected = sgd_reference(reference, batch, lr=0.3, clip_norm=clip or float("inf"), steps=2)
@@ -68,9 +112,9 @@ def test_saved_inputs_live_in_the_stash_not_in_the_graph(batch):
     loss.backward(retain_graph=True)
     reference, last_w2.grad = last_w2.grad, None
     node = loss.grad_fn
-    while type(node).__name__ != "_OffloadedCheckpointBackward":  # walk back to the last block's node
+    while type(node).__name__ != "_CheckpointedBlockBackward":  # walk back to the last block's node
         node = node.next_functions[0][0]
-    node.saved.buffer.mul_(2.0)
+    node.host_copy.buffer.mul_(2.0)
     loss.backward()
     assert not torch.allclose(last_w2.grad, reference)
 

@@ -23,6 +23,8 @@
 #   run 22: part p: the same build, sgd and lomo alternating in separate processes, 5 pairs eager and 2 compiled
 #   run 23: part q: the CPU each mode needs to issue a 7B step: 1 x 16 tokens, so that the GPU waits for the CPU
 #           and a step's time is the CPU's
+#   run 24: part r: change 27 (the blocks checkpointed by offload.py's Function, not torch.utils.checkpoint):
+#           tests; ckpt_ab.py now/before alternating, 1 x 16 tokens (the CPU's time) and 4 x 512; lomo-clip, offloaded
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -130,5 +132,16 @@ for i in 1 2; do
   $C --no-fused-kernel --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
   $C --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
 done ;;
+  r)
+python3 -m pytest -q tests/test_offload.py tests/test_fused_update.py tests/test_lomo.py >> "$OUT/run.log" 2>&1 \
+  || { echo "tests failed: no benchmark" >> "$OUT/run.log"; exit 1; }
+A="python3 results/eager-gap/ckpt_ab.py"
+S="--model 7B --activation-checkpointing --steps 30"
+for i in 1 2; do for mode in sgd lomo; do for v in before now; do
+  $A $v $S --batch-size 1 --seq-len 16 --worker $mode >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"; done; done; done
+for mode in sgd lomo; do for v in before now; do
+  $A $v $S --batch-size 4 --seq-len 512 --worker $mode >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"; done; done
+$B --modes lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --offload-checkpoints --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
   esac
 done
