@@ -25,6 +25,8 @@
 #           and a step's time is the CPU's
 #   run 24: part r: change 27 (the blocks checkpointed by offload.py's Function, not torch.utils.checkpoint):
 #           tests; ckpt_ab.py now/before alternating, 1 x 16 tokens (the CPU's time) and 4 x 512; lomo-clip, offloaded
+#   run 25: part s: change 27 compiled (sgd, lomo now; lomo before), lomo-clip before/now eager, lomo-clip
+#           compiled, one more eager sgd/lomo pair
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -143,5 +145,12 @@ for mode in sgd lomo; do for v in before now; do
   $A $v $S --batch-size 4 --seq-len 512 --worker $mode >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"; done; done
 $B --modes lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
 $B --offload-checkpoints --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
+  s)
+A="python3 results/eager-gap/ckpt_ab.py"
+S="--model 7B --activation-checkpointing --steps 30 --batch-size 4 --seq-len 512"
+for run in "now sgd" "now lomo" "before lomo"; do $A ${run% *} $S --compile --worker ${run#* } >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"; done
+for v in before now; do $A $v $S --worker lomo-clip >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"; done
+$A now $S --compile --worker lomo-clip >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"
+for mode in sgd lomo; do $A now $S --worker $mode >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"; done ;;
   esac
 done
