@@ -27,6 +27,8 @@
 #           tests; ckpt_ab.py now/before alternating, 1 x 16 tokens (the CPU's time) and 4 x 512; lomo-clip, offloaded
 #   run 25: part s: change 27 compiled (sgd, lomo now; lomo before), lomo-clip before/now eager, lomo-clip
 #           compiled, one more eager sgd/lomo pair
+#   run 26: part u: hook_time.py (where the CPU of an eager LOMO step goes, 1 x 16 tokens)
+#   run 27: part v: two more eager sgd/lomo pairs, each mode its own bench.py call; lomo-clip offloaded
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -152,5 +154,10 @@ for run in "now sgd" "now lomo" "before lomo"; do $A ${run% *} $S --compile --wo
 for v in before now; do $A $v $S --worker lomo-clip >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"; done
 $A now $S --compile --worker lomo-clip >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"
 for mode in sgd lomo; do $A now $S --worker $mode >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"; done ;;
+  u)
+python3 results/eager-gap/hook_time.py 7B cuda 2>&1 | grep -v -i warn > "$OUT/hook_time.log" ;;
+  v)
+for i in 1 2; do for m in sgd lomo; do $B --modes $m --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log"; done; done
+$B --offload-checkpoints --modes lomo-clip --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log" ;;
   esac
 done
