@@ -16,8 +16,10 @@ rounding back into the parameter's dtype; the updated weights are bit-identical 
 `torch.linalg.vector_norm`'s.
 
 Left out: the CPU (no Triton there; lomo.py uses the two PyTorch ops), weight decay and value clipping
-(they take the unfused path), and tensors that are not contiguous or have 2**31 elements or more.
-Triton ships with PyTorch's CUDA builds; without it `available()` is False and nothing changes.
+(they take the unfused path), and tensors that are not contiguous, have 2**31 elements or more, or a number
+of elements that is not a multiple of 16 (every LLaMA matrix is one).
+Triton ships with PyTorch's CUDA builds; without it `available()` is False and nothing changes. The kernel is
+launched through its compiled kernel's own launcher where it can be (`_direct_launcher`): less CPU per call.
 """
 import functools
 
