@@ -22,6 +22,7 @@ Triton ships with PyTorch's CUDA builds; without it `available()` is False and n
 launched through its compiled kernel's own launcher where it can be (`_direct_launcher`): less CPU per call.
 """
 import functools
+import warnings
 
 import torch
 
@@ -92,6 +93,10 @@ def update_and_sum_squares(param: torch.Tensor, grad: torch.Tensor, alpha: float
     sum(grad**2) (fp32) added into `slots` either way. The squared norm of all the gradients seen is then
     `slots.sum()`. Needs `available(param, grad)`."""
     numel = param.numel()
+    if numel % 16 or grad.dtype != param.dtype or slots.dtype != torch.float32 or apply.dtype != torch.uint8:
+        raise ValueError(f"update_and_sum_squares takes {numel} elements (needs a multiple of 16), a {grad.dtype} "
+                         f"gradient for a {param.dtype} weight (needs the same), {slots.dtype} slots (needs "
+                         f"new_slots()) and a {apply.dtype} flag (needs uint8): check available() first")
     blocks = -(-numel // BLOCK)
     programs = min(NUM_SLOTS, blocks)
     args = (param, grad, slots, apply, numel // 16, alpha, -(-blocks // programs))
@@ -109,25 +114,43 @@ def update_and_sum_squares(param: torch.Tensor, grad: torch.Tensor, alpha: float
 def _direct_launcher(device_index, dtype):
     """The compiled kernel for this GPU and dtype, to launch directly; None to launch through Triton's JIT.
 
-    Why: `kernel[grid](...)` costs ~25 us of CPU per call (Triton binds the arguments, works out their
-    specialization and looks the compiled kernel up), more than the two PyTorch ops the kernel replaces,
-    and an eager 7B step makes 224 such calls from inside backward, where the CPU is often what the GPU
-    waits for (PERF_NOTES.md, change 26). The compiled kernel that the JIT returns can be launched as
-    `compiled[grid](*args)`, which skips all that. It is the right kernel for every later call with the
-    same dtype whose pointers are 16-byte aligned: numel and iterations are not specialized on, and all
-    four pointers were aligned here as there. That launch is checked once here, on scratch tensors (one
-    host sync per dtype per process), so that a Triton whose compiled kernels take their arguments
-    differently falls back to the JIT launch instead of computing anything wrong."""
+    Why: `kernel[grid](...)` costs ~15-25 us of CPU per call (Triton binds the arguments, works out their
+    specialization and looks the compiled kernel up), about what the two PyTorch ops the kernel replaces
+    cost, and an eager 7B step makes 224 such calls from inside backward, where the CPU is often what the
+    GPU waits for (PERF_NOTES.md, change 26). The compiled kernel that the JIT returns can be launched as
+    `compiled[grid](*args)`, which skips all that. On NVIDIA GPUs it is the right kernel for every later
+    call with the same dtype whose pointers are 16-byte aligned: Triton specializes this kernel on the
+    dtypes and on each pointer's alignment only (numel and iterations are not specialized on, and all four
+    pointers were aligned here as there). Not on AMD GPUs, where Triton may also specialize on a tensor's
+    size. The launch is checked once here, on scratch tensors (one host sync per dtype per process): the
+    masked tail, a flag of 0, several programs; a Triton whose compiled kernels take their arguments
+    differently falls back to the JIT launch (correct, more CPU) with a warning, instead of computing
+    anything wrong."""
+    if torch.version.hip is not None:
+        return None
     device = torch.device("cuda", device_index)
-    weight = torch.zeros(2 * BLOCK, dtype=dtype, device=device)
+    storage = torch.zeros(2 * BLOCK, dtype=dtype, device=device)
+    weight = storage[:2 * BLOCK - 16]  # the last block is masked; the 16 elements after it must stay 0
     grad = torch.ones_like(weight)
-    slots, apply = new_slots(device), torch.ones((), dtype=torch.uint8, device=device)
-    args = (weight, grad, slots, apply, weight.numel() // 16, 0.5)
+    slots = new_slots(device)
+    apply, skip = (torch.full((), value, dtype=torch.uint8, device=device) for value in (1, 0))
+    args = (weight, grad, slots)
+    numel_over_16 = weight.numel() // 16
     try:
         with torch.cuda.device(device):
-            compiled = _update_and_sum_squares[(1,)](*args, 2, num_warps=NUM_WARPS)  # one program, two blocks
-            compiled[(2, 1, 1)](*args, 1)  # two programs, one block each
-        works = bool((weight == 1.0).all()) and slots[:2].tolist() == [3 * BLOCK, BLOCK]
-    except Exception:  # noqa: BLE001 - any failure here means: use the JIT launch, which raises its own errors
+            # Through the JIT: one program over both blocks. Then directly: two programs, one block each,
+            # and again with the flag at 0 (the squares summed, no weight written).
+            compiled = _update_and_sum_squares[(1,)](*args, apply, numel_over_16, 0.5, 2, num_warps=NUM_WARPS)
+            compiled[(2, 1, 1)](*args, apply, numel_over_16, 0.5, 1)
+            compiled[(2, 1, 1)](*args, skip, numel_over_16, 0.5, 1)
+        tail = BLOCK - 16
+        works = (bool((weight == 1.0).all()) and not storage[weight.numel():].any()
+                 and slots[:3].tolist() == [BLOCK + tail + 2 * BLOCK, 2 * tail, 0.0])
+        failure = "it computed something else than the JIT launch"
+    except Exception as error:  # noqa: BLE001 - whatever failed, the JIT launch is the safe way
+        works, failure = False, f"{type(error).__name__}: {error}"
+    if not works:
+        warnings.warn(f"fused_update.py: the direct launch of the Triton kernel failed its check ({failure}); "
+                      f"the kernel is launched through Triton's JIT instead (correct, more CPU per call)")
         return None
-    return compiled.__getitem__ if works else None
+    return compiled.__getitem__

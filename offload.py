@@ -26,10 +26,10 @@ for the inputs of one step (of two, while the caller still holds the previous st
 
 Left out: offloading anything inside a block (it is recomputed anyway), compressing what is offloaded,
 and KV-cache generation (which runs without checkpointing).
-Limitation: as with torch.utils.checkpoint's reentrant variant, backward must come from `.backward()`
-(LOMO, train.py), not `torch.autograd.grad`: the inner backward accumulates the block's parameter
-gradients into `.grad` whatever the outer call asked for (`torch.autograd.grad` of a block's weight fails:
-the outer graph does not reach it).
+Limitation: as with torch.utils.checkpoint's reentrant variant, backward must be `loss.backward()` over the
+whole graph (LOMO, train.py and bench.py use nothing else): the inner backward accumulates the block's
+parameter gradients into `.grad` whatever the outer call asked for. `torch.autograd.grad`, `backward(inputs=...)`
+and `backward(create_graph=True)` raise an error that says so.
 """
 import contextlib
 from typing import Optional
@@ -109,27 +109,40 @@ class HostCopy:
 
 class _CheckpointedBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, block, cos, sin, host_copy: Optional[HostCopy]):
+    def forward(ctx, x, block, cos, sin, host_copy: Optional[HostCopy], grad_anchor: Optional[torch.Tensor]):
+        # grad_anchor: None, or an empty tensor that requires grad, passed when x does not (a frozen embedding),
+        # so that the output requires grad and backward reaches this block's weights.
         ctx.block, ctx.host_copy = block, host_copy
         ctx.save_for_backward(cos, sin, x if host_copy is None else None)  # the input itself, or nothing here
         return block(x, cos, sin)  # autograd.Function's forward runs without building a graph
 
     @staticmethod
     def backward(ctx, grad_output):
+        if not torch.autograd._is_checkpoint_valid():
+            raise RuntimeError(
+                "activation checkpointing (offload.py) needs backward over the whole graph, loss.backward(): "
+                "torch.autograd.grad and backward(inputs=...) would still fill every block weight's .grad. "
+                "Turn activation checkpointing off for that (model.activation_checkpointing = False)")
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "activation checkpointing (offload.py) does not support backward(create_graph=True): the "
+                "block's gradients would have no graph. Turn activation checkpointing off for that")
         cos, sin, kept = ctx.saved_tensors
         host_copy = ctx.host_copy
-        x = (kept if host_copy is None else host_copy.fetch()).detach().requires_grad_(True)
+        input_needs_grad = ctx.needs_input_grad[0]
+        x = (kept if host_copy is None else host_copy.fetch()).detach().requires_grad_(input_needs_grad)
         previous = host_copy.previous if host_copy is not None else None
         with torch.enable_grad(), _prefetch_after_feed_forward(ctx.block, previous):
             # checkpointed=True: this graph is backwarded once, so the block's backward may reuse the memory
             # of what it saved (model.swiglu_down).
             output = ctx.block(x, cos, sin, checkpointed=True)
-        # Backward needs the output's place in the graph, not its values: hold only the former, so the
-        # output's memory is free during the block's backward.
-        output = torch.autograd.graph.get_gradient_edge(output)
-        # The inner backward accumulates the block's parameter gradients (firing LOMO's hooks) and x.grad.
-        torch.autograd.backward(output, grad_output)
-        return x.grad, None, None, None, None
+        if output.requires_grad:  # (not when neither the input nor any weight of the block trains)
+            # Backward needs the output's place in the graph, not its values: hold only the former, so the
+            # output's memory is free during the block's backward.
+            output = torch.autograd.graph.get_gradient_edge(output)
+            # The inner backward accumulates the block's parameter gradients (firing LOMO's hooks) and x.grad.
+            torch.autograd.backward(output, grad_output)
+        return x.grad if input_needs_grad else None, None, None, None, None, None
 
 
 @contextlib.contextmanager
@@ -160,13 +173,14 @@ def _prefetch_after_feed_forward(block, previous: Optional[HostCopy]):
 def run_blocks_checkpointed(blocks, h, cos, sin, stash: Optional[HostStash] = None):
     """h -> blocks[-1](... blocks[0](h)), with each block checkpointed: its input kept on the device, or with
     a stash in host memory."""
-    if not h.requires_grad:  # e.g. a frozen embedding: the blocks' backward must still run
-        h = h.detach().requires_grad_(True)
+    # A frozen embedding (h needs no gradient): the first block gets an anchor so that backward still reaches
+    # the blocks, without h itself taking a gradient that nothing reads.
+    grad_anchor = None if h.requires_grad else torch.empty(0, device=h.device, requires_grad=True)
     previous = None
     for block in blocks:
         host_copy = stash.save(h) if stash is not None else None
         if host_copy is not None:
             host_copy.previous = previous
-        h = _CheckpointedBlock.apply(h, block, cos, sin, host_copy)
-        previous = host_copy
+        h = _CheckpointedBlock.apply(h, block, cos, sin, host_copy, grad_anchor)
+        previous, grad_anchor = host_copy, None
     return h

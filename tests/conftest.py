@@ -55,6 +55,7 @@ def inject(model, value, name="layers.0.attention.wq"):
         return grad
 
     def on_output(module, inputs, output):
-        output.register_hook(corrupt)  # (a forward hook that returned something would replace the output)
+        if output.requires_grad:  # (not in a checkpointed block's first forward, which builds no graph)
+            output.register_hook(corrupt)  # (a forward hook that returned something would replace the output)
 
     return layer.register_forward_hook(on_output)

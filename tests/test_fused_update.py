@@ -22,6 +22,24 @@ def test_without_a_gpu_lomo_takes_the_pytorch_ops(batch):
     assert not LOMO(model, lr=0.1).uses_fused_kernel
 
 
+@pytest.mark.parametrize("change", ["numel", "grad dtype", "slots", "flag"])
+def test_the_kernel_refuses_what_it_would_get_wrong(change):
+    # Checked before anything reaches the GPU (so this runs on the CPU): the kernel itself would silently skip
+    # a tail of fewer than 16 elements, or read the slots or the flag as another type.
+    param, grad = torch.zeros(64, dtype=torch.bfloat16), torch.zeros(64, dtype=torch.bfloat16)
+    slots, apply = torch.zeros(fused_update.NUM_SLOTS), torch.ones((), dtype=torch.uint8)
+    if change == "numel":
+        param, grad = param[:60], grad[:60]
+    elif change == "grad dtype":
+        grad = grad.half()
+    elif change == "slots":
+        slots = slots.double()
+    else:
+        apply = apply.bool()
+    with pytest.raises(ValueError, match="check available"):
+        fused_update.update_and_sum_squares(param, grad, -0.1, slots, apply)
+
+
 def reference_kernel(param, grad, alpha, slots, apply):
     """The kernel's contract in PyTorch ops, so that lomo.py's side of it runs in CPU CI too."""
     updated = (param.float() + alpha * grad.float()).to(param.dtype)
@@ -122,10 +140,19 @@ def test_a_restored_state_does_not_count_a_step_of_before(batch, kernel_on_the_c
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("numel", [16, 4096, fused_update.NUM_SLOTS * fused_update.BLOCK * 2 + 48])  # the last loops
 @pytest.mark.parametrize("launch", ["direct", "jit"])
-def test_kernel_update_is_add_and_its_sum_of_squares_the_float64_one(dtype, numel, launch):
+def test_kernel_update_is_add_and_its_sum_of_squares_the_float64_one(dtype, numel, launch, monkeypatch):
     make = torch.Generator(device="cuda").manual_seed(numel)
     # A tensor starting 2 bytes into its storage is not 16-byte aligned: Triton's JIT launches the kernel then.
     offset = {"direct": 0, "jit": 1}[launch]
+
+    def refused(*args, **kwargs):
+        raise AssertionError(f"not the {launch} launch")
+
+    if launch == "direct":  # checked now, then the JIT launch is taken away: every call below is direct
+        assert fused_update._direct_launcher(torch.cuda.current_device(), dtype) is not None
+        monkeypatch.setattr(fused_update, "_update_and_sum_squares", type("NoJit", (), {"__getitem__": refused})())
+    else:
+        monkeypatch.setattr(fused_update, "_direct_launcher", refused)
     pairs = [(torch.randn(n + offset, device="cuda", generator=make).to(dtype)[offset:],
               (torch.randn(n + offset, device="cuda", generator=make) * 0.01).to(dtype)[offset:])
              for n in (numel, 3 * 4096 + 16)]

@@ -1,8 +1,11 @@
 """The blocks' activation checkpointing (offload.py), with the inputs on the device and in host memory,
 against plain autograd, torch's own checkpoint, torch.optim.SGD and clip_grad_norm_; and the host buffers'
 reuse from step to step."""
+import weakref
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from conftest import loss_of, sgd_reference, tiny_model
@@ -119,12 +122,79 @@ def test_saved_inputs_live_in_the_stash_not_in_the_graph(batch):
     assert not torch.allclose(last_w2.grad, reference)
 
 
-def test_frozen_embedding_still_trains_the_blocks(batch):
-    model = offloaded(tiny_model())
+@pytest.mark.parametrize("offload", [False, True])
+def test_frozen_embedding_still_trains_the_blocks_and_nothing_else(batch, offload):
+    reference = tiny_model()
+    reference.tok_embeddings.weight.requires_grad_(False)
+    torch_checkpoint_loss(reference, batch).backward()
+    model = checkpointed(tiny_model(), offload)
     model.tok_embeddings.weight.requires_grad_(False)
-    loss_of(model, batch).backward()
+    loss = loss_of(model, batch)
+    node = loss.grad_fn
+    while node is not None and type(node).__name__ != "_CheckpointedBlockBackward" or node.next_functions[0][0]:
+        node = node.next_functions[0][0]  # down to the first block's node, whose input x takes no gradient
+    assert node.next_functions[0][0] is None
+    loss.backward()
     assert model.tok_embeddings.weight.grad is None
-    assert all(p.grad is not None for p in model.layers.parameters())
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad), name
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph")  # torch's own, about .grad cycles
+def test_backward_that_is_not_over_the_whole_graph_raises(batch):
+    # The blocks' inner backward would fill every weight's .grad whatever the outer call asked for: refused.
+    model = checkpointed(tiny_model(), offload=False)
+    embedding = model.tok_embeddings.weight
+    for backward in (lambda loss: torch.autograd.grad(loss, embedding),
+                     lambda loss: loss.backward(inputs=[embedding]),
+                     lambda loss: loss.backward(create_graph=True)):
+        with pytest.raises(RuntimeError, match="activation checkpointing"):
+            backward(loss_of(model, batch))
+    assert all(p.grad is None for p in model.layers.parameters())
+
+
+class _Alive(TorchDispatchMode):
+    """Weak references to every tensor the ops make, to add up the memory still alive at a point."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.made.extend(weakref.ref(t) for t in (out if isinstance(out, (tuple, list)) else [out])
+                         if isinstance(t, torch.Tensor))
+        return out
+
+    def bytes(self, model):
+        """Bytes of the tensors made and still alive, other than the model's weights (and views of them)."""
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+        for ref in self.made:
+            if (t := ref()) is not None and t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values())
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_after_forward_only_the_block_inputs_are_kept(batch, offload):
+    # The point of checkpointing: between forward and backward a block keeps its input and nothing else.
+    # Without checkpointing every block keeps its activations.
+    n_layers = 4
+    sizes = {}
+    for name, model in (("plain", tiny_model(n_layers=n_layers)),
+                        ("checkpointed", checkpointed(tiny_model(n_layers=n_layers), offload))):
+        with _Alive() as alive:
+            loss = loss_of(model, batch)
+            sizes[name] = alive.bytes(model)
+        del loss
+    inputs, _ = batch
+    block_input = inputs.numel() * model.args.dim * 4  # fp32
+    logits_chunk = inputs.numel() * model.args.vocab_size * 4  # what the loss keeps (at most one chunk's worth)
+    # The blocks' inputs (on the CPU the host copies are in the same memory), the final norm's input and
+    # its output, the loss's own tensors: not one tensor made inside a block.
+    assert sizes["checkpointed"] <= (n_layers + 3) * block_input + logits_chunk
+    assert sizes["plain"] > 3 * sizes["checkpointed"]
 
 
 def test_evaluation_and_generation_do_not_offload(batch):
