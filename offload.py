@@ -25,7 +25,8 @@ term of LOMO's memory above the weights, for two PCIe copies of each block input
 for the inputs of one step (of two, while the caller still holds the previous step's graph).
 
 Left out: offloading anything inside a block (it is recomputed anyway), compressing what is offloaded,
-and KV-cache generation (which runs without checkpointing).
+KV-cache generation (which runs without checkpointing), and restoring the RNG and autocast state for the
+recomputation, as torch.utils.checkpoint does (LLaMA has no dropout, and the model runs in its own dtype).
 Limitation: as with torch.utils.checkpoint's reentrant variant, backward must be `loss.backward()` over the
 whole graph (LOMO, train.py and bench.py use nothing else): the inner backward accumulates the block's
 parameter gradients into `.grad` whatever the outer call asked for. `torch.autograd.grad`, `backward(inputs=...)`
