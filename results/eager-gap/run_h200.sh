@@ -29,6 +29,8 @@
 #           compiled, one more eager sgd/lomo pair
 #   run 26: part u: hook_time.py (where the CPU of an eager LOMO step goes, 1 x 16 tokens)
 #   run 27: part v: two more eager sgd/lomo pairs, each mode its own bench.py call; lomo-clip offloaded
+#   part w (not run yet): the review fixes of session 9 on a GPU (the kernel's new check, which launch each
+#           kernel test takes, checkpointing on CUDA), then every eager mode of this build once
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -159,5 +161,12 @@ python3 results/eager-gap/hook_time.py 7B cuda 2>&1 | grep -v -i warn > "$OUT/ho
   v)
 for i in 1 2; do for m in sgd lomo; do $B --modes $m --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log"; done; done
 $B --offload-checkpoints --modes lomo-clip --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log" ;;
+  w)
+python3 -m pytest -q tests/test_fused_update.py tests/test_lomo.py tests/test_offload.py >> "$OUT/run.log" 2>&1 \
+  || { echo "tests failed: no benchmark" >> "$OUT/run.log"; exit 1; }
+$B --modes infer,sgd,lomo,lomo-clip,hook-sgd --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --no-finite-checks --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --no-fused-kernel --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --offload-checkpoints --modes lomo,lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
   esac
 done
