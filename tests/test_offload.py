@@ -56,19 +56,26 @@ def test_gradients_equal_torch_checkpoint_bit_for_bit(batch, dtype):
             assert torch.equal(p.grad, q.grad), (name, offload)
 
 
+def block_nodes(loss):
+    """The blocks' backward nodes, the last block's first (a block's input is its node's first input)."""
+    node, nodes = loss.grad_fn, []
+    while node is not None:
+        if type(node).__name__ == "_CheckpointedBlockBackward":
+            nodes.append(node)
+        elif nodes:
+            break
+        node = node.next_functions[0][0] if node.next_functions else None
+    return nodes
+
+
 def test_on_the_device_the_saved_input_is_the_block_input_itself(batch):
     # No copy is made: the node of the last block keeps the tensor the block was called with, and backward
     # recomputes from it; autograd's version counter guards it (overwritten after forward, backward refuses).
     model = checkpointed(tiny_model(), offload=False)
     inputs = []
     model.layers[-1].register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
-    last_w2 = model.layers[-1].feed_forward.w2.weight
     loss = loss_of(model, batch)
-    loss.backward(retain_graph=True)
-    reference, last_w2.grad = last_w2.grad, None
-    node = loss.grad_fn
-    while type(node).__name__ != "_CheckpointedBlockBackward":  # walk back to the last block's node
-        node = node.next_functions[0][0]
+    node = block_nodes(loss)[0]
     kept = node.saved_tensors[2]
     assert kept.data_ptr() == inputs[0].data_ptr() and node.host_copy is None
     with torch.no_grad():
@@ -114,10 +121,7 @@ def test_saved_inputs_live_in_the_stash_not_in_the_graph(batch):
     loss = loss_of(model, batch)
     loss.backward(retain_graph=True)
     reference, last_w2.grad = last_w2.grad, None
-    node = loss.grad_fn
-    while type(node).__name__ != "_CheckpointedBlockBackward":  # walk back to the last block's node
-        node = node.next_functions[0][0]
-    node.host_copy.buffer.mul_(2.0)
+    block_nodes(loss)[0].host_copy.buffer.mul_(2.0)
     loss.backward()
     assert not torch.allclose(last_w2.grad, reference)
 
@@ -130,10 +134,8 @@ def test_frozen_embedding_still_trains_the_blocks_and_nothing_else(batch, offloa
     model = checkpointed(tiny_model(), offload)
     model.tok_embeddings.weight.requires_grad_(False)
     loss = loss_of(model, batch)
-    node = loss.grad_fn
-    while node is not None and type(node).__name__ != "_CheckpointedBlockBackward" or node.next_functions[0][0]:
-        node = node.next_functions[0][0]  # down to the first block's node, whose input x takes no gradient
-    assert node.next_functions[0][0] is None
+    nodes = block_nodes(loss)
+    assert len(nodes) == len(model.layers) and nodes[-1].next_functions[0][0] is None  # x takes no gradient
     loss.backward()
     assert model.tok_embeddings.weight.grad is None
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
