@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile each block (model.compile_blocks)")
     p.add_argument("--no-gram-norms", action="store_true",
                    help="lomo-clip's norm pass makes every weight gradient for its norm (the A/B for gram_norm.py)")
+    p.add_argument("--no-saved-branch-grads", action="store_true",
+                   help="lomo-clip: LOMO(saved_branch_grads=False): the update pass computes each block's input "
+                        "gradients again instead of taking them from the norm pass (the A/B for offload.py's)")
     p.add_argument("--no-finite-checks", action="store_true",
                    help="lomo: LOMO(check_finite=False), the paper's one pass: no loss check, no gradient norms")
     p.add_argument("--no-fused-kernel", action="store_true",
@@ -119,7 +122,8 @@ def run_mode(args, mode):
         if mode in ("lomo", "lomo-clip"):
             lomo = LOMO(model, lr=lr, clip_grad_norm=1.0 if mode == "lomo-clip" else None,
                         tp_group=grid.tp_group, dp_group=grid.dp_group, gram_norms=not args.no_gram_norms,
-                        check_finite=not args.no_finite_checks, fused_kernel=not args.no_fused_kernel)
+                        check_finite=not args.no_finite_checks, fused_kernel=not args.no_fused_kernel,
+                        saved_branch_grads=not args.no_saved_branch_grads)
             step = lambda: lomo.step(loss_of())  # noqa: E731
         elif mode in ("sgd", "adamw"):
             optimizer = (torch.optim.SGD(params, lr=lr) if mode == "sgd" else torch.optim.AdamW(params, lr=lr))
@@ -201,6 +205,10 @@ def measurements(args, mode, margs, model, grid, seconds, step_ms=(), fused_kern
                fused_kernel=fused_kernel,  # whether the update and norm ran as one kernel (fused_update.py)
                # whether lomo-clip's norm pass takes the linear layers' norms from Grams (compiled blocks do not)
                gram_norms=any(getattr(m, "gram_norm", False) for m in model.modules()) and not args.compile,
+               # whether lomo-clip's update pass takes the blocks' input gradients from its norm pass
+               # (checkpointed, uncompiled blocks only: offload.py)
+               saved_branch_grads=(mode == "lomo-clip" and not args.no_saved_branch_grads
+                                   and args.activation_checkpointing and not args.compile),
                device=name, torch=torch.__version__, seconds_per_step=seconds, tokens_per_s=tokens_per_s,
                tokens_per_gpu_per_s=tokens_per_s / grid.world_size, flops_per_token=flops_per_token,
                mfu=(flops_per_token * tokens_per_s / grid.world_size / (peak * 1e12)) if peak else None,

@@ -18,7 +18,9 @@ How it works:
   per parameter) and frees the gradient; one sync reads the norm and decides the clip factor; pass 2
   runs backward again over the retained graph and updates. Clipping by value needs one pass. In pass 1
   most linear layers give their norm from two small Gram matrices instead of a gradient (gram_norm.py):
-  fewer FLOPs, and those gradients are never made at all.
+  fewer FLOPs, and those gradients are never made at all. With checkpointed blocks, pass 1 also keeps the
+  gradient at each block's two branch inputs (in host memory), and pass 2 starts each block's backward
+  from them, so no input gradient of wq, wk, wv, w1 or w3 is computed twice (offload.py).
 - fp16 needs dynamic loss scaling, and an overflow must be known before any weight changes, so fp16
   always takes the norm pass: a non-finite norm means overflow, the step is skipped with every weight
   untouched, and the scale is halved. It doubles after `growth_interval` clean steps (the official
@@ -62,6 +64,7 @@ import torch.distributed as dist
 
 import fused_update
 import gram_norm
+import offload
 from step_result import StepResult, copy_to_host, read
 
 # The fp32 update of a bf16/fp16 parameter runs in chunks of this many elements, so its temporaries
@@ -113,7 +116,7 @@ class LOMO:
                  clip_grad_norm: Optional[float] = None, clip_grad_value: Optional[float] = None,
                  loss_scaler: Optional[DynamicLossScaler] = None, max_consecutive_skips: int = 25,
                  tp_group=None, dp_group=None, gram_norms: bool = True, check_finite: bool = True,
-                 fused_kernel: bool = True):
+                 fused_kernel: bool = True, saved_branch_grads: bool = True):
         for name, value in (("lr", lr), ("weight_decay", weight_decay)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}={value} must be a finite number >= 0")
@@ -140,6 +143,10 @@ class LOMO:
         # squares in one kernel (fused_update.py): one read of the gradient instead of two. False: the two
         # PyTorch ops (for comparison: bench.py --no-fused-kernel).
         self.fused_kernel = fused_kernel
+        # With a norm pass and checkpointed blocks, the update pass takes each block's input-gradient chain
+        # from the norm pass instead of computing it again (offload.py): same result, fewer FLOPs. False:
+        # both passes compute everything (for comparison: bench.py --no-saved-branch-grads).
+        self.saved_branch_grads = saved_branch_grads
         self.step_count, self.consecutive_skips = 0, 0
         # Parallelism (shard.py): a parameter with a `tensor_parallel_dim` attribute is split across the
         # tp group; one without is replicated there. Every parameter is replicated across the dp group.
@@ -417,7 +424,8 @@ class LOMO:
                 self._mode = "norm"
                 self._reset_norm(loss.device)
                 self._gram_seen = set()
-                with gram_norm.recording(self._keep_gram_norm if self._gram_norms else None):
+                with gram_norm.recording(self._keep_gram_norm if self._gram_norms else None), \
+                        offload.branch_gradients("save" if self.saved_branch_grads else None):
                     scaled_loss.backward(retain_graph=True)
                 self._finish_vectors()
                 grad_norm, result.loss = torch.stack([self._global_norm(), mean_loss.float()]).tolist()  # one sync
@@ -436,7 +444,9 @@ class LOMO:
             self._mode, self._single_pass = "update", not self.needs_norm_pass and not unchecked
             if self._single_pass:
                 self._reset_norm(loss.device)
-            scaled_loss.backward()
+            reuse = self.needs_norm_pass and self.saved_branch_grads
+            with offload.branch_gradients("reuse" if reuse else None):
+                scaled_loss.backward()
             self._finish_vectors()
             # Still unread with a flag made: every update was guarded on the device by it. The host learns
             # whether the step was skipped when it reads the loss.

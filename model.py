@@ -346,6 +346,11 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return h + self.feed_forward(self.ffn_norm(h), checkpointed)
 
+    def branch_inputs(self):
+        """The modules whose outputs are the two branches' inputs. A block's backward turns the gradient at
+        each into its input's gradient; LOMO's second clipping pass takes those from its first (offload.py)."""
+        return self.attention_norm, self.ffn_norm
+
 
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):

@@ -108,12 +108,99 @@ class HostCopy:
             self.stash.release(self.key, self.buffer)
 
 
+# ----------------------------------------------------------------------------------------------------
+# LOMO's two passes: the second takes each block's chain of input gradients from the first.
+
+# While LOMO's norm pass runs: "save"; while its update pass runs: "reuse"; otherwise None (lomo.py sets it).
+_branch_phase = None
+_last_saved = None  # pass 1: the record of the block backward reached last, to link the next one to it
+# Pinned host buffers for the saved gradients, reused from step to step (one pool for the process).
+_branch_stash = HostStash()
+
+
+@contextlib.contextmanager
+def branch_gradients(phase: Optional[str]):
+    """Inside: checkpointed blocks save ("save", LOMO's norm pass) or reuse ("reuse", its update pass) the
+    gradient at each branch input; None does neither."""
+    global _branch_phase, _last_saved
+    if phase not in (None, "save", "reuse"):
+        raise ValueError(f"phase={phase!r}: use 'save', 'reuse' or None")
+    _branch_phase, _last_saved = phase, None
+    try:
+        yield
+    finally:
+        _branch_phase, _last_saved = None, None
+
+
+class _BranchGradients:
+    """One block's saved gradients, in host memory: index of the branch input -> HostCopy."""
+
+    def __init__(self):
+        self.copies = {}
+        self.next = None  # the record of the block that backward reaches after this one
+
+    def prefetch(self):
+        for copy in self.copies.values():
+            copy.prefetch()
+
+
+def _branch_taps(block, phase: Optional[str], record: Optional[_BranchGradients], roots: list):
+    """Forward hooks on the block's branch inputs for its recomputation; returns their handles.
+
+    "save": the gradient that reaches each branch input is copied to host memory into `record` (a tensor
+    hook sees the sum over all its readers, and under tensor parallelism the all-reduced sum: the hook
+    goes before shard.py's copy_to_tp hook, `prepend`). "reuse": each branch input with a saved gradient
+    is cut from the branch (the branch reads a detached copy, so none of its layers computes an input
+    gradient: wq, wk and wv, w1 and w3, and under tp their all-reduce), and (input, saved gradient) goes
+    to `roots` for the block's backward to start from."""
+    if phase is None:
+        return []
+
+    def tap(index):
+        def save(grad):
+            record.copies[index] = _branch_stash.save(grad)
+
+        def on_output(module, inputs, output):
+            if phase == "save":
+                if output.requires_grad:
+                    output.register_hook(save)
+                return None
+            if index not in record.copies:
+                return None
+            roots.append((output, record.copies.pop(index).fetch()))
+            return output.detach()
+        return on_output
+
+    return [module.register_forward_hook(tap(i), prepend=True) for i, module in enumerate(block.branch_inputs())]
+
+
+def _branch_record(ctx):
+    """(phase, record) for this block's backward: a new record to fill in LOMO's norm pass, the one that
+    pass filled in its update pass (taken from ctx: used once, so its host buffers go back after), or
+    (None, None)."""
+    global _last_saved
+    block = ctx.block
+    if _branch_phase is None or not hasattr(block, "branch_inputs"):
+        return None, None
+    if getattr(block, "_compiled_call_impl", None) is not None:
+        return None, None  # a compiled block's graph cannot be cut by a hook added at its recomputation
+    if _branch_phase == "save":
+        record = ctx.branch_grads = _BranchGradients()
+        if _last_saved is not None:
+            _last_saved.next = record
+        _last_saved = record
+        return "save", record
+    record, ctx.branch_grads = ctx.branch_grads, None
+    return ("reuse", record) if record is not None else (None, None)
+
+
 class _CheckpointedBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, block, cos, sin, host_copy: Optional[HostCopy], grad_anchor: Optional[torch.Tensor]):
         # grad_anchor: None, or an empty tensor that requires grad, passed when x does not (a frozen embedding),
         # so that the output requires grad and backward reaches this block's weights.
         ctx.block, ctx.host_copy = block, host_copy
+        ctx.branch_grads = None  # LOMO's norm pass fills it, its update pass empties it
         ctx.save_for_backward(cos, sin, x if host_copy is None else None)  # the input itself, or nothing here
         return block(x, cos, sin)  # autograd.Function's forward runs without building a graph
 
@@ -132,37 +219,60 @@ class _CheckpointedBlock(torch.autograd.Function):
         host_copy = ctx.host_copy
         input_needs_grad = ctx.needs_input_grad[0]
         x = (kept if host_copy is None else host_copy.fetch()).detach().requires_grad_(input_needs_grad)
-        previous = host_copy.previous if host_copy is not None else None
-        with torch.enable_grad(), _prefetch_after_feed_forward(ctx.block, previous):
-            # checkpointed=True: this graph is backwarded once, so the block's backward may reuse the memory
-            # of what it saved (model.swiglu_down).
-            output = ctx.block(x, cos, sin, checkpointed=True)
-        if output.requires_grad:  # (not when neither the input nor any weight of the block trains)
-            # Backward needs the output's place in the graph, not its values: hold only the former, so the
+        block, roots = ctx.block, []
+        phase, record = _branch_record(ctx)
+        # What the next block's backward will fetch, prefetched during this one's.
+        ahead = [host_copy.previous if host_copy is not None else None, record.next if phase == "reuse" else None]
+        ahead = [item for item in ahead if item is not None]
+        handles = _branch_taps(block, phase, record, roots)
+        try:
+            with torch.enable_grad(), _prefetch_after_feed_forward(block, ahead):
+                # checkpointed=True: this graph is backwarded once, so the block's backward may reuse the
+                # memory of what it saved (model.swiglu_down).
+                output = block(x, cos, sin, checkpointed=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        # Where backward starts: the output (unless neither the input nor any weight of the block trains),
+        # and in LOMO's update pass the cut branch inputs with their saved gradients.
+        starts = ([(output, grad_output)] if output.requires_grad else []) + roots
+        if starts:
+            # Backward needs the tensors' places in the graph, not their values: hold only the former, so the
             # output's memory is free during the block's backward.
-            output = torch.autograd.graph.get_gradient_edge(output)
+            edges = [torch.autograd.graph.get_gradient_edge(tensor) for tensor, _ in starts]
+            grads = [grad for _, grad in starts]
+            del output, starts, roots[:]
             # The inner backward accumulates the block's parameter gradients (firing LOMO's hooks) and x.grad.
-            torch.autograd.backward(output, grad_output)
+            torch.autograd.backward(edges, grads)
         return x.grad if input_needs_grad else None, None, None, None, None, None
 
 
 @contextlib.contextmanager
-def _prefetch_after_feed_forward(block, previous: Optional[HostCopy]):
-    """While the block is recomputed, arrange for the previous block's input to be prefetched as soon as
-    the gradient reaches the attention's output, i.e. once the feed-forward's backward is done. That
-    backward is the peak of the step, and the prefetched input would add to it; the attention's backward,
-    which follows, is still long enough to hide the copy. A block without `.attention`, or a compiled one
-    (a hook added inside a compiled block would not be traced), prefetches at once."""
-    if previous is None:
+def _prefetch_after_feed_forward(block, ahead: list):
+    """While the block is recomputed, arrange for what the previous block's backward fetches (its input,
+    its saved branch gradients: each with a `prefetch()`) to be prefetched as soon as the gradient reaches
+    the attention's output, i.e. once the feed-forward's backward is done. That backward is the peak of the
+    step, and the prefetched tensors would add to it; the attention's backward, which follows, is still
+    long enough to hide the copy. A block without `.attention`, or a compiled one (a hook added inside a
+    compiled block would not be traced), prefetches at once."""
+    if not ahead:
         yield
         return
+
+    def prefetch(*args):
+        for item in ahead:
+            item.prefetch()
+
     if not hasattr(block, "attention") or getattr(block, "_compiled_call_impl", None) is not None:
-        previous.prefetch()
+        prefetch()
         yield
         return
 
     def on_attention_output(module, inputs, output):
-        output.register_hook(lambda grad: previous.prefetch())
+        if output.requires_grad:
+            output.register_hook(prefetch)
+        else:  # no gradient will reach it (a frozen block in LOMO's update pass)
+            prefetch()
 
     handle = block.attention.register_forward_hook(on_attention_output)
     try:

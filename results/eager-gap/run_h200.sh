@@ -29,8 +29,11 @@
 #           compiled, one more eager sgd/lomo pair
 #   run 26: part u: hook_time.py (where the CPU of an eager LOMO step goes, 1 x 16 tokens)
 #   run 27: part v: two more eager sgd/lomo pairs, each mode its own bench.py call; lomo-clip offloaded
-#   part w (not run yet): the review fixes of session 9 on a GPU (the kernel's new check, which launch each
-#           kernel test takes, checkpointing on CUDA), then every eager mode of this build once
+#   run 28: part w: the review fixes of session 9 on a GPU (the kernel's new check, which launch each
+#           kernel test takes, checkpointing on CUDA), then every eager mode of that build (fa462da) once
+#   run 29: part x: change 28 (lomo-clip's update pass takes the blocks' input gradients from its norm pass):
+#           its GPU tests, then lomo-clip with and without it, alternating, each in its own process; offloaded;
+#           7B at 16 x 1024 under the 24 GB cap
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -161,6 +164,19 @@ python3 results/eager-gap/hook_time.py 7B cuda 2>&1 | grep -v -i warn > "$OUT/ho
   v)
 for i in 1 2; do for m in sgd lomo; do $B --modes $m --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log"; done; done
 $B --offload-checkpoints --modes lomo-clip --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log" ;;
+  x)
+python3 -m pytest -q tests/test_saved_branch_grads.py tests/test_offload.py tests/test_gram_norm.py >> "$OUT/run.log" 2>&1 \
+  || { echo "tests failed: no benchmark" >> "$OUT/run.log"; exit 1; }
+$B --modes lomo,lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+for i in 1 2; do
+  $B --no-saved-branch-grads --modes lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+  $B --modes lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+done
+$B --modes lomo --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --offload-checkpoints --modes lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+$B --offload-checkpoints --no-saved-branch-grads --modes lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1
+python3 bench.py --model 7B --activation-checkpointing --batch-size 16 --seq-len 1024 --steps 5 --memory-cap-gb 24 \
+  --modes lomo,lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
   w)
 python3 -m pytest -q tests/test_fused_update.py tests/test_lomo.py tests/test_offload.py >> "$OUT/run.log" 2>&1 \
   || { echo "tests failed: no benchmark" >> "$OUT/run.log"; exit 1; }

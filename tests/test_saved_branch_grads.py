@@ -1,0 +1,150 @@
+"""LOMO's clipping with checkpointed blocks: the update pass takes each block's input-gradient chain from the
+norm pass (offload.py, `saved_branch_grads`). Against the same step computing everything twice (bit for bit),
+torch.optim.SGD after clip_grad_norm_, the FLOPs it must save, and the host buffers it must give back."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import losses
+import offload
+import shard
+from conftest import inject, loss_of, sgd_reference, tiny_model
+from distributed import run_ranks
+from lomo import LOMO
+from model import model_args
+
+
+def checkpointed(model, offload_inputs):
+    model.activation_checkpointing, model.offload_checkpoints = True, offload_inputs
+    return model
+
+
+def clipped_steps(model, batch, steps=2, loss_fn=loss_of, **lomo_kwargs):
+    """(the norms, the weights after `steps` clipped LOMO steps, the FLOPs they took)."""
+    lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05, **lomo_kwargs)
+    with FlopCounterMode(display=False) as flops:
+        norms = [lomo.step(loss_fn(model, batch)).grad_norm for _ in range(steps)]
+    return norms, [p.detach().clone() for p in model.parameters()], flops.get_total_flops()
+
+
+def branch_input_grad_flops(args, tokens):
+    """FLOPs of the input gradients of wq, wk, wv, w1 and w3 in one backward: 2 x tokens x d_in x d_out each."""
+    kv = args.n_kv_heads * args.head_dim
+    return 2 * tokens * args.dim * (args.n_heads * args.head_dim + 2 * kv + 2 * args.ffn_hidden_dim) * args.n_layers
+
+
+@pytest.mark.parametrize("offload_inputs", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reusing_the_norm_pass_gradients_changes_no_bit_and_saves_their_flops(batch, dtype, offload_inputs):
+    reused = clipped_steps(checkpointed(tiny_model(dtype=dtype, n_layers=3), offload_inputs), batch)
+    recomputed = clipped_steps(checkpointed(tiny_model(dtype=dtype, n_layers=3), offload_inputs), batch,
+                               saved_branch_grads=False)
+    assert reused[0] == recomputed[0]
+    assert all(torch.equal(a, b) for a, b in zip(reused[1], recomputed[1]))
+    # Exactly the five branch layers' input gradients, once per step (in the update pass), are not computed.
+    args, tokens = tiny_model(n_layers=3).args, batch[0].numel()
+    assert recomputed[2] - reused[2] == 2 * branch_input_grad_flops(args, tokens)
+
+
+def test_clipped_steps_equal_sgd_after_clip_grad_norm_in_float64(batch):
+    model = checkpointed(tiny_model(dtype=torch.float64, n_layers=3), offload_inputs=True)
+    norms, weights, _ = clipped_steps(model, batch)
+    reference = tiny_model(dtype=torch.float64, n_layers=3)
+    expected = sgd_reference(reference, batch, lr=0.3, clip_norm=0.05, steps=2)
+    assert min(expected) > 0.05  # clipping was active
+    assert norms == pytest.approx(expected, rel=1e-12)
+    for (name, p), q in zip(reference.named_parameters(), weights):
+        torch.testing.assert_close(q, p.detach(), rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("frozen", ["tok_embeddings", "attention_norm", "layers.1"])
+def test_frozen_parameters_change_no_bit(batch, frozen):
+    # A frozen embedding (the first block's input takes no gradient), frozen norms (the branch inputs of
+    # the blocks below take their gradient through the input alone), a frozen block.
+    results = []
+    for reuse in (True, False):
+        model = checkpointed(tiny_model(n_layers=3), offload_inputs=False)
+        for name, p in model.named_parameters():
+            if name.startswith(frozen) or (frozen == "attention_norm" and "attention_norm" in name):
+                p.requires_grad_(False)
+        results.append(clipped_steps(model, batch, saved_branch_grads=reuse))
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    assert results[0][2] < results[1][2]
+
+
+def test_host_buffers_go_back_after_each_step_and_after_a_skipped_one(batch):
+    n_layers = 3
+    model = checkpointed(tiny_model(n_layers=n_layers), offload_inputs=False)
+    lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05)
+    key = ((*batch[0].shape, model.args.dim), torch.float32)
+    for _ in range(2):
+        lomo.step(loss_of(model, batch))
+        # Two gradients per block, in buffers that the next step reuses.
+        buffers = offload._branch_stash.free[key]
+        assert len(buffers) == 2 * n_layers and len({b.data_ptr() for b in buffers}) == 2 * n_layers
+    handle = inject(model, float("inf"))  # pass 1's norm is not finite: no pass 2 takes the saved gradients
+    loss = loss_of(model, batch)
+    assert lomo.step(loss).skipped
+    assert len(offload._branch_stash.free[key]) == 0  # held by the graph, which the caller still holds
+    del loss
+    assert len(offload._branch_stash.free[key]) == 2 * n_layers
+    handle.remove()
+
+
+def test_outside_lomo_backward_neither_saves_nor_reuses(batch):
+    model = checkpointed(tiny_model(), offload_inputs=False)
+    loss = loss_of(model, batch)
+    with pytest.raises(ValueError, match="phase='keep'"):
+        with offload.branch_gradients("keep"):
+            pass
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    with offload.branch_gradients("reuse"):  # nothing was saved: the block backward computes everything
+        loss.backward()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), first))
+
+
+def tensor_parallel_worker(offload_inputs):
+    grid = shard.init_distributed(tp=2)
+    args = model_args("tiny", vocab_size=320, n_layers=2, max_seq_len=64, n_heads=8, n_kv_heads=4)
+    tokens = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(1))
+    batch = tokens[:, :-1], tokens[:, 1:]
+    all_reduces = []
+    counted = shard.all_reduce
+
+    def counting(tensor, group, **kwargs):
+        all_reduces.append(tensor.shape)
+        return counted(tensor, group, **kwargs)
+
+    shard.all_reduce = counting
+    results = []
+    for reuse in (True, False):
+        model = checkpointed(shard.build_model(args, grid, seed=0), offload_inputs)
+        all_reduces.clear()
+        norms, _, _ = clipped_steps(model, batch, steps=1, loss_fn=lambda m, b: losses.model_loss(m, *b, grid),
+                                    tp_group=grid.tp_group, saved_branch_grads=reuse)
+        results.append((norms, [shard.gather_full(p, grid) for p in model.parameters()], len(all_reduces)))
+    return results
+
+
+@pytest.mark.parametrize("offload_inputs", [False, True])
+def test_tensor_parallel_steps_change_no_bit_and_skip_the_branch_all_reduces(offload_inputs):
+    for reused, recomputed in run_ranks(tensor_parallel_worker, 2, offload_inputs):
+        assert reused[0] == recomputed[0]
+        assert all(torch.equal(a, b) for a, b in zip(reused[1], recomputed[1]))
+        assert min(reused[0]) > 0.05  # clipping was active
+        # The update pass skips the backward all-reduce at each branch input: two per block.
+        assert recomputed[2] - reused[2] == 2 * 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("offload_inputs", [False, True])
+def test_on_a_gpu_the_steps_change_no_bit(batch, offload_inputs):
+    # bf16 on CUDA: the side stream's copies to and from pinned host memory, the prefetch, Gram norms.
+    batch = tuple(t.cuda() for t in batch)
+    results = [clipped_steps(checkpointed(tiny_model(dtype=torch.bfloat16, n_layers=3).cuda(), offload_inputs),
+                             batch, steps=3, saved_branch_grads=reuse) for reuse in (True, False, False)]
+    assert results[1][0] == results[2][0]  # the kernels are deterministic here: otherwise no bit can be asked
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
