@@ -106,7 +106,7 @@ def test_outside_lomo_backward_neither_saves_nor_reuses(batch):
 
 
 def tensor_parallel_worker(offload_inputs):
-    grid = shard.init_distributed(tp=2)
+    grid = shard.init_distributed(tp=2, device="cpu")  # gloo, also where one GPU is present
     args = model_args("tiny", vocab_size=320, n_layers=2, max_seq_len=64, n_heads=8, n_kv_heads=4)
     tokens = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(1))
     batch = tokens[:, :-1], tokens[:, 1:]
