@@ -2,8 +2,9 @@
 "now" as offload.py does it; "early": the update pass prefetches the next block's saved gradients when this
 block's backward starts, not after its feed-forward's backward; "wait": in the norm pass each block's backward
 first makes the main stream wait for the side stream's copies of the blocks before (so the allocator can
-reuse their gradients' memory sooner); "early+wait": both. Prints bench.py's JSON row with a "variant" field.
-Run: python3 results/eager-gap/branch_ab.py {now|early|wait|early+wait} [bench.py arguments] --worker MODE"""
+reuse their gradients' memory sooner); "early+wait": both; "unbounded": the CPU not held to
+offload.COPIES_IN_FLIGHT copies ahead (run 31's "now"). Prints bench.py's JSON row with a "variant" field.
+Run: python3 results/eager-gap/branch_ab.py {now|early|wait|early+wait|unbounded} [bench.py args] --worker MODE"""
 import contextlib
 import io
 import json
@@ -17,8 +18,10 @@ import bench  # noqa: E402
 import offload  # noqa: E402
 
 variant = sys.argv.pop(1)
-if variant not in ("now", "early", "wait", "early+wait"):
-    raise SystemExit(f"variant {variant!r}: now, early, wait or early+wait")
+if variant not in ("now", "early", "wait", "early+wait", "unbounded"):
+    raise SystemExit(f"variant {variant!r}: now, early, wait, early+wait or unbounded")
+if variant == "unbounded":  # run 31's "now": no bound on the norm pass's copies in flight
+    offload.COPIES_IN_FLIGHT = 10**9
 if "early" in variant:
     @contextlib.contextmanager
     def prefetch_at_once(block, ahead):

@@ -35,6 +35,7 @@
 #           its GPU tests, then lomo-clip with and without it, alternating, each in its own process; offloaded;
 #           7B at 16 x 1024 under the 24 GB cap (run 29: stopped at a tp test that asked for 2 GPUs; run 30)
 #   run 31: part y: branch_ab.py: when the saved branch gradients move (the prefetch, the norm pass's copies)
+#   run 32: part z: the norm pass's copies in flight bounded (offload.COPIES_IN_FLIGHT) against unbounded
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -165,6 +166,16 @@ python3 results/eager-gap/hook_time.py 7B cuda 2>&1 | grep -v -i warn > "$OUT/ho
   v)
 for i in 1 2; do for m in sgd lomo; do $B --modes $m --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log"; done; done
 $B --offload-checkpoints --modes lomo-clip --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log" ;;
+  z)
+python3 -m pytest -q tests/test_saved_branch_grads.py >> "$OUT/run.log" 2>&1 \
+  || { echo "tests failed: no benchmark" >> "$OUT/run.log"; exit 1; }
+A="python3 results/eager-gap/branch_ab.py"
+S="--model 7B --activation-checkpointing --batch-size 4 --seq-len 512 --steps 30"
+for i in 1 2; do for v in now unbounded; do
+  $A $v $S --worker lomo-clip >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"; done; done
+$A now $S --worker lomo >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"
+L="--model 7B --activation-checkpointing --batch-size 16 --seq-len 1024 --steps 5 --memory-cap-gb 24"
+for v in now unbounded; do $A $v $L --worker lomo-clip >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"; done ;;
   y)
 A="python3 results/eager-gap/branch_ab.py"
 S="--model 7B --activation-checkpointing --batch-size 4 --seq-len 512 --steps 30"
