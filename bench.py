@@ -176,13 +176,17 @@ def run_mode(args, mode):
         seconds = (time.perf_counter() - started) / args.steps
         step_ms = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
         fused_kernel = lomo.uses_fused_kernel if mode in ("lomo", "lomo-clip") else None
-        return measurements(args, mode, margs, model, grid, seconds, step_ms, fused_kernel)
+        # Whether the update pass took the blocks' input gradients from the norm pass (lomo-clip, or fp16's
+        # norm pass; checkpointed, uncompiled blocks only: offload.py).
+        saved_branch_grads = (mode in ("lomo", "lomo-clip") and lomo.needs_norm_pass and lomo.saved_branch_grads
+                              and args.activation_checkpointing and not args.compile)
+        return measurements(args, mode, margs, model, grid, seconds, step_ms, fused_kernel, saved_branch_grads)
     finally:
         gc.unfreeze()
         destroy_distributed()
 
 
-def measurements(args, mode, margs, model, grid, seconds, step_ms=(), fused_kernel=None):
+def measurements(args, mode, margs, model, grid, seconds, step_ms=(), fused_kernel=None, saved_branch_grads=False):
     device = grid.device
     element = next(model.parameters()).element_size()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -205,10 +209,7 @@ def measurements(args, mode, margs, model, grid, seconds, step_ms=(), fused_kern
                fused_kernel=fused_kernel,  # whether the update and norm ran as one kernel (fused_update.py)
                # whether lomo-clip's norm pass takes the linear layers' norms from Grams (compiled blocks do not)
                gram_norms=any(getattr(m, "gram_norm", False) for m in model.modules()) and not args.compile,
-               # whether lomo-clip's update pass takes the blocks' input gradients from its norm pass
-               # (checkpointed, uncompiled blocks only: offload.py)
-               saved_branch_grads=(mode == "lomo-clip" and not args.no_saved_branch_grads
-                                   and args.activation_checkpointing and not args.compile),
+               saved_branch_grads=saved_branch_grads,
                device=name, torch=torch.__version__, seconds_per_step=seconds, tokens_per_s=tokens_per_s,
                tokens_per_gpu_per_s=tokens_per_s / grid.world_size, flops_per_token=flops_per_token,
                mfu=(flops_per_token * tokens_per_s / grid.world_size / (peak * 1e12)) if peak else None,

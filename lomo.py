@@ -143,9 +143,9 @@ class LOMO:
         # squares in one kernel (fused_update.py): one read of the gradient instead of two. False: the two
         # PyTorch ops (for comparison: bench.py --no-fused-kernel).
         self.fused_kernel = fused_kernel
-        # With a norm pass and checkpointed blocks, the update pass takes each block's input-gradient chain
-        # from the norm pass instead of computing it again (offload.py): same result, fewer FLOPs. False:
-        # both passes compute everything (for comparison: bench.py --no-saved-branch-grads).
+        # With a norm pass and checkpointed, uncompiled blocks, the update pass takes each block's chain of
+        # input gradients from the norm pass instead of computing it again (offload.py): same result, fewer
+        # FLOPs. False: both passes compute everything (for comparison: bench.py --no-saved-branch-grads).
         self.saved_branch_grads = saved_branch_grads
         self.step_count, self.consecutive_skips = 0, 0
         # Parallelism (shard.py): a parameter with a `tensor_parallel_dim` attribute is split across the

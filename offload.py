@@ -20,9 +20,12 @@ the block from it there:
   its update pass the recomputed block reads its branch inputs detached, so wq, wk, wv, w1 and w3 compute
   no input gradient (nor, under tp, their all-reduce), and the block's backward starts at the output and
   at the two norm outputs with their saved gradients. The norms and residuals still carry the gradient to
-  x. The weights come out bit-identical; for 7B at 4 x 512 tokens the update pass skips 575 of the 829
-  GFLOP of a block's input-gradient matmuls. Host memory: two (batch, seq, dim) tensors per block (1 GiB
-  for 7B at 4 x 512), and on the GPU only the next block's two, prefetched.
+  x. The weights come out bit-identical (given deterministic kernels, as the two full passes need too: the
+  block input and h each add exactly two gradient terms, so no order of addition can change a bit); for 7B
+  at 4 x 512 tokens the update pass skips 575 of the 829 GFLOP of a block's input-gradient matmuls. Host
+  memory: two (batch, seq, dim) tensors per block (1 GiB for 7B at 4 x 512); on the GPU the block's own two
+  during its backward and the next block's two, prefetched (64 MiB at 4 x 512). The modules that
+  `block.branch_inputs()` names must run once per block call (one saved gradient each).
 - On the CPU the "host copy" is a plain copy: the code path runs, so tests can check it against autograd.
 
 Why not torch.utils.checkpoint (non-reentrant, which the model used before): it does the same recompute,
@@ -54,10 +57,15 @@ import torch
 
 class HostStash:
     """The pinned host buffers that hold block inputs, reused from step to step, and the side stream that
-    copies them. One per model (`Transformer.host_stash`)."""
+    copies them. One per model (`Transformer.host_stash`), and one for LOMO's saved branch gradients.
+
+    Buffers are kept for one shape at a time: batches padded to their longest sequence change shape, and
+    pinned buffers of every shape seen would pile up. A buffer is reused only on the device it was used for,
+    whose side stream orders the copies into and out of it."""
 
     def __init__(self):
-        self.free = {}  # (shape, dtype) -> buffers not holding anything now
+        self.free = {}  # (shape, dtype, device) -> buffers not holding anything now
+        self.shape_in_use = None  # the key of the last save: free buffers of other keys are let go
         self.streams = {}  # CUDA device -> side stream
 
     def side_stream(self, device):
@@ -67,8 +75,10 @@ class HostStash:
 
     @torch.no_grad()  # a copy for backward's use, not a step of the graph
     def save(self, x: torch.Tensor) -> "HostCopy":
-        key = (tuple(x.shape), x.dtype)
-        pool = self.free.setdefault(key, [])
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key != self.shape_in_use:
+            self.free, self.shape_in_use = {key: self.free.get(key, [])}, key
+        pool = self.free[key]
         buffer = pool.pop() if pool else torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
         if x.is_cuda:
             stream = self.side_stream(x.device)
@@ -81,7 +91,8 @@ class HostStash:
         return HostCopy(self, key, buffer, x.device)
 
     def release(self, key, buffer):
-        self.free[key].append(buffer)  # the next copy into it queues behind every earlier copy
+        if key == self.shape_in_use:  # (else dropped: the batches have another shape now)
+            self.free[key].append(buffer)  # the next copy into it queues behind every earlier copy
 
 
 class HostCopy:
@@ -108,6 +119,7 @@ class HostCopy:
         stream.wait_stream(main)
         with torch.cuda.stream(stream):
             target.copy_(self.buffer, non_blocking=True)
+        target.record_stream(stream)  # freed unread (an error before the fetch): not reused before the copy
         self.prefetched = target
 
     def fetch(self) -> torch.Tensor:
@@ -142,15 +154,17 @@ _copies_in_flight = collections.deque()  # CUDA events, one after each copy, old
 @contextlib.contextmanager
 def branch_gradients(phase: Optional[str]):
     """Inside: checkpointed blocks save ("save", LOMO's norm pass) or reuse ("reuse", its update pass) the
-    gradient at each branch input; None does neither."""
+    gradient at each branch input; None does neither. The state is the process's: one LOMO backward at a
+    time per process (as train.py and bench.py run), not two steps in two threads."""
     global _branch_phase, _last_saved
     if phase not in (None, "save", "reuse"):
         raise ValueError(f"phase={phase!r}: use 'save', 'reuse' or None")
+    outer = _branch_phase, _last_saved
     _branch_phase, _last_saved = phase, None
     try:
         yield
     finally:
-        _branch_phase, _last_saved = None, None
+        _branch_phase, _last_saved = outer
         _copies_in_flight.clear()
 
 
@@ -193,6 +207,9 @@ def _branch_taps(block, phase: Optional[str], record: Optional[_BranchGradients]
 
     def tap(index):
         def save(grad):
+            if index in record.copies:
+                raise RuntimeError(f"{type(block).__name__}.branch_inputs()[{index}] ran twice in one block: "
+                                   f"its gradient cannot be saved; construct LOMO with saved_branch_grads=False")
             record.copies[index] = _save_branch_grad(grad)
 
         def on_output(module, inputs, output):
@@ -200,13 +217,22 @@ def _branch_taps(block, phase: Optional[str], record: Optional[_BranchGradients]
                 if output.requires_grad:
                     output.register_hook(save)
                 return None
-            if index not in record.copies:
+            copy = record.copies.pop(index, None)
+            if copy is None or not output.requires_grad:
+                # Nothing saved, or nothing upstream trains that the cut would not already have reached (the
+                # branch input took its gradient through the other branch, which is cut: a frozen block
+                # below a trained attention_norm).
                 return None
-            roots.append((output, record.copies.pop(index).fetch()))
+            roots.append((output, copy.fetch()))
             return output.detach()
         return on_output
 
     return [module.register_forward_hook(tap(i), prepend=True) for i, module in enumerate(block.branch_inputs())]
+
+
+def _is_compiled(block) -> bool:
+    """block.compile() sets _compiled_call_impl; torch.compile(block) wraps it (the original in _orig_mod)."""
+    return getattr(block, "_compiled_call_impl", None) is not None or hasattr(block, "_orig_mod")
 
 
 def _branch_record(ctx):
@@ -217,7 +243,7 @@ def _branch_record(ctx):
     block = ctx.block
     if _branch_phase is None or not hasattr(block, "branch_inputs"):
         return None, None
-    if getattr(block, "_compiled_call_impl", None) is not None:
+    if _is_compiled(block):
         return None, None  # a compiled block's graph cannot be cut by a hook added at its recomputation
     if _branch_phase == "save":
         record = ctx.branch_grads = _BranchGradients()
@@ -298,7 +324,7 @@ def _prefetch_after_feed_forward(block, ahead: list):
         for item in ahead:
             item.prefetch()
 
-    if not hasattr(block, "attention") or getattr(block, "_compiled_call_impl", None) is not None:
+    if not hasattr(block, "attention") or _is_compiled(block):
         prefetch()
         yield
         return

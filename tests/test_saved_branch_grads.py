@@ -57,38 +57,80 @@ def test_clipped_steps_equal_sgd_after_clip_grad_norm_in_float64(batch):
         torch.testing.assert_close(q, p.detach(), rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("frozen", ["tok_embeddings", "attention_norm", "layers.1"])
+@pytest.fixture
+def fresh_stash(monkeypatch):
+    """A pool of host buffers for this test alone (the process's pool holds what earlier tests left)."""
+    stash = offload.HostStash()
+    monkeypatch.setattr(offload, "_branch_stash", stash)
+    return stash
+
+
+@pytest.mark.parametrize("frozen", [
+    ("tok_embeddings",),  # the first block's input takes no gradient
+    ("attention_norm",),  # every block's first branch input takes its gradient through the block input alone
+    ("layers.1.",),  # a whole block
+    # In block 0 only attention_norm and the feed-forward train: in the update pass, with attention_norm's
+    # output cut, nothing below ffn_norm's output takes a gradient, so its saved gradient is not used.
+    ("tok_embeddings", "layers.0.attention.", "layers.0.ffn_norm"),
+], ids=lambda names: "+".join(names))
 def test_frozen_parameters_change_no_bit(batch, frozen):
-    # A frozen embedding (the first block's input takes no gradient), frozen norms (the branch inputs of
-    # the blocks below take their gradient through the input alone), a frozen block.
     results = []
     for reuse in (True, False):
         model = checkpointed(tiny_model(n_layers=3), offload_inputs=False)
         for name, p in model.named_parameters():
-            if name.startswith(frozen) or (frozen == "attention_norm" and "attention_norm" in name):
+            if any(name.startswith(f) or (f == "attention_norm" and f in name) for f in frozen):
                 p.requires_grad_(False)
         results.append(clipped_steps(model, batch, saved_branch_grads=reuse))
+    assert results[0][0] == results[1][0]
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
     assert results[0][2] < results[1][2]
 
 
-def test_host_buffers_go_back_after_each_step_and_after_a_skipped_one(batch):
+def test_a_branch_input_that_runs_twice_is_refused(batch):
+    # Its one saved gradient could not stand for two uses: the norm pass raises, before any weight moves.
+    model = checkpointed(tiny_model(), offload_inputs=False)
+    block = model.layers[0]
+    plain = type(block).forward
+
+    def forward_with_a_second_use(x, cos, sin, cache=None, checkpointed=False):
+        return plain(block, x, cos, sin, cache, checkpointed) + 0.5 * block.attention_norm(x)
+
+    block.forward = forward_with_a_second_use
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"branch_inputs\(\)\[0\] ran twice"):
+        LOMO(model, lr=0.3, clip_grad_norm=0.05).step(loss_of(model, batch))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_host_buffers_go_back_after_each_step_and_after_a_skipped_one(batch, fresh_stash):
     n_layers = 3
     model = checkpointed(tiny_model(n_layers=n_layers), offload_inputs=False)
     lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05)
-    key = ((*batch[0].shape, model.args.dim), torch.float32)
+    key = ((*batch[0].shape, model.args.dim), torch.float32, torch.device("cpu"))
     for _ in range(2):
         lomo.step(loss_of(model, batch))
         # Two gradients per block, in buffers that the next step reuses.
-        buffers = offload._branch_stash.free[key]
+        buffers = fresh_stash.free[key]
         assert len(buffers) == 2 * n_layers and len({b.data_ptr() for b in buffers}) == 2 * n_layers
     handle = inject(model, float("inf"))  # pass 1's norm is not finite: no pass 2 takes the saved gradients
     loss = loss_of(model, batch)
     assert lomo.step(loss).skipped
-    assert len(offload._branch_stash.free[key]) == 0  # held by the graph, which the caller still holds
+    assert len(fresh_stash.free[key]) == 0  # held by the graph, which the caller still holds
     del loss
-    assert len(offload._branch_stash.free[key]) == 2 * n_layers
+    assert len(fresh_stash.free[key]) == 2 * n_layers
     handle.remove()
+
+
+def test_buffers_are_kept_for_the_latest_batch_shape_only(fresh_stash):
+    # Batches padded to their longest sequence change shape from step to step: pinned buffers of every shape
+    # seen would pile up in host memory.
+    model = checkpointed(tiny_model(n_layers=2), offload_inputs=False)
+    lomo = LOMO(model, lr=0.01, clip_grad_norm=0.05)
+    for length in (8, 12, 16, 12):
+        tokens = torch.randint(0, 320, (2, length + 1), generator=torch.Generator().manual_seed(length))
+        lomo.step(loss_of(model, (tokens[:, :-1], tokens[:, 1:])))
+    assert list(fresh_stash.free) == [((2, 12, model.args.dim), torch.float32, torch.device("cpu"))]
+    assert len(fresh_stash.free[next(iter(fresh_stash.free))]) == 2 * 2
 
 
 def test_outside_lomo_backward_neither_saves_nor_reuses(batch):
@@ -101,8 +143,22 @@ def test_outside_lomo_backward_neither_saves_nor_reuses(batch):
     first = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
     with offload.branch_gradients("reuse"):  # nothing was saved: the block backward computes everything
+        with offload.branch_gradients(None):
+            assert offload._branch_phase is None
+        assert offload._branch_phase == "reuse"  # an inner context restores the outer one
         loss.backward()
+    assert offload._branch_phase is None
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), first))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, from importing its compiler
+def test_a_compiled_block_counts_as_compiled_however_it_was_compiled():
+    # Module.compile() and torch.compile(module) (a wrapper): neither can be cut by a hook at recomputation.
+    block = tiny_model(n_layers=1).layers[0]
+    assert not offload._is_compiled(block)
+    assert offload._is_compiled(torch.compile(block))
+    block.compile()
+    assert offload._is_compiled(block)
 
 
 def tensor_parallel_worker(offload_inputs):
@@ -140,7 +196,7 @@ def test_tensor_parallel_steps_change_no_bit_and_skip_the_branch_all_reduces(off
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("offload_inputs", [False, True])
-def test_on_a_gpu_the_steps_change_no_bit(batch, offload_inputs):
+def test_on_a_gpu_the_steps_change_no_bit(batch, offload_inputs, fresh_stash):
     # bf16 on CUDA: the side stream's copies to and from pinned host memory, the prefetch, Gram norms.
     batch = tuple(t.cuda() for t in batch)
     results = [clipped_steps(checkpointed(tiny_model(dtype=torch.bfloat16, n_layers=3).cuda(), offload_inputs),
@@ -148,3 +204,7 @@ def test_on_a_gpu_the_steps_change_no_bit(batch, offload_inputs):
     assert results[1][0] == results[2][0]  # the kernels are deterministic here: otherwise no bit can be asked
     assert results[0][0] == results[1][0]
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    args, tokens = tiny_model(n_layers=3).args, batch[0].numel()
+    assert results[1][2] - results[0][2] == 3 * branch_input_grad_flops(args, tokens)  # the path was taken
+    (buffers,) = fresh_stash.free.values()
+    assert len(buffers) == 2 * 3 and all(b.is_pinned() for b in buffers)
