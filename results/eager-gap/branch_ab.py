@@ -3,8 +3,9 @@
 block's backward starts, not after its feed-forward's backward; "wait": in the norm pass each block's backward
 first makes the main stream wait for the side stream's copies of the blocks before (so the allocator can
 reuse their gradients' memory sooner); "early+wait": both; "unbounded": the CPU not held to
-offload.COPIES_IN_FLIGHT copies ahead (run 31's "now"). Prints bench.py's JSON row with a "variant" field.
-Run: python3 results/eager-gap/branch_ab.py {now|early|wait|early+wait|unbounded} [bench.py args] --worker MODE"""
+offload.COPIES_IN_FLIGHT copies ahead (run 31's "now"); "norecord": the prefetched tensor without record_stream
+(run 32's code). Prints bench.py's JSON row with a "variant" field.
+Run: python3 results/eager-gap/branch_ab.py {now|early|wait|early+wait|unbounded|norecord} [bench.py args] --worker MODE"""
 import contextlib
 import io
 import json
@@ -18,8 +19,21 @@ import bench  # noqa: E402
 import offload  # noqa: E402
 
 variant = sys.argv.pop(1)
-if variant not in ("now", "early", "wait", "early+wait", "unbounded"):
-    raise SystemExit(f"variant {variant!r}: now, early, wait, early+wait or unbounded")
+if variant not in ("now", "early", "wait", "early+wait", "unbounded", "norecord"):
+    raise SystemExit(f"variant {variant!r}: now, early, wait, early+wait, unbounded or norecord")
+if variant == "norecord":  # the prefetch as before the review fixes: no record_stream on its target
+    @torch.no_grad()
+    def prefetch_without_record(self):
+        if self.prefetched is not None:
+            return
+        main = torch.cuda.current_stream(self.device)
+        target = torch.empty(self.buffer.shape, dtype=self.buffer.dtype, device=self.device)
+        stream = self.stash.side_stream(self.device)
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            target.copy_(self.buffer, non_blocking=True)
+        self.prefetched = target
+    offload.HostCopy.prefetch = prefetch_without_record
 if variant == "unbounded":  # run 31's "now": no bound on the norm pass's copies in flight
     offload.COPIES_IN_FLIGHT = 10**9
 if "early" in variant:

@@ -36,6 +36,8 @@
 #           7B at 16 x 1024 under the 24 GB cap (run 29: stopped at a tp test that asked for 2 GPUs; run 30)
 #   run 31: part y: branch_ab.py: when the saved branch gradients move (the prefetch, the norm pass's copies)
 #   run 32: part z: the norm pass's copies in flight bounded (offload.COPIES_IN_FLIGHT) against unbounded
+#   run 33: after the review fixes of change 28: tests/test_saved_branch_grads.py and test_offload.py on the
+#           GPU, one lomo-clip (20 steps); run 34: branch_ab.py now / norecord (record_stream on the prefetch)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
