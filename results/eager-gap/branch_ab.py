@@ -26,6 +26,9 @@ if variant == "norecord":  # the prefetch as before the review fixes: no record_
     def prefetch_without_record(self):
         if self.prefetched is not None:
             return
+        if self.device.type != "cuda":
+            self.prefetched = self.buffer.clone()
+            return
         main = torch.cuda.current_stream(self.device)
         target = torch.empty(self.buffer.shape, dtype=self.buffer.dtype, device=self.device)
         stream = self.stash.side_stream(self.device)
