@@ -37,7 +37,8 @@
 #   run 31: part y: branch_ab.py: when the saved branch gradients move (the prefetch, the norm pass's copies)
 #   run 32: part z: the norm pass's copies in flight bounded (offload.COPIES_IN_FLIGHT) against unbounded
 #   run 33: after the review fixes of change 28: tests/test_saved_branch_grads.py and test_offload.py on the
-#           GPU, one lomo-clip (20 steps); run 34: branch_ab.py now / norecord (record_stream on the prefetch)
+#           GPU, one lomo-clip (20 steps); run 34: branch_ab.py norecord / now (record_stream on the prefetch)
+#           and lomo, 20 steps each (the command given to the device tool directly)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
