@@ -57,7 +57,7 @@ import torch
 
 class HostStash:
     """The pinned host buffers that hold block inputs, reused from step to step, and the side stream that
-    copies them. One per model (`Transformer.host_stash`), and one for LOMO's saved branch gradients.
+    copies them. One per model (`Transformer._host_stash`), and one for LOMO's saved branch gradients.
 
     Buffers are kept for one shape at a time: batches padded to their longest sequence change shape, and
     pinned buffers of every shape seen would pile up. A buffer is reused only on the device it was used for,
