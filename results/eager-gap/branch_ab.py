@@ -4,13 +4,23 @@ block's backward starts, not after its feed-forward's backward; "wait": in the n
 first makes the main stream wait for the side stream's copies of the blocks before (so the allocator can
 reuse their gradients' memory sooner); "early+wait": both; "unbounded": the CPU not held to
 offload.COPIES_IN_FLIGHT copies ahead (run 31's "now"); "norecord": the prefetched tensor without record_stream
-(run 32's code). Prints bench.py's JSON row with a "variant" field.
-Run: python3 results/eager-gap/branch_ab.py {now|early|wait|early+wait|unbounded|norecord} [bench.py args] --worker MODE"""
+(run 32's code); "device": the saved gradients kept on the GPU (no copies at all; +1 GiB for 7B at 4 x 512);
+"inflight16": offload.COPIES_IN_FLIGHT = 16 instead of 4 (the CPU may run further ahead in the norm pass).
+Prints bench.py's JSON row with a "variant" field and "passes": for each backward call of a step (one for
+lomo, two for lomo-clip), the median over the timed steps of its CPU time (the call's host clock) and its GPU
+time (CUDA events on either side of the call), and the CPU's time between calls (for lomo-clip: the host's
+wait for the norm, i.e. how far the CPU was ahead of the GPU when pass 1 was issued, plus the vectors' work);
+"forward": the same from a step's last backward to the next step's first (the next forward and its loss).
+A pass whose GPU time is its CPU time (plus a launch or two) ran as fast as the CPU could issue it.
+Run: python3 results/eager-gap/branch_ab.py {now|early|wait|early+wait|unbounded|norecord|device|inflight16}
+     [bench.py args] --worker MODE"""
 import contextlib
 import io
 import json
 import os
+import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import torch  # noqa: E402
@@ -19,8 +29,9 @@ import bench  # noqa: E402
 import offload  # noqa: E402
 
 variant = sys.argv.pop(1)
-if variant not in ("now", "early", "wait", "early+wait", "unbounded", "norecord"):
-    raise SystemExit(f"variant {variant!r}: now, early, wait, early+wait, unbounded or norecord")
+VARIANTS = ("now", "early", "wait", "early+wait", "unbounded", "norecord", "device", "inflight16")
+if variant not in VARIANTS:
+    raise SystemExit(f"variant {variant!r}: one of {', '.join(VARIANTS)}")
 if variant == "norecord":  # the prefetch as before the review fixes: no record_stream on its target
     @torch.no_grad()
     def prefetch_without_record(self):
@@ -39,6 +50,20 @@ if variant == "norecord":  # the prefetch as before the review fixes: no record_
     offload.HostCopy.prefetch = prefetch_without_record
 if variant == "unbounded":  # run 31's "now": no bound on the norm pass's copies in flight
     offload.COPIES_IN_FLIGHT = 10**9
+if variant == "inflight16":
+    offload.COPIES_IN_FLIGHT = 16
+if variant == "device":  # no host copy: the gradient itself is kept until the update pass takes it
+    class KeptOnDevice:
+        def __init__(self, grad):
+            self.grad = grad
+
+        def prefetch(self):
+            pass
+
+        def fetch(self):
+            grad, self.grad = self.grad, None
+            return grad
+    offload._save_branch_grad = KeptOnDevice
 if "early" in variant:
     @contextlib.contextmanager
     def prefetch_at_once(block, ahead):
@@ -55,9 +80,44 @@ if "wait" in variant:
             torch.cuda.current_stream().wait_stream(offload._branch_stash.side_stream(torch.device("cuda", 0)))
         return phase, record
     offload._branch_record = waiting_record
+
+# The timeline: each backward call's host clock and a CUDA event on either side of it.
+calls = []  # (cpu start, cpu end, event before, event after)
+plain_backward = torch.Tensor.backward
+
+
+def timed_backward(self, *args, **kwargs):
+    before, after = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+    before.record()
+    started = time.perf_counter()
+    plain_backward(self, *args, **kwargs)
+    ended = time.perf_counter()
+    after.record()
+    calls.append((started, ended, before, after))
+
+
+if torch.cuda.is_available():
+    torch.Tensor.backward = timed_backward
+steps = bench.parse_args(sys.argv[1:]).steps
 printed = io.StringIO()
 with contextlib.redirect_stdout(printed):
     bench.main(sys.argv[1:])
-for line in printed.getvalue().splitlines():
-    if line.startswith("{"):
-        print(json.dumps(dict(variant=variant, **json.loads(line))), flush=True)
+torch.cuda.synchronize() if torch.cuda.is_available() else None
+row = next(json.loads(line) for line in printed.getvalue().splitlines() if line.startswith("{"))
+per_step = len(calls) // (steps + bench.parse_args(sys.argv[1:]).warmup) if calls else 0
+if per_step:
+    timed = calls[-steps * per_step:]
+    passes = []
+    for k in range(per_step):
+        mine = timed[k::per_step]
+        passes.append(dict(cpu_ms=statistics.median(1e3 * (c[1] - c[0]) for c in mine),
+                           gpu_ms=statistics.median(c[2].elapsed_time(c[3]) for c in mine)))
+        if k + 1 < per_step:
+            passes[-1]["cpu_ms_to_next_pass"] = statistics.median(
+                1e3 * (timed[i + 1][0] - timed[i][1]) for i in range(k, len(timed) - 1, per_step))
+    # From a step's last backward to the next step's first: the forward (and the loss) of the next step.
+    gaps = [(timed[i], timed[i + 1]) for i in range(per_step - 1, len(timed) - 1, per_step)]
+    row["forward"] = dict(cpu_ms=statistics.median(1e3 * (b[0] - a[1]) for a, b in gaps),
+                          gpu_ms=statistics.median(a[3].elapsed_time(b[2]) for a, b in gaps))
+    row["passes"] = passes
+print(json.dumps(dict(variant=variant, **row)), flush=True)

@@ -39,6 +39,9 @@
 #   run 33: after the review fixes of change 28: tests/test_saved_branch_grads.py and test_offload.py on the
 #           GPU, one lomo-clip (20 steps); run 34: branch_ab.py norecord / now (record_stream on the prefetch)
 #           and lomo, 20 steps each (the command given to the device tool directly)
+#   run 35: part aa (session 11): branch_ab.py with the per-pass timeline (CPU and GPU time of each backward
+#           call): lomo-clip now / device (saved gradients kept on the GPU) / inflight16, without saved
+#           gradients, and lomo, twice, alternating
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -169,6 +172,14 @@ python3 results/eager-gap/hook_time.py 7B cuda 2>&1 | grep -v -i warn > "$OUT/ho
   v)
 for i in 1 2; do for m in sgd lomo; do $B --modes $m --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log"; done; done
 $B --offload-checkpoints --modes lomo-clip --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log" ;;
+  aa)
+A="python3 results/eager-gap/branch_ab.py"
+S="--model 7B --activation-checkpointing --batch-size 4 --seq-len 512 --steps 30"
+for i in 1 2; do
+  for v in now device inflight16; do $A $v $S --worker lomo-clip >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"; done
+  $A now $S --no-saved-branch-grads --worker lomo-clip >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"
+  $A now $S --worker lomo >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"
+done ;;
   z)
 python3 -m pytest -q tests/test_saved_branch_grads.py >> "$OUT/run.log" 2>&1 \
   || { echo "tests failed: no benchmark" >> "$OUT/run.log"; exit 1; }
