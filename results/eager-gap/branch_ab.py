@@ -14,6 +14,7 @@ wait for the norm, i.e. how far the CPU was ahead of the GPU when pass 1 was iss
 A pass whose GPU time is its CPU time (plus a launch or two) ran as fast as the CPU could issue it.
 Run: python3 results/eager-gap/branch_ab.py {now|early|wait|early+wait|unbounded|norecord|device|inflight16}
      [bench.py args] --worker MODE"""
+import collections
 import contextlib
 import io
 import json
@@ -81,6 +82,48 @@ if "wait" in variant:
         return phase, record
     offload._branch_record = waiting_record
 
+
+def union_ms(intervals):
+    """Total time covered by (start, end) intervals, in ms (the trace's times are in us)."""
+    total, reach = 0.0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            total, reach = total + (end - start), end
+        elif end > reach:
+            total, reach = total + (end - reach), end
+    return total / 1e3
+
+
+def profile_summary(path, steps):
+    """Per step: the CUDA runtime calls that took the most CPU, and for each backward call (GPU side) the main
+    stream's busy and idle time and the copies' time and bandwidth."""
+    with open(path) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    by_stream = collections.Counter()
+    for e in kernels:
+        by_stream[e["args"].get("stream")] += e["dur"]
+    main_stream = by_stream.most_common(1)[0][0] if by_stream else None
+    runtime = collections.defaultdict(lambda: [0.0, 0])
+    for e in events:
+        if e.get("cat") == "cuda_runtime":
+            runtime[e["name"]][0] += e["dur"] / 1e3 / steps
+            runtime[e["name"]][1] += 1 / steps
+    top = sorted(runtime.items(), key=lambda item: -item[1][0])[:10]
+    passes = []
+    for a in sorted((e for e in events if e.get("cat") == "gpu_user_annotation" and e["name"] == "backward"),
+                    key=lambda e: e["ts"]):
+        start, end = a["ts"], a["ts"] + a["dur"]
+        inside = [(max(e["ts"], start), min(e["ts"] + e["dur"], end)) for e in kernels
+                  if e["args"].get("stream") == main_stream and e["ts"] < end and e["ts"] + e["dur"] > start]
+        copies = [e for e in events if e.get("cat") == "gpu_memcpy" and start <= e["ts"] < end]
+        copy_ms = sum(e["dur"] for e in copies) / 1e3
+        copy_gb = sum(e["args"].get("bytes", 0) for e in copies) / 1e9
+        passes.append(dict(gpu_ms=a["dur"] / 1e3, main_busy_ms=union_ms(inside),
+                           copies=len(copies), copy_ms=copy_ms, copy_gb_per_s=copy_gb / (copy_ms / 1e3) if copy_ms else None))
+    return dict(runtime_ms_per_step={name: [round(ms, 2), round(n, 1)] for name, (ms, n) in top}, passes=passes)
+
+
 # The timeline: each backward call's host clock and a CUDA event on either side of it.
 calls = []  # (cpu start, cpu end, event before, event after)
 plain_backward = torch.Tensor.backward
@@ -90,7 +133,8 @@ def timed_backward(self, *args, **kwargs):
     before, after = (torch.cuda.Event(enable_timing=True) for _ in range(2))
     before.record()
     started = time.perf_counter()
-    plain_backward(self, *args, **kwargs)
+    with torch.profiler.record_function("backward"):
+        plain_backward(self, *args, **kwargs)
     ended = time.perf_counter()
     after.record()
     calls.append((started, ended, before, after))
@@ -99,6 +143,19 @@ def timed_backward(self, *args, **kwargs):
 if torch.cuda.is_available():
     torch.Tensor.backward = timed_backward
 steps = bench.parse_args(sys.argv[1:]).steps
+# PROFILE=1: torch.profiler over the timed steps (started where bench.py resets the peak after its warm-up);
+# the row gets "profile": profile_summary's numbers. The profiler's own CPU cost makes every pass slower.
+profiler = None
+if os.environ.get("PROFILE"):
+    reset_peak = torch.cuda.reset_peak_memory_stats
+
+    def start_profiler(*args):
+        global profiler
+        reset_peak(*args)
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                      torch.profiler.ProfilerActivity.CUDA])
+        profiler.__enter__()
+    torch.cuda.reset_peak_memory_stats = start_profiler
 printed = io.StringIO()
 with contextlib.redirect_stdout(printed):
     bench.main(sys.argv[1:])
@@ -120,4 +177,9 @@ if per_step:
     row["forward"] = dict(cpu_ms=statistics.median(1e3 * (b[0] - a[1]) for a, b in gaps),
                           gpu_ms=statistics.median(a[3].elapsed_time(b[2]) for a, b in gaps))
     row["passes"] = passes
+if profiler is not None:
+    profiler.__exit__(None, None, None)
+    trace = os.path.join(os.environ.get("OUT", "/tmp"), f"trace-{variant}-{os.getpid()}.json")
+    profiler.export_chrome_trace(trace)
+    row["profile"] = profile_summary(trace, steps)
 print(json.dumps(dict(variant=variant, **row)), flush=True)

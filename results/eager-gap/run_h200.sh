@@ -42,6 +42,8 @@
 #   run 35: part aa (session 11): branch_ab.py with the per-pass timeline (CPU and GPU time of each backward
 #           call): lomo-clip now / device (saved gradients kept on the GPU) / inflight16, without saved
 #           gradients, and lomo, twice, alternating
+#   run 36: part ab: PROFILE=1 branch_ab.py (torch.profiler over 4 timed steps): lomo-clip now / device / without
+#           saved gradients: the CUDA runtime calls' CPU, each pass's main-stream busy time and its copies
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -172,6 +174,12 @@ python3 results/eager-gap/hook_time.py 7B cuda 2>&1 | grep -v -i warn > "$OUT/ho
   v)
 for i in 1 2; do for m in sgd lomo; do $B --modes $m --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log"; done; done
 $B --offload-checkpoints --modes lomo-clip --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log" ;;
+  ab)
+A="python3 results/eager-gap/branch_ab.py"
+S="--model 7B --activation-checkpointing --batch-size 4 --seq-len 512 --steps 4 --warmup 3"
+for v in now device; do PROFILE=1 $A $v $S --worker lomo-clip >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"; done
+PROFILE=1 $A now $S --no-saved-branch-grads --worker lomo-clip >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"
+gzip "$OUT"/trace-*.json ;;
   aa)
 A="python3 results/eager-gap/branch_ab.py"
 S="--model 7B --activation-checkpointing --batch-size 4 --seq-len 512 --steps 30"
