@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--no-saved-branch-grads", action="store_true",
                    help="lomo-clip: LOMO(saved_branch_grads=False): the update pass computes each block's input "
                         "gradients again instead of taking them from the norm pass (the A/B for offload.py's)")
+    p.add_argument("--branch-grads-gpu-gib", type=float, default=None,
+                   help="lomo-clip: LOMO(branch_grads_gpu_gib=...): how many GiB of the norm pass's saved gradients "
+                        "stay on the GPU, the rest in host memory (default: LOMO's, 1; 0: all in host memory)")
     p.add_argument("--no-finite-checks", action="store_true",
                    help="lomo: LOMO(check_finite=False), the paper's one pass: no loss check, no gradient norms")
     p.add_argument("--no-fused-kernel", action="store_true",
@@ -123,7 +126,8 @@ def run_mode(args, mode):
             lomo = LOMO(model, lr=lr, clip_grad_norm=1.0 if mode == "lomo-clip" else None,
                         tp_group=grid.tp_group, dp_group=grid.dp_group, gram_norms=not args.no_gram_norms,
                         check_finite=not args.no_finite_checks, fused_kernel=not args.no_fused_kernel,
-                        saved_branch_grads=not args.no_saved_branch_grads)
+                        saved_branch_grads=not args.no_saved_branch_grads,
+                        **({} if args.branch_grads_gpu_gib is None else {"branch_grads_gpu_gib": args.branch_grads_gpu_gib}))
             step = lambda: lomo.step(loss_of())  # noqa: E731
         elif mode in ("sgd", "adamw"):
             optimizer = (torch.optim.SGD(params, lr=lr) if mode == "sgd" else torch.optim.AdamW(params, lr=lr))
@@ -180,7 +184,9 @@ def run_mode(args, mode):
         # norm pass; checkpointed, uncompiled blocks only: offload.py).
         saved_branch_grads = (mode in ("lomo", "lomo-clip") and lomo.needs_norm_pass and lomo.saved_branch_grads
                               and args.activation_checkpointing and not args.compile)
-        return measurements(args, mode, margs, model, grid, seconds, step_ms, fused_kernel, saved_branch_grads)
+        row = measurements(args, mode, margs, model, grid, seconds, step_ms, fused_kernel, saved_branch_grads)
+        row["branch_grads_gpu_gib"] = lomo.branch_grads_gpu_gib if saved_branch_grads else None
+        return row
     finally:
         gc.unfreeze()
         destroy_distributed()

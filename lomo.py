@@ -19,8 +19,9 @@ How it works:
   runs backward again over the retained graph and updates. Clipping by value needs one pass. In pass 1
   most linear layers give their norm from two small Gram matrices instead of a gradient (gram_norm.py):
   fewer FLOPs, and those gradients are never made at all. With checkpointed blocks, pass 1 also keeps the
-  gradient at each block's two branch inputs (in host memory), and pass 2 starts each block's backward
-  from them, so no input gradient of wq, wk, wv, w1 or w3 is computed twice (offload.py).
+  gradient at each block's two branch inputs (the first GiB on the GPU, the rest in host memory), and pass
+  2 starts each block's backward from them, so no input gradient of wq, wk, wv, w1 or w3 is computed twice
+  (offload.py).
 - fp16 needs dynamic loss scaling, and an overflow must be known before any weight changes, so fp16
   always takes the norm pass: a non-finite norm means overflow, the step is skipped with every weight
   untouched, and the scale is halved. It doubles after `growth_interval` clean steps (the official
@@ -116,10 +117,13 @@ class LOMO:
                  clip_grad_norm: Optional[float] = None, clip_grad_value: Optional[float] = None,
                  loss_scaler: Optional[DynamicLossScaler] = None, max_consecutive_skips: int = 25,
                  tp_group=None, dp_group=None, gram_norms: bool = True, check_finite: bool = True,
-                 fused_kernel: bool = True, saved_branch_grads: bool = True):
+                 fused_kernel: bool = True, saved_branch_grads: bool = True, branch_grads_gpu_gib: float = 1.0):
         for name, value in (("lr", lr), ("weight_decay", weight_decay)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}={value} must be a finite number >= 0")
+        if not (math.isfinite(branch_grads_gpu_gib) and branch_grads_gpu_gib >= 0):
+            raise ValueError(f"branch_grads_gpu_gib={branch_grads_gpu_gib} must be a finite number >= 0 (0: keep "
+                             f"the norm pass's saved gradients in host memory only)")
         for name, value in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value} must be a positive number, or None to turn it off")
@@ -147,6 +151,11 @@ class LOMO:
         # input gradients from the norm pass instead of computing it again (offload.py): same result, fewer
         # FLOPs. False: both passes compute everything (for comparison: bench.py --no-saved-branch-grads).
         self.saved_branch_grads = saved_branch_grads
+        # Of those saved gradients (two (batch, seq, dim) tensors per block), the first this many GiB stay on
+        # the GPU and the rest wait in pinned host memory: a host copy saves GPU memory but costs PCIe copies
+        # and the CPU that issues them, in a step often bound by that CPU (offload.py). 7B at 4 x 512 saves
+        # exactly 1 GiB, so the default keeps all of it on the GPU there; 0: all in host memory.
+        self.branch_grads_gpu_gib = branch_grads_gpu_gib
         self.step_count, self.consecutive_skips = 0, 0
         # Parallelism (shard.py): a parameter with a `tensor_parallel_dim` attribute is split across the
         # tp group; one without is replicated there. Every parameter is replicated across the dp group.
@@ -425,7 +434,8 @@ class LOMO:
                 self._reset_norm(loss.device)
                 self._gram_seen = set()
                 with gram_norm.recording(self._keep_gram_norm if self._gram_norms else None), \
-                        offload.branch_gradients("save" if self.saved_branch_grads else None):
+                        offload.branch_gradients("save" if self.saved_branch_grads else None,
+                                                 gpu_bytes=int(self.branch_grads_gpu_gib * 2**30)):
                     scaled_loss.backward(retain_graph=True)
                 self._finish_vectors()
                 grad_norm, result.loss = torch.stack([self._global_norm(), mean_loss.float()]).tolist()  # one sync

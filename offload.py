@@ -16,16 +16,22 @@ the block from it there:
   LOMO's update pass each layer's input gradient is made before its weight moves). In a block
   x -> h = x + attention(attention_norm(x)) -> h + feed_forward(ffn_norm(h)), the gradients at the two
   norm outputs (the branch inputs) carry everything the chain needs from the branches. So in LOMO's norm
-  pass each block copies those two gradients to pinned host memory (side stream, like the inputs); in
-  its update pass the recomputed block reads its branch inputs detached, so wq, wk, wv, w1 and w3 compute
-  no input gradient (nor, under tp, their all-reduce), and the block's backward starts at the output and
-  at the two norm outputs with their saved gradients. The norms and residuals still carry the gradient to
-  x. The weights come out bit-identical (given deterministic kernels, as the two full passes need too: the
-  block input and h each add exactly two gradient terms, so no order of addition can change a bit); for 7B
-  at 4 x 512 tokens the update pass skips 575 of the 829 GFLOP of a block's input-gradient matmuls. Host
-  memory: two (batch, seq, dim) tensors per block (1 GiB for 7B at 4 x 512); on the GPU the block's own two
-  during its backward and the next block's two, prefetched (64 MiB at 4 x 512). The modules that
-  `block.branch_inputs()` names must run once per block call (one saved gradient each).
+  pass each block keeps those two gradients; in its update pass the recomputed block reads its branch
+  inputs detached, so wq, wk, wv, w1 and w3 compute no input gradient (nor, under tp, their all-reduce),
+  and the block's backward starts at the output and at the two norm outputs with their saved gradients.
+  The norms and residuals still carry the gradient to x. The weights come out bit-identical (given
+  deterministic kernels, as the two full passes need too: the block input and h each add exactly two
+  gradient terms, so no order of addition can change a bit); for 7B at 4 x 512 tokens the update pass
+  skips 575 of the 829 GFLOP of a block's input-gradient matmuls. The modules that `block.branch_inputs()`
+  names must run once per block call (one saved gradient each).
+  Where the saved gradients wait: two (batch, seq, dim) tensors per block, 1 GiB for 7B at 4 x 512. The
+  first ones saved stay on the GPU, up to a budget (`gpu_bytes`, LOMO's `branch_grads_gpu_gib`, 1 GiB by
+  default); the rest are copied to pinned host memory (side stream, like the inputs) and prefetched one
+  block ahead in the update pass (64 MiB on the GPU at 4 x 512). The update pass reaches the blocks in the
+  order the norm pass saved them, so the ones kept on the GPU are used first, while the host ones are being
+  fetched. Why not all on the host: each copy costs the CPU its stream, event and allocator bookkeeping,
+  ~25 ms a pass for 7B at 4 x 512 on an H200's host, and an eager lomo-clip step there is as much
+  CPU-bound as GPU-bound (PERF_NOTES.md, change 29). Why not all on the GPU: 8 GiB at 16 x 1024.
 - On the CPU the "host copy" is a plain copy: the code path runs, so tests can check it against autograd.
 
 Why not torch.utils.checkpoint (non-reentrant, which the model used before): it does the same recompute,
@@ -140,6 +146,7 @@ class HostCopy:
 # While LOMO's norm pass runs: "save"; while its update pass runs: "reuse"; otherwise None (lomo.py sets it).
 _branch_phase = None
 _last_saved = None  # pass 1: the record of the block backward reached last, to link the next one to it
+_gpu_bytes_left = 0  # pass 1: how many more bytes of saved gradients may stay on the GPU
 # Pinned host buffers for the saved gradients, reused from step to step (one pool for the process).
 _branch_stash = HostStash()
 # A saved gradient's GPU memory goes back to the allocator only once its copy to the host has run. The CPU
@@ -152,25 +159,46 @@ _copies_in_flight = collections.deque()  # CUDA events, one after each copy, old
 
 
 @contextlib.contextmanager
-def branch_gradients(phase: Optional[str]):
+def branch_gradients(phase: Optional[str], gpu_bytes: int = 0):
     """Inside: checkpointed blocks save ("save", LOMO's norm pass) or reuse ("reuse", its update pass) the
-    gradient at each branch input; None does neither. The state is the process's: one LOMO backward at a
-    time per process (as train.py and bench.py run), not two steps in two threads."""
-    global _branch_phase, _last_saved
+    gradient at each branch input; None does neither. While saving, the first `gpu_bytes` of gradients stay
+    on the GPU and the rest go to host memory. The state is the process's: one LOMO backward at a time per
+    process (as train.py and bench.py run), not two steps in two threads."""
+    global _branch_phase, _last_saved, _gpu_bytes_left
     if phase not in (None, "save", "reuse"):
         raise ValueError(f"phase={phase!r}: use 'save', 'reuse' or None")
-    outer = _branch_phase, _last_saved
-    _branch_phase, _last_saved = phase, None
+    outer = _branch_phase, _last_saved, _gpu_bytes_left
+    _branch_phase, _last_saved, _gpu_bytes_left = phase, None, gpu_bytes
     try:
         yield
     finally:
-        _branch_phase, _last_saved = outer
+        _branch_phase, _last_saved, _gpu_bytes_left = outer
         _copies_in_flight.clear()
 
 
+class _KeptOnDevice:
+    """A saved gradient that stays where it is: nothing to copy, prefetch or wait for. (It is the tensor
+    autograd handed to the hook, which the norm's backward then only reads, so nothing changes it.)"""
+
+    def __init__(self, grad: torch.Tensor):
+        self.grad = grad
+
+    def prefetch(self):
+        pass
+
+    def fetch(self) -> torch.Tensor:
+        grad, self.grad = self.grad, None  # not held here after use: its memory goes with the block's backward
+        return grad
+
+
 def _save_branch_grad(grad):
-    """The gradient's host copy, started on the side stream, with the CPU kept at most COPIES_IN_FLIGHT
-    copies ahead of the GPU."""
+    """The gradient kept on the GPU while the budget lasts; else its host copy, started on the side stream,
+    with the CPU kept at most COPIES_IN_FLIGHT copies ahead of the GPU."""
+    global _gpu_bytes_left
+    size = grad.numel() * grad.element_size()
+    if size <= _gpu_bytes_left:
+        _gpu_bytes_left -= size
+        return _KeptOnDevice(grad)
     copy = _branch_stash.save(grad)
     if grad.is_cuda:
         event = torch.cuda.Event()
@@ -182,7 +210,7 @@ def _save_branch_grad(grad):
 
 
 class _BranchGradients:
-    """One block's saved gradients, in host memory: index of the branch input -> HostCopy."""
+    """One block's saved gradients: index of the branch input -> HostCopy or _KeptOnDevice."""
 
     def __init__(self):
         self.copies = {}
@@ -196,7 +224,7 @@ class _BranchGradients:
 def _branch_taps(block, phase: Optional[str], record: Optional[_BranchGradients], roots: list):
     """Forward hooks on the block's branch inputs for its recomputation; returns their handles.
 
-    "save": the gradient that reaches each branch input is copied to host memory into `record` (a tensor
+    "save": the gradient that reaches each branch input is kept, or copied to host memory, in `record` (a tensor
     hook sees the sum over all its readers, and under tensor parallelism the all-reduced sum: the hook
     goes before shard.py's copy_to_tp hook, `prepend`). "reuse": each branch input with a saved gradient
     is cut from the branch (the branch reads a detached copy, so none of its layers computes an input

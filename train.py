@@ -70,6 +70,10 @@ def parse_args(argv=None):
     p.add_argument("--no-fused-kernel", action="store_true",
                    help="on a GPU, check with two PyTorch ops instead of fused_update.py's Triton kernel (for a GPU "
                         "or Triton the kernel does not build for)")
+    p.add_argument("--branch-grads-gpu-gib", type=float, default=1.0,
+                   help="with --clip-grad-norm (or fp16) and --activation-checkpointing: how many GiB of the gradients "
+                        "the norm pass saves for the update pass stay on the GPU; the rest wait in host memory "
+                        "(offload.py; 0: all in host memory, the least GPU memory)")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (fp16 uses dynamic loss scaling)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda if available); under torchrun "
                    "each process takes the GPU of its LOCAL_RANK")
@@ -173,6 +177,9 @@ def main(argv=None):
     if args.offload_checkpoints and not args.activation_checkpointing:
         raise ValueError("--offload-checkpoints moves the block inputs that checkpointing saves: add "
                          "--activation-checkpointing")
+    if not (math.isfinite(args.branch_grads_gpu_gib) and args.branch_grads_gpu_gib >= 0):
+        raise ValueError(f"--branch-grads-gpu-gib={args.branch_grads_gpu_gib} must be a number >= 0 (0: keep the "
+                         f"saved gradients in host memory only)")
     if args.save_every < 0:
         raise ValueError(f"--save-every={args.save_every} must be >= 0 (0: never save)")
     if not 0 <= args.min_lr_ratio <= 1:
@@ -274,7 +281,8 @@ def train(args, grid, dtype):
     # -------------------------------------------------------------------------------- LOMO
     lomo = LOMO(model, lr=args.lr, weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm,
                 clip_grad_value=args.clip_grad_value, tp_group=grid.tp_group, dp_group=grid.dp_group,
-                check_finite=not args.no_finite_checks, fused_kernel=not args.no_fused_kernel)
+                check_finite=not args.no_finite_checks, fused_kernel=not args.no_fused_kernel,
+                branch_grads_gpu_gib=args.branch_grads_gpu_gib)
     print0(f"LOMO: lr {args.lr} ({args.schedule}, warmup {args.warmup_steps}), weight decay {args.weight_decay}, "
            f"clip norm {args.clip_grad_norm}, clip value {args.clip_grad_value}, "
            f"{'two backward passes' if lomo.needs_norm_pass else 'one backward pass'}"

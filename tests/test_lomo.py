@@ -293,6 +293,8 @@ def test_many_bad_steps_in_a_row_stop_training_naming_the_step(batch, device):
     (dict(lr=0.1, weight_decay=float("nan")), "weight_decay=nan"),
     (dict(lr=0.1, clip_grad_norm=0.0), "clip_grad_norm=0.0"),
     (dict(lr=0.1, clip_grad_value=-2.0), "clip_grad_value=-2.0"),
+    (dict(lr=0.1, clip_grad_norm=1.0, branch_grads_gpu_gib=-1.0), "branch_grads_gpu_gib=-1.0"),
+    (dict(lr=0.1, clip_grad_norm=1.0, branch_grads_gpu_gib=float("inf")), "branch_grads_gpu_gib=inf"),
 ])
 def test_bad_arguments_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -1,6 +1,10 @@
 """LOMO's clipping with checkpointed blocks: the update pass takes each block's input-gradient chain from the
 norm pass (offload.py, `saved_branch_grads`). Against the same step computing everything twice (bit for bit),
-torch.optim.SGD after clip_grad_norm_, the FLOPs it must save, and the host buffers it must give back."""
+torch.optim.SGD after clip_grad_norm_, the FLOPs it must save, the gradients kept on the device (up to
+`branch_grads_gpu_gib`) and the host buffers it must give back."""
+import gc
+import weakref
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -33,10 +37,32 @@ def branch_input_grad_flops(args, tokens):
     return 2 * tokens * args.dim * (args.n_heads * args.head_dim + 2 * kv + 2 * args.ffn_hidden_dim) * args.n_layers
 
 
+def gib_of_gradients(count, batch, dtype):
+    """branch_grads_gpu_gib that keeps exactly `count` of the tiny model's saved gradients on the device."""
+    return count * batch[0].numel() * tiny_model(n_layers=1).args.dim * dtype.itemsize / 2**30
+
+
+@pytest.fixture
+def fresh_stash(monkeypatch):
+    """A pool of host buffers for this test alone (the process's pool holds what earlier tests left)."""
+    stash = offload.HostStash()
+    monkeypatch.setattr(offload, "_branch_stash", stash)
+    return stash
+
+
+# Where the 6 saved gradients (3 blocks x 2) wait: all on the device (the default budget, 1 GiB), all in host
+# memory, or the first 4 on the device and the last 2 in host memory.
+PLACEMENTS = {"device": (None, 0), "host": (0, 6), "split": (4, 2)}
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("offload_inputs", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reusing_the_norm_pass_gradients_changes_no_bit_and_saves_their_flops(batch, dtype, offload_inputs):
-    reused = clipped_steps(checkpointed(tiny_model(dtype=dtype, n_layers=3), offload_inputs), batch)
+def test_reusing_the_norm_pass_gradients_changes_no_bit_and_saves_their_flops(batch, dtype, offload_inputs,
+                                                                              placement, fresh_stash):
+    kept, copied = PLACEMENTS[placement]
+    budget = {} if kept is None else {"branch_grads_gpu_gib": gib_of_gradients(kept, batch, dtype)}
+    reused = clipped_steps(checkpointed(tiny_model(dtype=dtype, n_layers=3), offload_inputs), batch, **budget)
     recomputed = clipped_steps(checkpointed(tiny_model(dtype=dtype, n_layers=3), offload_inputs), batch,
                                saved_branch_grads=False)
     assert reused[0] == recomputed[0]
@@ -44,6 +70,8 @@ def test_reusing_the_norm_pass_gradients_changes_no_bit_and_saves_their_flops(ba
     # Exactly the five branch layers' input gradients, once per step (in the update pass), are not computed.
     args, tokens = tiny_model(n_layers=3).args, batch[0].numel()
     assert recomputed[2] - reused[2] == 2 * branch_input_grad_flops(args, tokens)
+    # The gradients beyond the budget went through host buffers, and only those.
+    assert sum(len(buffers) for buffers in fresh_stash.free.values()) == copied
 
 
 def test_clipped_steps_equal_sgd_after_clip_grad_norm_in_float64(batch):
@@ -55,14 +83,6 @@ def test_clipped_steps_equal_sgd_after_clip_grad_norm_in_float64(batch):
     assert norms == pytest.approx(expected, rel=1e-12)
     for (name, p), q in zip(reference.named_parameters(), weights):
         torch.testing.assert_close(q, p.detach(), rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
-
-
-@pytest.fixture
-def fresh_stash(monkeypatch):
-    """A pool of host buffers for this test alone (the process's pool holds what earlier tests left)."""
-    stash = offload.HostStash()
-    monkeypatch.setattr(offload, "_branch_stash", stash)
-    return stash
 
 
 @pytest.mark.parametrize("frozen", [
@@ -105,7 +125,7 @@ def test_a_branch_input_that_runs_twice_is_refused(batch):
 def test_host_buffers_go_back_after_each_step_and_after_a_skipped_one(batch, fresh_stash):
     n_layers = 3
     model = checkpointed(tiny_model(n_layers=n_layers), offload_inputs=False)
-    lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05)
+    lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05, branch_grads_gpu_gib=0)
     key = ((*batch[0].shape, model.args.dim), torch.float32, torch.device("cpu"))
     for _ in range(2):
         lomo.step(loss_of(model, batch))
@@ -121,11 +141,36 @@ def test_host_buffers_go_back_after_each_step_and_after_a_skipped_one(batch, fre
     handle.remove()
 
 
+def test_gradients_kept_on_the_device_are_let_go_after_each_step_and_after_a_skipped_one(batch, monkeypatch):
+    alive = []
+
+    class Watched(offload._KeptOnDevice):
+        def __init__(self, grad):
+            super().__init__(grad)
+            alive.append(weakref.ref(grad))
+
+    monkeypatch.setattr(offload, "_KeptOnDevice", Watched)
+    model = checkpointed(tiny_model(n_layers=3), offload_inputs=False)
+    lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05)
+    lomo.step(loss_of(model, batch))
+    gc.collect()
+    assert len(alive) == 2 * 3 and not any(ref() is not None for ref in alive)  # all kept, all used and gone
+    alive.clear()
+    handle = inject(model, float("inf"))  # no update pass takes them: they go with the graph
+    loss = loss_of(model, batch)
+    assert lomo.step(loss).skipped
+    assert len(alive) == 2 * 3 and all(ref() is not None for ref in alive)
+    del loss
+    gc.collect()
+    assert not any(ref() is not None for ref in alive)
+    handle.remove()
+
+
 def test_buffers_are_kept_for_the_latest_batch_shape_only(fresh_stash):
     # Batches padded to their longest sequence change shape from step to step: pinned buffers of every shape
     # seen would pile up in host memory.
     model = checkpointed(tiny_model(n_layers=2), offload_inputs=False)
-    lomo = LOMO(model, lr=0.01, clip_grad_norm=0.05)
+    lomo = LOMO(model, lr=0.01, clip_grad_norm=0.05, branch_grads_gpu_gib=0)
     for length in (8, 12, 16, 12):
         tokens = torch.randint(0, 320, (2, length + 1), generator=torch.Generator().manual_seed(length))
         lomo.step(loss_of(model, (tokens[:, :-1], tokens[:, 1:])))
@@ -195,16 +240,20 @@ def test_tensor_parallel_steps_change_no_bit_and_skip_the_branch_all_reduces(off
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("offload_inputs", [False, True])
-def test_on_a_gpu_the_steps_change_no_bit(batch, offload_inputs, fresh_stash):
-    # bf16 on CUDA: the side stream's copies to and from pinned host memory, the prefetch, Gram norms.
+def test_on_a_gpu_the_steps_change_no_bit(batch, offload_inputs, placement, fresh_stash):
+    # bf16 on CUDA: the gradients kept on the GPU; the side stream's copies to and from pinned host memory, the
+    # prefetch; Gram norms.
     batch = tuple(t.cuda() for t in batch)
+    kept, copied = PLACEMENTS[placement]
+    budget = {} if kept is None else {"branch_grads_gpu_gib": gib_of_gradients(kept, batch, torch.bfloat16)}
     results = [clipped_steps(checkpointed(tiny_model(dtype=torch.bfloat16, n_layers=3).cuda(), offload_inputs),
-                             batch, steps=3, saved_branch_grads=reuse) for reuse in (True, False, False)]
+                             batch, steps=3, saved_branch_grads=reuse, **budget) for reuse in (True, False, False)]
     assert results[1][0] == results[2][0]  # the kernels are deterministic here: otherwise no bit can be asked
     assert results[0][0] == results[1][0]
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
     args, tokens = tiny_model(n_layers=3).args, batch[0].numel()
     assert results[1][2] - results[0][2] == 3 * branch_input_grad_flops(args, tokens)  # the path was taken
-    (buffers,) = fresh_stash.free.values()
-    assert len(buffers) == 2 * 3 and all(b.is_pinned() for b in buffers)
+    buffers = [b for pool in fresh_stash.free.values() for b in pool]
+    assert len(buffers) == copied and all(b.is_pinned() for b in buffers)

@@ -73,6 +73,7 @@ def test_low_precision_runs_with_clipping_log_norm_and_scale(tmp_path, dtype):
     (["--schedule", "step"], ValueError, "unknown schedule 'step'"),
     (["--long-examples", "skip"], ValueError, "unknown policy 'skip' for long examples"),
     (["--offload-checkpoints"], ValueError, "add --activation-checkpointing"),
+    (["--branch-grads-gpu-gib", "-0.5"], ValueError, "--branch-grads-gpu-gib=-0.5 must be a number >= 0"),
 ])
 def test_bad_input_is_refused_before_training(tmp_path, flags, error, message):
     with pytest.raises(error, match=message):

@@ -44,6 +44,9 @@
 #           gradients, and lomo, twice, alternating
 #   run 36: part ab: PROFILE=1 branch_ab.py (torch.profiler over 4 timed steps): lomo-clip now / device / without
 #           saved gradients: the CUDA runtime calls' CPU, each pass's main-stream busy time and its copies
+#   run 37: part ac: change 29 (the first GiB of saved branch gradients kept on the GPU): its GPU tests; lomo-clip
+#           with the default (1 GiB: all of them at 4 x 512), 0.5 GiB, 0 (all in host memory), without saved
+#           gradients, and lomo, twice, alternating; lomo-clip at 16 x 1024 under the 24 GB cap
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -174,6 +177,18 @@ python3 results/eager-gap/hook_time.py 7B cuda 2>&1 | grep -v -i warn > "$OUT/ho
   v)
 for i in 1 2; do for m in sgd lomo; do $B --modes $m --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log"; done; done
 $B --offload-checkpoints --modes lomo-clip --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log" ;;
+  ac)
+python3 -m pytest -q tests/test_saved_branch_grads.py >> "$OUT/run.log" 2>&1 \
+  || { echo "tests failed: no benchmark" >> "$OUT/run.log"; exit 1; }
+A="python3 results/eager-gap/branch_ab.py now"
+S="--model 7B --activation-checkpointing --batch-size 4 --seq-len 512 --steps 30"
+for i in 1 2; do
+  for g in 1 0.5 0; do $A $S --branch-grads-gpu-gib $g --worker lomo-clip >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"; done
+  $A $S --no-saved-branch-grads --worker lomo-clip >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"
+  $A $S --worker lomo >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"
+done
+L="--model 7B --activation-checkpointing --batch-size 16 --seq-len 1024 --steps 5 --memory-cap-gb 24"
+$A $L --worker lomo-clip >> "$OUT/ab.jsonl" 2>> "$OUT/run.log" ;;
   ab)
 A="python3 results/eager-gap/branch_ab.py"
 S="--model 7B --activation-checkpointing --batch-size 4 --seq-len 512 --steps 4 --warmup 3"
