@@ -123,11 +123,12 @@ def run_mode(args, mode):
         params = list(model.parameters())
         lr = 1e-6  # small: the weights barely move, so every timed step does the same work
         if mode in ("lomo", "lomo-clip"):
+            gib = args.branch_grads_gpu_gib
+            budget = {} if gib is None else {"branch_grads_gpu_gib": gib}  # else LOMO's default
             lomo = LOMO(model, lr=lr, clip_grad_norm=1.0 if mode == "lomo-clip" else None,
                         tp_group=grid.tp_group, dp_group=grid.dp_group, gram_norms=not args.no_gram_norms,
                         check_finite=not args.no_finite_checks, fused_kernel=not args.no_fused_kernel,
-                        saved_branch_grads=not args.no_saved_branch_grads,
-                        **({} if args.branch_grads_gpu_gib is None else {"branch_grads_gpu_gib": args.branch_grads_gpu_gib}))
+                        saved_branch_grads=not args.no_saved_branch_grads, **budget)
             step = lambda: lomo.step(loss_of())  # noqa: E731
         elif mode in ("sgd", "adamw"):
             optimizer = (torch.optim.SGD(params, lr=lr) if mode == "sgd" else torch.optim.AdamW(params, lr=lr))

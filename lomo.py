@@ -445,6 +445,7 @@ class LOMO:
             self._step_loss = mean_loss  # fused_update.py's kernel makes its flag from it
         scaled_loss = loss * scale if scale != 1.0 else loss
         self._inv_scale, self._clip_coef, self._lr = 1.0 / scale, 1.0, lr
+        saved = []  # the norm pass's saved branch gradients (offload.py), let go when the step ends
         try:
             if self.needs_norm_pass:
                 self._mode = "norm"
@@ -452,7 +453,7 @@ class LOMO:
                 self._gram_seen = set()
                 with gram_norm.recording(self._keep_gram_norm if self._gram_norms else None), \
                         offload.branch_gradients("save" if self.saved_branch_grads else None,
-                                                 gpu_bytes=int(self.branch_grads_gpu_gib * 2**30)):
+                                                 gpu_bytes=int(self.branch_grads_gpu_gib * 2**30)) as saved:
                     scaled_loss.backward(retain_graph=True)
                 self._finish_vectors()
                 if self._decides_on_device(loss):
@@ -487,6 +488,8 @@ class LOMO:
         finally:
             self._mode, self._loss_on_host, self._update_flag, self._step_loss = None, None, None, None
             self._clip_factor = None
+            for record in saved:  # used up by the update pass; else (a skip, an error) not kept with the graph
+                record.release()
             for p in self._vectors:
                 p.grad = None  # after an error inside backward: nothing of this step may leak into the next
         if discarded:

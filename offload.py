@@ -29,9 +29,9 @@ the block from it there:
   default); the rest are copied to pinned host memory (side stream, like the inputs) and prefetched one
   block ahead in the update pass (64 MiB on the GPU at 4 x 512). The update pass reaches the blocks in the
   order the norm pass saved them, so the ones kept on the GPU are used first, while the host ones are being
-  fetched. Why not all on the host: each copy costs the CPU its stream, event and allocator bookkeeping,
-  ~25 ms a pass for 7B at 4 x 512 on an H200's host, and an eager lomo-clip step there is as much
-  CPU-bound as GPU-bound (PERF_NOTES.md, change 29). Why not all on the GPU: 8 GiB at 16 x 1024.
+  fetched. Why not all on the host: the copies cost the CPU their stream, event and allocator bookkeeping,
+  17-50 ms a pass for 7B at 4 x 512 on an H200's host (run 35), and an eager lomo-clip step there is as
+  much CPU-bound as GPU-bound (PERF_NOTES.md, change 29). Why not all on the GPU: 8 GiB at 16 x 1024.
 - On the CPU the "host copy" is a plain copy: the code path runs, so tests can check it against autograd.
 
 Why not torch.utils.checkpoint (non-reentrant, which the model used before): it does the same recompute,
@@ -147,6 +147,7 @@ class HostCopy:
 _branch_phase = None
 _last_saved = None  # pass 1: the record of the block backward reached last, to link the next one to it
 _gpu_bytes_left = 0  # pass 1: how many more bytes of saved gradients may stay on the GPU
+_saved_records = None  # pass 1: the list that branch_gradients("save") yields, of every record made
 # Pinned host buffers for the saved gradients, reused from step to step (one pool for the process).
 _branch_stash = HostStash()
 # A saved gradient's GPU memory goes back to the allocator only once its copy to the host has run. The CPU
@@ -162,32 +163,40 @@ _copies_in_flight = collections.deque()  # CUDA events, one after each copy, old
 def branch_gradients(phase: Optional[str], gpu_bytes: int = 0):
     """Inside: checkpointed blocks save ("save", LOMO's norm pass) or reuse ("reuse", its update pass) the
     gradient at each branch input; None does neither. While saving, the first `gpu_bytes` of gradients stay
-    on the GPU and the rest go to host memory. The state is the process's: one LOMO backward at a time per
-    process (as train.py and bench.py run), not two steps in two threads."""
-    global _branch_phase, _last_saved, _gpu_bytes_left
+    on the GPU and the rest go to host memory. Yields a list of the records made while saving: their
+    `release()` lets the gradients go at once (a skipped step, whose graph the caller may still hold). The
+    state is the process's: one LOMO backward at a time per process (as train.py and bench.py run), not two
+    steps in two threads."""
+    global _branch_phase, _last_saved, _gpu_bytes_left, _saved_records
     if phase not in (None, "save", "reuse"):
         raise ValueError(f"phase={phase!r}: use 'save', 'reuse' or None")
-    outer = _branch_phase, _last_saved, _gpu_bytes_left
-    _branch_phase, _last_saved, _gpu_bytes_left = phase, None, gpu_bytes
+    outer = _branch_phase, _last_saved, _gpu_bytes_left, _saved_records
+    records = []
+    _branch_phase, _last_saved, _gpu_bytes_left, _saved_records = phase, None, gpu_bytes, records
     try:
-        yield
+        yield records
     finally:
-        _branch_phase, _last_saved, _gpu_bytes_left = outer
+        _branch_phase, _last_saved, _gpu_bytes_left, _saved_records = outer
         _copies_in_flight.clear()
 
 
 class _KeptOnDevice:
-    """A saved gradient that stays where it is: nothing to copy, prefetch or wait for. (It is the tensor
-    autograd handed to the hook, which the norm's backward then only reads, so nothing changes it.)"""
+    """A saved gradient that stays where it is: nothing to copy, prefetch or wait for. It is the tensor
+    autograd handed to the hook, which the norm's backward then only reads; a branch input whose backward
+    wrote into it would be caught at the fetch (the tensor's version counter)."""
 
     def __init__(self, grad: torch.Tensor):
-        self.grad = grad
+        self.grad, self.version = grad, grad._version
 
     def prefetch(self):
         pass
 
     def fetch(self) -> torch.Tensor:
         grad, self.grad = self.grad, None  # not held here after use: its memory goes with the block's backward
+        if grad._version != self.version:
+            raise RuntimeError("a saved branch gradient was changed in place after it was saved (by the backward "
+                               "of a module that branch_inputs() names?): construct LOMO with "
+                               "branch_grads_gpu_gib=0 (host copies) or saved_branch_grads=False")
         return grad
 
 
@@ -219,6 +228,9 @@ class _BranchGradients:
     def prefetch(self):
         for copy in self.copies.values():
             copy.prefetch()
+
+    def release(self):
+        self.copies.clear()  # kept gradients freed, host buffers back to the pool
 
 
 def _branch_taps(block, phase: Optional[str], record: Optional[_BranchGradients], roots: list):
@@ -278,6 +290,8 @@ def _branch_record(ctx):
         if _last_saved is not None:
             _last_saved.next = record
         _last_saved = record
+        if _saved_records is not None:
+            _saved_records.append(record)
         return "save", record
     record, ctx.branch_grads = ctx.branch_grads, None
     return ("reuse", record) if record is not None else (None, None)

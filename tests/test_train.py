@@ -174,3 +174,18 @@ def test_a_non_finite_gradient_norm_stops_training_at_its_step_before_it_is_logg
     with pytest.raises(FloatingPointError, match=r"step 2: gradient norm nan with a finite loss"):
         run(tmp_path / "later", *quick, "--steps", "4", "--eval-every", "4")
     assert [r["step"] for r in rows(tmp_path / "later") if "loss" in r] == [1]
+
+
+def test_the_saved_gradients_budget_reaches_lomo(tmp_path, monkeypatch):
+    # --clip-grad-norm with checkpointed blocks saves branch gradients (offload.py): the flag decides where.
+    made = []
+
+    class Recorded(train.LOMO):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(train, "LOMO", Recorded)
+    run(tmp_path, "--steps", "2", "--eval-every", "2", "--clip-grad-norm", "1.0", "--activation-checkpointing",
+        "--branch-grads-gpu-gib", "0.25")
+    assert [lomo.branch_grads_gpu_gib for lomo in made] == [0.25]
