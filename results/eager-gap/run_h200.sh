@@ -47,6 +47,9 @@
 #   run 37: part ac: change 29 (the first GiB of saved branch gradients kept on the GPU): its GPU tests; lomo-clip
 #           with the default (1 GiB: all of them at 4 x 512), 0.5 GiB, 0 (all in host memory), without saved
 #           gradients, and lomo, twice, alternating; lomo-clip at 16 x 1024 under the 24 GB cap
+#   run 38: part ad: change 30 (a clipped step decided on the device: no host sync between the passes) and the
+#           review fixes of change 29: their GPU tests; lomo-clip with it and with --no-fused-kernel (which
+#           waits for the norm, as before), lomo, twice, alternating; lomo-clip at 16 x 1024 under 24 GB
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -177,6 +180,18 @@ python3 results/eager-gap/hook_time.py 7B cuda 2>&1 | grep -v -i warn > "$OUT/ho
   v)
 for i in 1 2; do for m in sgd lomo; do $B --modes $m --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log"; done; done
 $B --offload-checkpoints --modes lomo-clip --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log" ;;
+  ad)
+python3 -m pytest -q tests/test_fused_update.py tests/test_saved_branch_grads.py tests/test_lomo.py >> "$OUT/run.log" 2>&1 \
+  || { echo "tests failed: no benchmark" >> "$OUT/run.log"; exit 1; }
+A="python3 results/eager-gap/branch_ab.py now"
+S="--model 7B --activation-checkpointing --batch-size 4 --seq-len 512 --steps 30"
+for i in 1 2; do
+  $A $S --worker lomo-clip >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"
+  $A $S --no-fused-kernel --worker lomo-clip >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"
+  $A $S --worker lomo >> "$OUT/ab.jsonl" 2>> "$OUT/run.log"
+done
+L="--model 7B --activation-checkpointing --batch-size 16 --seq-len 1024 --steps 5 --memory-cap-gb 24"
+$A $L --worker lomo-clip >> "$OUT/ab.jsonl" 2>> "$OUT/run.log" ;;
   ac)
 python3 -m pytest -q tests/test_saved_branch_grads.py >> "$OUT/run.log" 2>&1 \
   || { echo "tests failed: no benchmark" >> "$OUT/run.log"; exit 1; }
