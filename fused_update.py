@@ -1,4 +1,4 @@
-"""One GPU kernel for LOMO's guarded updates: w <- w + alpha * factor * g, and the sum of g^2 on the way.
+"""One GPU kernel for LOMO's checked one-pass update: w <- w + alpha * g, and the sum of g^2 on the way.
 
 Why it exists: a checked one-pass step (lomo.py's default) updates each weight and also sums its
 gradient's squares, for the norm it reports and checks. As two PyTorch ops that is two kernels, and the
@@ -8,14 +8,12 @@ checked LOMO's gap to plain SGD (PERF_NOTES.md, sessions 7 and 8). `torch.compil
 updates it, and adds the squares it saw into its own slot of a small fp32 buffer. The buffer is summed
 once per step; no slot is written by two programs, so the norm does not depend on timing (no atomics).
 The kernel also reads a flag on the device, whether the step's loss is finite, and writes nothing if it is
-not: so a checked step never has to wait for its loss to reach the host before updating (lomo.py). With
-clipping by norm, LOMO's update pass uses it too: the flag then says whether the norm is finite, and `factor`,
-a number on the device, is the clip factor, so that pass need not wait for the norm either.
+not: so a checked step never has to wait for its loss to reach the host before updating (lomo.py).
 
-The maths is that of `param.add_(grad, alpha=alpha * factor)` on CUDA: both loaded as fp32, alpha times
-factor in fp32, one rounding back into the parameter's dtype; with factor 1 (the default) the updated weights
-are bit-identical to `param.add_(grad, alpha=alpha)` (tests/test_fused_update.py checks this on a GPU). Only
-the norm's summation order differs from `torch.linalg.vector_norm`'s.
+The maths is that of `param.add_(grad, alpha=alpha)` on CUDA: both loaded as fp32, alpha in fp32, one
+rounding back into the parameter's dtype; the updated weights are bit-identical to it
+(tests/test_fused_update.py checks this on a GPU). Only the norm's summation order differs from
+`torch.linalg.vector_norm`'s.
 
 Left out: the CPU (no Triton there; lomo.py uses the two PyTorch ops), weight decay and value clipping
 (they take the unfused path), and tensors that are not contiguous, have 2**31 elements or more, or a number
@@ -25,7 +23,6 @@ launched through its compiled kernel's own launcher where it can be (`_direct_la
 """
 import functools
 import warnings
-from typing import Optional
 
 import torch
 
@@ -53,12 +50,10 @@ if triton is not None:
     # passed divided by 16, which tells the compiler what specializing told it: the masks below are
     # uniform over 16 elements, so loads and stores stay 16-byte wide.
     @triton.jit(do_not_specialize=["numel_over_16", "iterations"])
-    def _update_and_sum_squares(param_ptr, grad_ptr, slots_ptr, apply_ptr, factor_ptr, numel_over_16, alpha,
-                                iterations):
+    def _update_and_sum_squares(param_ptr, grad_ptr, slots_ptr, apply_ptr, numel_over_16, alpha, iterations):
         program, programs = tl.program_id(0), tl.num_programs(0)
         numel = numel_over_16 * 16
-        apply = tl.load(apply_ptr) != 0  # 0: the loss (or the norm) was not finite, leave the weights as they are
-        alpha = alpha * tl.load(factor_ptr)  # fp32 times fp32: exactly alpha when the factor is 1
+        apply = tl.load(apply_ptr) != 0  # 0: the loss was not finite, leave the weights as they are
         squares = tl.zeros([_BLOCK], dtype=tl.float32)
         # (Offsets are int32: below 2**31 since numel is and NUM_SLOTS * BLOCK, a power of two, divides 2**31.)
         for i in range(iterations):  # program p takes blocks p, p + programs, p + 2 programs, ...
@@ -93,23 +88,19 @@ def new_slots(device) -> torch.Tensor:
 
 
 def update_and_sum_squares(param: torch.Tensor, grad: torch.Tensor, alpha: float, slots: torch.Tensor,
-                           apply: torch.Tensor, factor: Optional[torch.Tensor] = None) -> None:
-    """param += alpha * factor * grad (fp32 maths, rounded once) if the 0-dim uint8 tensor `apply` is not 0,
-    and sum(grad**2) (fp32) added into `slots` either way. `factor`: a 0-dim fp32 tensor on the device (the
-    clip factor), None for 1. The squared norm of all the gradients seen is then `slots.sum()`. Needs
-    `available(param, grad)`."""
+                           apply: torch.Tensor) -> None:
+    """param += alpha * grad (fp32 maths, rounded once) if the 0-dim uint8 tensor `apply` is not 0, and
+    sum(grad**2) (fp32) added into `slots` either way. The squared norm of all the gradients seen is then
+    `slots.sum()`. Needs `available(param, grad)`."""
     numel = param.numel()
-    factor = _one(param.device) if factor is None else factor
-    if (numel % 16 or grad.dtype != param.dtype or slots.dtype != torch.float32 or apply.dtype != torch.uint8
-            or factor.dtype != torch.float32 or factor.dim() != 0):
+    if numel % 16 or grad.dtype != param.dtype or slots.dtype != torch.float32 or apply.dtype != torch.uint8:
         raise ValueError(f"update_and_sum_squares takes {numel} elements (needs a multiple of 16), a {grad.dtype} "
                          f"gradient for a {param.dtype} weight (needs the same), {slots.dtype} slots (needs "
-                         f"new_slots()), a {apply.dtype} flag (needs uint8) and a {factor.dtype} factor of "
-                         f"{factor.dim()} dims (needs a 0-dim float32): check available() first")
+                         f"new_slots()) and a {apply.dtype} flag (needs uint8): check available() first")
     blocks = -(-numel // BLOCK)
     programs = min(NUM_SLOTS, blocks)
-    args = (param, grad, slots, apply, factor, numel // 16, alpha, -(-blocks // programs))
-    aligned = not any(t.data_ptr() % 16 for t in (param, grad, slots, apply, factor))
+    args = (param, grad, slots, apply, numel // 16, alpha, -(-blocks // programs))
+    aligned = not (param.data_ptr() % 16 or grad.data_ptr() % 16 or slots.data_ptr() % 16 or apply.data_ptr() % 16)
     # (The JIT launches on the current device's stream, as does the direct launch, with a kernel loaded for it.)
     direct = aligned and param.device.index == torch.cuda.current_device()
     launch = _direct_launcher(param.device.index, param.dtype) if direct else None
@@ -117,12 +108,6 @@ def update_and_sum_squares(param: torch.Tensor, grad: torch.Tensor, alpha: float
         launch((programs, 1, 1))(*args)
     else:
         _update_and_sum_squares[(programs,)](*args, num_warps=NUM_WARPS)
-
-
-@functools.lru_cache(maxsize=None)
-def _one(device) -> torch.Tensor:
-    """A 0-dim fp32 1 on the device: the factor of an update that has none."""
-    return torch.ones((), dtype=torch.float32, device=device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,12 +120,12 @@ def _direct_launcher(device_index, dtype):
     GPU waits for (PERF_NOTES.md, change 26). The compiled kernel that the JIT returns can be launched as
     `compiled[grid](*args)`, which skips all that. On NVIDIA GPUs it is the right kernel for every later
     call with the same dtype whose pointers are 16-byte aligned: Triton specializes this kernel on the
-    dtypes and on each pointer's alignment only (numel and iterations are not specialized on, and all five
+    dtypes and on each pointer's alignment only (numel and iterations are not specialized on, and all four
     pointers were aligned here as there). Not on AMD GPUs, where Triton may also specialize on a tensor's
     size. The launch is checked once here, on scratch tensors (one host sync per dtype per process): the
-    masked tail, a flag of 0, a factor of 2, several programs; a Triton whose compiled kernels take their
-    arguments differently falls back to the JIT launch (correct, more CPU) with a warning, instead of
-    computing anything wrong."""
+    masked tail, a flag of 0, several programs; a Triton whose compiled kernels take their arguments
+    differently falls back to the JIT launch (correct, more CPU) with a warning, instead of computing
+    anything wrong."""
     if torch.version.hip is not None:
         return None
     device = torch.device("cuda", device_index)
@@ -150,16 +135,14 @@ def _direct_launcher(device_index, dtype):
     slots = new_slots(device)
     apply, skip = (torch.full((), value, dtype=torch.uint8, device=device) for value in (1, 0))
     args = (weight, grad, slots)
-    factor = torch.full((), 2.0, dtype=torch.float32, device=device)  # 0.25 * 2: the factor must be read
     numel_over_16 = weight.numel() // 16
     try:
         with torch.cuda.device(device):
             # Through the JIT: one program over both blocks. Then directly: two programs, one block each,
             # and again with the flag at 0 (the squares summed, no weight written).
-            compiled = _update_and_sum_squares[(1,)](*args, apply, factor, numel_over_16, 0.25, 2,
-                                                     num_warps=NUM_WARPS)
-            compiled[(2, 1, 1)](*args, apply, factor, numel_over_16, 0.25, 1)
-            compiled[(2, 1, 1)](*args, skip, factor, numel_over_16, 0.25, 1)
+            compiled = _update_and_sum_squares[(1,)](*args, apply, numel_over_16, 0.5, 2, num_warps=NUM_WARPS)
+            compiled[(2, 1, 1)](*args, apply, numel_over_16, 0.5, 1)
+            compiled[(2, 1, 1)](*args, skip, numel_over_16, 0.5, 1)
         tail = BLOCK - 16
         works = (bool((weight == 1.0).all()) and not storage[weight.numel():].any()
                  and slots[:3].tolist() == [BLOCK + tail + 2 * BLOCK, 2 * tail, 0.0])

@@ -168,15 +168,10 @@ class LOMO:
         self._mode = None
         self._loss_on_host = None  # (host copy, CUDA event) of a checked one-pass step's loss, until read
         # On a GPU: whether that loss is finite, as a flag on the device (uint8), which fused_update.py's
-        # kernel reads instead of the host waiting for the loss: a non-finite loss makes it write nothing. In
-        # a clipped step decided on the device (_decide_on_device): whether the norm and the loss are finite.
-        self._update_flag = None
-        self._clip_factor = None  # that step's clip factor, on the device (fp32, 0-dim)
-        self._fusable = (None, False)  # ((device, dtype) of the weights, whether every matrix takes the kernel)
+        # kernel reads instead of the host waiting for the loss: a non-finite loss makes it write nothing.
+        self._loss_is_finite = None
         self._step_loss = None  # that loss on the device, from which the flag is made at the first kernel
-        # The last checked one-pass step (or clipped step decided on the device), until check_previous_step
-        # reads its norm.
-        self._unchecked_result = None
+        self._unchecked_result = None  # the last checked one-pass step, until check_previous_step reads its norm
         # Vectors (1-D parameters: the RMSNorm weights, 65 of them in 7B, 0.5 MiB in bf16) get no hook. Their
         # gradients accumulate during backward and are applied together after it with multi-tensor kernels,
         # instead of a Python hook, a norm and an update launch each: CPU time, in an eager step that is
@@ -229,9 +224,6 @@ class LOMO:
         if self._mode == "norm":
             self._record_norm(param, grad)
             return
-        if self._clip_factor is not None:  # a clipped step decided on the device: the kernel, guarded by its flag
-            self._update_with_kernel(param, grad)
-            return
         # No norm pass vouched for a one-pass step's gradient: its norm is recorded on the device (no host
         # sync); the total is checked by check_previous_step (the next step() calls it first).
         if fuse:
@@ -243,14 +235,13 @@ class LOMO:
 
     def _update_with_kernel(self, param, grad):
         """_update's CUDA fast path and _record_norm in one read of the gradient (fused_update.py), guarded by
-        a flag on the device: whether this step's loss is finite (if not, the kernel writes no weight); in a
-        clipped step decided on the device, whether its norm is, with the clip factor read there too."""
-        if self._update_flag is None:  # the step's first kernel makes the flag (queued after the loss)
-            self._update_flag = torch.isfinite(self._step_loss).view(torch.uint8)
+        a flag on the device: whether this step's loss is finite (if not, the kernel writes no weight)."""
+        if self._loss_is_finite is None:  # the step's first kernel makes the flag (queued after the loss)
+            self._loss_is_finite = torch.isfinite(self._step_loss).view(torch.uint8)
         alpha = -self._lr * self._clip_coef * self._inv_scale
         try:
             fused_update.update_and_sum_squares(param, grad, alpha, self._square_sum_slots(param),
-                                                self._update_flag, self._clip_factor)
+                                                self._loss_is_finite)
         except Exception as error:  # a Triton that cannot build for this GPU, say
             raise RuntimeError(
                 f"fused_update.py's Triton kernel failed on {self._names.get(id(param), 'a weight')} "
@@ -280,7 +271,7 @@ class LOMO:
                         and self.clip_grad_value is None and not self.weight_decay)
         # The loss may still be unread (the kernel guarded every matrix): the multi-tensor update below can
         # guard itself with the same flag; the others wait for it.
-        guarded = multi_tensor and self._update_flag is not None
+        guarded = multi_tensor and self._loss_is_finite is not None
         if self._mode != "norm" and self._loss_on_host is not None and not guarded:
             self._read_loss()
         if self._mode == "discard":
@@ -297,18 +288,10 @@ class LOMO:
                     self._record_norm(p, g)
         if self._mode == "norm":
             return
-        if self._clip_factor is not None:
-            # A clipped step decided on the device: the clip factor and the flag are read there. In fp32 (at
-            # least), one rounding into each vector; a step the flag holds back adds -0.0, which changes no bit.
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
-            steps = (flat * (self._clip_factor * (-self._lr * self._inv_scale))).where(self._update_flag.bool(), -0.0)
-            torch._foreach_add_(params, [s.view_as(p) for s, p in zip(steps.split([p.numel() for p in params]), params)])
-            return
         if multi_tensor:
             # As _update's CUDA fast path (fp32 maths, one rounding), in a few kernels for all of them.
             if self._loss_on_host is not None:  # unread: a non-finite loss zeroes the gradients (0.5 MiB in 7B)
-                flat = torch.cat([g.reshape(-1) for g in grads]).where(self._update_flag.bool(), 0.0)
+                flat = torch.cat([g.reshape(-1) for g in grads]).where(self._loss_is_finite.bool(), 0.0)
                 grads = [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)]
             torch._foreach_add_(params, grads, alpha=-self._lr * self._clip_coef * self._inv_scale)
             return
@@ -456,21 +439,18 @@ class LOMO:
                                                  gpu_bytes=int(self.branch_grads_gpu_gib * 2**30)) as saved:
                     scaled_loss.backward(retain_graph=True)
                 self._finish_vectors()
-                if self._decides_on_device(loss):
-                    self._decide_on_device(result, mean_loss)  # no host sync: the flag and the factor stay there
-                else:
-                    grad_norm, result.loss = torch.stack([self._global_norm(), mean_loss.float()]).tolist()  # a sync
-                    result.grad_norm = grad_norm
-                    if not math.isfinite(result.loss):
-                        return self._skip(result, f"non-finite loss {result.loss}")
-                    if not math.isfinite(grad_norm):
-                        if self.loss_scaler is not None:
-                            self.loss_scaler.update(overflow=True, step=self.step_count)
-                            return self._skip(result, f"fp16 gradient overflow at loss scale {scale:g}")
-                        return self._skip(result, f"non-finite gradient norm {grad_norm}")
-                    if self.clip_grad_norm is not None:
-                        # The same formula as torch.nn.utils.clip_grad_norm_.
-                        self._clip_coef = min(1.0, self.clip_grad_norm / (grad_norm + 1e-6))
+                grad_norm, result.loss = torch.stack([self._global_norm(), mean_loss.float()]).tolist()  # one sync
+                result.grad_norm = grad_norm
+                if not math.isfinite(result.loss):
+                    return self._skip(result, f"non-finite loss {result.loss}")
+                if not math.isfinite(grad_norm):
+                    if self.loss_scaler is not None:
+                        self.loss_scaler.update(overflow=True, step=self.step_count)
+                        return self._skip(result, f"fp16 gradient overflow at loss scale {scale:g}")
+                    return self._skip(result, f"non-finite gradient norm {grad_norm}")
+                if self.clip_grad_norm is not None:
+                    # The same formula as torch.nn.utils.clip_grad_norm_.
+                    self._clip_coef = min(1.0, self.clip_grad_norm / (grad_norm + 1e-6))
             # _single_pass: one-pass mode with its checks, where the update pass records the norms.
             self._mode, self._single_pass = "update", not self.needs_norm_pass and not unchecked
             if self._single_pass:
@@ -481,13 +461,12 @@ class LOMO:
             self._finish_vectors()
             # Still unread with a flag made: every update was guarded on the device by it. The host learns
             # whether the step was skipped when it reads the loss.
-            unread_loss = self._loss_on_host if self._update_flag is not None else None
+            unread_loss = self._loss_on_host if self._loss_is_finite is not None else None
             if self._loss_on_host is not None and unread_loss is None:
                 self._read_loss()  # no gradient reached any parameter
             discarded = self._mode == "discard"
         finally:
-            self._mode, self._loss_on_host, self._update_flag, self._step_loss = None, None, None, None
-            self._clip_factor = None
+            self._mode, self._loss_on_host, self._loss_is_finite, self._step_loss = None, None, None, None
             for record in saved:  # used up by the update pass; else (a skip, an error) not kept with the graph
                 record.release()
             for p in self._vectors:
@@ -495,9 +474,6 @@ class LOMO:
         if discarded:
             result.loss = self._loss_value
             return self._skip(result, f"non-finite loss {result.loss}")
-        if result._norm_decides:
-            self._unchecked_result = result  # skipped or not: counted by check_previous_step
-            return result
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow=False, step=self.step_count)
         if self._single_pass:
@@ -513,32 +489,6 @@ class LOMO:
             self._unchecked_result = result
         self.consecutive_skips = 0
         return result
-
-    def _decides_on_device(self, loss) -> bool:
-        """Whether this clipped step's update pass takes its clip factor and skip flag from the device, so that
-        no host sync separates the two passes: every matrix goes through fused_update.py's kernel (bf16 on a
-        GPU with Triton, no weight decay, no value clipping), and the vectors take one guarded add. Not with
-        fp16's loss scaling: the scale's update needs the host to know of an overflow."""
-        if self.clip_grad_norm is None or self.loss_scaler is not None:
-            return False
-        weights = (self.params[0].device, self.params[0].dtype)
-        if self._fusable[0] != weights:  # checked once, again only if the weights move or change dtype
-            self._fusable = weights, all(self._can_fuse(p, p) for p in self.params if p.dim() > 1)
-        return self._fusable[1] and loss.device == self.params[0].device
-
-    def _decide_on_device(self, result: StepResult, mean_loss: torch.Tensor):
-        """The norm pass's outcome, left on the device: the flag that lets the update pass write (the norm and
-        the loss finite), and the clip factor as torch.nn.utils.clip_grad_norm_ computes it. The host is handed
-        the norm and the loss as copies it reads when asked (StepResult): the update pass is queued behind the
-        norm pass at once, and the GPU never waits for the CPU to read the norm and issue that pass. A
-        non-finite norm skips the step all the same: every update is held back by the flag, and
-        check_previous_step counts it."""
-        norm = self._global_norm()
-        self._update_flag = (torch.isfinite(norm) & torch.isfinite(mean_loss)).view(torch.uint8)
-        self._clip_factor = (self.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0).float()
-        self._reset_norm(norm.device)  # (the update pass's kernels sum squares that nothing reads)
-        result.grad_norm, result.loss = copy_to_host(norm), copy_to_host(mean_loss)
-        result._norm_decides = True
 
     def _reset_norm(self, device):
         self._sharded_norms, self._replicated_norms, self._norm_device = [], [], device
@@ -572,13 +522,11 @@ class LOMO:
         result, self._unchecked_result = self._unchecked_result, None
         if result is None:
             return
-        if result._loss_decides or result._norm_decides:
-            if result.skipped:  # a non-finite loss (or norm): the device left every weight as it was
+        if result._loss_decides:
+            if result.skipped:  # a non-finite loss: the kernel left every weight as it was
                 self._count_bad_step(result)
                 return
             self.consecutive_skips = 0
-        if result._norm_decides:
-            return  # its norm, finite, was known before any weight moved
         if not math.isfinite(result.grad_norm):
             raise FloatingPointError(
                 f"step {result.step}: gradient norm {result.grad_norm} with a finite loss ({result.loss:.4g}); in "

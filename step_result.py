@@ -4,8 +4,8 @@ A step should not wait for the GPU: reading a number computed there makes the CP
 the GPU has caught up, and the GPU then idles while the CPU launches the next step. So lomo.py hands the
 loss and the gradient norm over as host copies queued without waiting (`copy_to_host`), and `StepResult`
 reads them only when first asked for (`read`): by then, usually, they have long arrived. Where the device
-decided whether a step was skipped (fused_update.py's kernel reads whether the loss is finite, or in a
-clipped step whether the norm is), `skipped` and `reason` are settled from the loss (and norm) when read, too.
+decided whether a step was skipped (fused_update.py's kernel reads whether the loss is finite), `skipped`
+and `reason` are settled from the loss when read, too.
 
 Left out: anything asynchronous beyond one CUDA event per value (no callbacks, no futures).
 """
@@ -34,9 +34,6 @@ class StepResult:
     # vectors' update), so the step did not read it; the host learns whether the step was skipped when it
     # reads the loss: `skipped`, `reason` and `grad_norm` read it.
     _loss_decides: bool = False
-    # True: a clipped step whose update pass was guarded on the device by whether its norm and loss are finite
-    # (lomo.py, _decide_on_device): the host learns whether it was skipped when it reads them.
-    _norm_decides: bool = False
 
     @property
     def skipped(self) -> bool:
@@ -62,12 +59,6 @@ class StepResult:
         if self._loss_decides and not self._skipped:
             if not math.isfinite(self.loss):
                 self._skipped, self._reason, self._grad_norm = True, f"non-finite loss {self.loss}", None
-        if self._norm_decides and not self._skipped:
-            self._grad_norm = read(self._grad_norm)
-            if not math.isfinite(self.loss):
-                self._skipped, self._reason = True, f"non-finite loss {self.loss}"
-            elif not math.isfinite(self._grad_norm):
-                self._skipped, self._reason = True, f"non-finite gradient norm {self._grad_norm}"
 
     @property
     def loss(self) -> float:

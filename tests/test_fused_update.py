@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fused_update
-from conftest import inject, loss_of, sgd_reference, tiny_model
+from conftest import inject, loss_of, tiny_model
 from lomo import LOMO
 
 needs_kernel = pytest.mark.skipif(not (torch.cuda.is_available() and fused_update.triton is not None),
@@ -40,9 +40,8 @@ def test_the_kernel_refuses_what_it_would_get_wrong(change):
         fused_update.update_and_sum_squares(param, grad, -0.1, slots, apply)
 
 
-def reference_kernel(param, grad, alpha, slots, apply, factor=None):
+def reference_kernel(param, grad, alpha, slots, apply):
     """The kernel's contract in PyTorch ops, so that lomo.py's side of it runs in CPU CI too."""
-    alpha = alpha if factor is None else (alpha * factor).float()  # the kernel's product, in fp32
     updated = (param.float() + alpha * grad.float()).to(param.dtype)
     param.copy_(torch.where(apply.bool(), updated, param))
     slots[0] += grad.float().square().sum()
@@ -229,108 +228,3 @@ def test_the_kernel_s_norm_still_stops_training_on_a_nonfinite_gradient(batch, v
     assert math.isfinite(result.loss) and not math.isfinite(result.grad_norm)
     with pytest.raises(FloatingPointError, match="step 1: gradient norm"):
         lomo.check_previous_step()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Clipping by norm with the kernel: the update pass takes the clip factor and the skip flag from the device.
-
-
-def count_host_reads(monkeypatch):
-    """Count the ways a step could read a number from the device (each a host sync on a GPU)."""
-    reads = []
-    for name in ("tolist", "item", "__float__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, original=original, name=name):
-            reads.append(name)
-            return original(self, *args)
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return reads
-
-
-def test_a_clipped_step_with_the_kernel_reads_nothing_from_the_device_and_equals_sgd(batch, kernel_on_the_cpu,
-                                                                                      monkeypatch):
-    kernel_on_the_cpu(lambda param: True)
-    model = tiny_model(n_layers=2)
-    model.activation_checkpointing = True  # and so the saved branch gradients too
-    reference = tiny_model(n_layers=2)
-    expected = sgd_reference(reference, batch, lr=0.3, clip_norm=0.05, steps=2)
-    assert min(expected) > 0.05  # clipping was active
-    lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05)
-    with monkeypatch.context() as patches:
-        reads = count_host_reads(patches)
-        results = [lomo.step(loss_of(model, batch))]
-    assert reads == [] and results[0]._norm_decides and isinstance(results[0]._grad_norm, tuple)
-    results.append(lomo.step(loss_of(model, batch)))  # (its start reads the first step's norm, by then on the host)
-    assert [r.grad_norm for r in results] == pytest.approx(expected, rel=1e-5)
-    assert not any(r.skipped for r in results)
-    for (name, p), q in zip(reference.named_parameters(), model.parameters()):
-        torch.testing.assert_close(q, p.detach(), rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
-
-
-def test_a_clipped_step_decided_on_the_device_moves_nothing_when_the_norm_is_not_finite(batch, kernel_on_the_cpu):
-    kernel_on_the_cpu(lambda param: True)
-    model = tiny_model(dtype=torch.bfloat16)
-    lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05, max_consecutive_skips=2)
-    before = [p.detach().clone() for p in model.parameters()]
-    handle = inject(model, float("inf"))
-    bad = lomo.step(loss_of(model, batch))
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # vectors too
-    assert bad.skipped and "non-finite gradient norm" in bad.reason and math.isfinite(bad.loss)
-    assert lomo.consecutive_skips == 0  # not counted until checked
-    lomo.check_previous_step()
-    assert lomo.consecutive_skips == 1
-    handle.remove()
-    good = lomo.step(loss_of(model, batch))
-    lomo.check_previous_step()
-    assert not good.skipped and lomo.consecutive_skips == 0
-    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    lomo.step(loss_of(model, batch) * float("nan"))
-    with pytest.raises(FloatingPointError, match="step 4: 2 bad steps in a row.*non-finite loss"):
-        lomo.step(loss_of(model, batch) * float("nan"))
-        lomo.check_previous_step()
-
-
-def test_a_clipped_step_waits_for_its_norm_where_the_device_cannot_decide(batch, kernel_on_the_cpu):
-    kernel_on_the_cpu(lambda param: param.shape[0] == param.shape[1])  # not every matrix takes the kernel
-    model = tiny_model(dtype=torch.bfloat16)
-    loss = loss_of(model, batch)
-    assert not LOMO(model, lr=0.1, clip_grad_norm=1.0)._decides_on_device(loss)
-    kernel_on_the_cpu(lambda param: True)
-    assert LOMO(model, lr=0.1, clip_grad_norm=1.0)._decides_on_device(loss)
-    assert not LOMO(model, lr=0.1, clip_grad_norm=1.0, weight_decay=0.1)._decides_on_device(loss)
-    assert not LOMO(model, lr=0.1, clip_grad_norm=1.0, fused_kernel=False)._decides_on_device(loss)
-    # fp16: the loss scale's update needs the host to know of an overflow.
-    assert not LOMO(tiny_model(dtype=torch.float16), lr=0.1, clip_grad_norm=1.0)._decides_on_device(loss)
-    result = LOMO(model, lr=0.1, clip_grad_norm=1.0, fused_kernel=False).step(loss)
-    assert not result._norm_decides and isinstance(result._grad_norm, float)
-
-
-@needs_kernel
-def test_the_kernel_applies_its_factor_as_one_fp32_product():
-    param = torch.randn(3 * 4096 + 16, device="cuda").bfloat16()
-    grad = (torch.randn(3 * 4096 + 16, device="cuda") * 0.01).bfloat16()
-    factor = torch.tensor(0.3, device="cuda")
-    expected = param.clone().add_(grad, alpha=(torch.tensor(-0.37, device="cuda") * factor).item())
-    fused_update.update_and_sum_squares(param, grad, -0.37, fused_update.new_slots("cuda"),
-                                        torch.ones((), dtype=torch.uint8, device="cuda"), factor)
-    assert torch.equal(param, expected)
-
-
-@needs_kernel
-def test_on_a_gpu_a_clipped_step_decided_on_the_device_equals_the_one_that_waits(batch):
-    batch = tuple(t.cuda() for t in batch)
-    models = [tiny_model(dtype=torch.bfloat16).cuda() for _ in range(2)]
-    lomos = [LOMO(m, lr=0.3, clip_grad_norm=0.05, fused_kernel=f) for m, f in zip(models, (True, False))]
-    for _ in range(3):
-        a, b = (lomo.step(loss_of(m, batch)) for lomo, m in zip(lomos, models))
-        assert a._norm_decides and not b._norm_decides
-        assert a.loss == b.loss and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-3)
-    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
-        # The clip factor in fp32 on the device against the host's float64: at most a bf16 rounding apart.
-        torch.testing.assert_close(p, q, rtol=2**-7, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    before = [p.detach().clone() for p in models[0].parameters()]
-    handle = inject(models[0], float("nan"))
-    assert lomos[0].step(loss_of(models[0], batch)).skipped
-    assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), before))
-    handle.remove()
