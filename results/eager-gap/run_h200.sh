@@ -50,6 +50,8 @@
 #   run 38: part ad: change 30 (a clipped step decided on the device: no host sync between the passes) and the
 #           review fixes of change 29: their GPU tests; lomo-clip with it and with --no-fused-kernel (which
 #           waits for the norm, as before), lomo, twice, alternating; lomo-clip at 16 x 1024 under 24 GB
+#   run 39: part ae: the session's final build (change 29 with its review fixes; change 30 reverted): the whole
+#           test suite on the GPU machine, then bench.py lomo and lomo-clip (the README's command)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -180,6 +182,9 @@ python3 results/eager-gap/hook_time.py 7B cuda 2>&1 | grep -v -i warn > "$OUT/ho
   v)
 for i in 1 2; do for m in sgd lomo; do $B --modes $m --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log"; done; done
 $B --offload-checkpoints --modes lomo-clip --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log" ;;
+  ae)
+timeout 420 python3 -m pytest -q tests/ >> "$OUT/run.log" 2>&1 || echo "tests: rc $?" >> "$OUT/run.log"
+$B --modes lomo,lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
   ad)
 python3 -m pytest -q tests/test_fused_update.py tests/test_saved_branch_grads.py tests/test_lomo.py >> "$OUT/run.log" 2>&1 \
   || { echo "tests failed: no benchmark" >> "$OUT/run.log"; exit 1; }
