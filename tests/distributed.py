@@ -1,6 +1,8 @@
 """A harness for multi-process tests on the CPU: spawn `world_size` processes on gloo, each with torchrun's
 environment variables, run one function in each, and return each rank's result. A hard timeout kills
-every process, so a hung collective fails the test instead of hanging the suite."""
+every process, so a hung collective fails the test instead of hanging the suite. The ranks see no GPU
+(CUDA_VISIBLE_DEVICES is empty for them), so on a machine with one they still run on the CPU, as in CI,
+instead of asking for one GPU each."""
 import io
 import os
 import socket
@@ -40,8 +42,16 @@ def run_ranks(fn, world_size, *args, timeout=180):
     port = free_port()
     processes = [context.Process(target=_entry, args=(fn, rank, world_size, port, queue, args), daemon=True)
                  for rank in range(world_size)]
-    for process in processes:
-        process.start()
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # inherited by each spawned rank at its start
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        if shown is None:
+            del os.environ["CUDA_VISIBLE_DEVICES"]
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = shown
     results, errors = {}, []
     try:
         for _ in range(world_size):

@@ -13,7 +13,9 @@ import train
 from distributed import free_port, run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
-QUICK = ["--steps", "3", "--eval-every", "3", "--eval-batches", "1", "--sample-tokens", "2", "--lr", "0.1"]
+# On the CPU (gloo) also where a GPU is present, so that every process of a test computes the same way.
+QUICK = ["--steps", "3", "--eval-every", "3", "--eval-batches", "1", "--sample-tokens", "2", "--lr", "0.1",
+         "--device", "cpu"]
 
 
 def losses(out):
