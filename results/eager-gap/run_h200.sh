@@ -52,6 +52,7 @@
 #           waits for the norm, as before), lomo, twice, alternating; lomo-clip at 16 x 1024 under 24 GB
 #   run 39: part ae: the session's final build (change 29 with its review fixes; change 30 reverted): the whole
 #           test suite on the GPU machine, then bench.py lomo and lomo-clip (the README's command)
+#   run 40: part af: 8 of run 39's failed multi-process tests, after the harness hid the GPUs from the ranks
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -182,6 +183,9 @@ python3 results/eager-gap/hook_time.py 7B cuda 2>&1 | grep -v -i warn > "$OUT/ho
   v)
 for i in 1 2; do for m in sgd lomo; do $B --modes $m --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log"; done; done
 $B --offload-checkpoints --modes lomo-clip --out "$OUT/bench.jsonl" > /dev/null 2>> "$OUT/run.log" ;;
+  af)
+timeout 230 python3 -m pytest -q tests/test_launch.py tests/test_losses.py tests/test_shard.py \
+  -k "primitives or torn or dp2 or two_node or tensor_parallel or 2-2-None or all_reduces" >> "$OUT/run.log" 2>&1 ;;
   ae)
 timeout 420 python3 -m pytest -q tests/ >> "$OUT/run.log" 2>&1 || echo "tests: rc $?" >> "$OUT/run.log"
 $B --modes lomo,lomo-clip --out "$OUT/bench.jsonl" >> "$OUT/run.log" 2>&1 ;;
