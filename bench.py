@@ -8,7 +8,8 @@ Modes, each measured in its own process so that one mode's peak never hides in a
   infer      forward and the training loss under no_grad: the floor LOMO aims for
   infer-logits  the usual inference forward: all (tokens x vocab) logits, then the loss from them
   lomo       LOMO, one backward pass with the update fused in, and its checks (the loss before the first
-             update, each gradient's norm); --no-finite-checks: without them, as the paper's LOMO
+             update, each gradient's norm); --no-finite-checks: without them, as the paper's LOMO;
+             --cuda-graph: the step replayed as CUDA graphs after the warm-up (cuda_graph.py)
   lomo-clip  LOMO with clipping by global norm: two backward passes
   sgd        loss.backward() then torch.optim.SGD (all gradients alive at once)
   adamw      loss.backward() then torch.optim.AdamW (gradients and two states per parameter)
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--no-fused-kernel", action="store_true",
                    help="lomo: LOMO(fused_kernel=False): the update and the norm as two PyTorch ops, not "
                         "fused_update.py's one kernel (the A/B for it; only a GPU with Triton has the kernel)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="lomo: after the warm-up's first step, each step is a replay of one CUDA graph (cuda_graph.py)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps, after --warmup steps")
     p.add_argument("--warmup", type=int, default=2)
@@ -130,6 +133,10 @@ def run_mode(args, mode):
                         check_finite=not args.no_finite_checks, fused_kernel=not args.no_fused_kernel,
                         saved_branch_grads=not args.no_saved_branch_grads, **budget)
             step = lambda: lomo.step(loss_of())  # noqa: E731
+            if args.cuda_graph and mode == "lomo":
+                from cuda_graph import GraphedStep
+                graphed = GraphedStep(model, lomo, lambda i, t: model_loss(model, i, t, grid))
+                step = lambda: graphed.step(graphed.forward(inputs, targets))  # noqa: E731
         elif mode in ("sgd", "adamw"):
             optimizer = (torch.optim.SGD(params, lr=lr) if mode == "sgd" else torch.optim.AdamW(params, lr=lr))
 
@@ -162,10 +169,14 @@ def run_mode(args, mode):
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         gc.collect()
         gc.freeze()  # as train.py does before its loop: no full collection rescans the set-up's objects
+        graph = args.cuda_graph and mode == "lomo"
+        if device.type == "cuda" and graph:
+            # A replay allocates nothing: the graph's memory is allocated when it is captured, in the warm-up.
+            torch.cuda.reset_peak_memory_stats(device)
         for _ in range(args.warmup):
             step()
         sync()
-        if device.type == "cuda":
+        if device.type == "cuda" and not graph:
             torch.cuda.reset_peak_memory_stats(device)
         # Each step's own time too, from CUDA events between steps (no added host sync, so the CPU may run
         # ahead into the next step as before): a median that one slow step cannot move.
@@ -187,6 +198,7 @@ def run_mode(args, mode):
                               and args.activation_checkpointing and not args.compile)
         row = measurements(args, mode, margs, model, grid, seconds, step_ms, fused_kernel, saved_branch_grads)
         row["branch_grads_gpu_gib"] = lomo.branch_grads_gpu_gib if saved_branch_grads else None
+        row["cuda_graph"] = graphed.replays if graph else None  # how many steps were replays
         return row
     finally:
         gc.unfreeze()
@@ -288,6 +300,10 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:
             print(json.dumps(row), flush=True)
         return
+    if args.cuda_graph and (args.tiny or "lomo" not in args.modes.split(",")):
+        raise SystemExit("--cuda-graph replays mode lomo's step on a GPU: run it with --modes lomo, without --tiny")
+    if args.cuda_graph and args.warmup < 2:
+        raise SystemExit(f"--cuda-graph needs --warmup 2 or more (one eager step, then the capture): got {args.warmup}")
     if args.offload_checkpoints and not args.activation_checkpointing:
         raise SystemExit("--offload-checkpoints moves the inputs that checkpointing saves: add --activation-checkpointing")
     modes = args.modes.split(",")

@@ -325,9 +325,13 @@ class ShuffledSampler:
         self.position = int(state["position"])
 
 
-def collate(items: list, pad_id: int = 0):
-    """Inputs and shifted targets, right-padded to the longest sequence (padding has label IGNORE)."""
-    length = max(len(ids) for ids, _ in items)
+def collate(items: list, pad_id: int = 0, length: int = None):
+    """Inputs and shifted targets, right-padded to the longest sequence, or to `length` tokens before the shift
+    (a fixed shape, for CUDA graphs); padding has label IGNORE."""
+    longest = max(len(ids) for ids, _ in items)
+    if length is not None and longest > length:
+        raise ValueError(f"a sequence of {longest} tokens does not fit the fixed length {length}")
+    length = longest if length is None else length
     ids = torch.full((len(items), length), pad_id, dtype=torch.long)
     labels = torch.full((len(items), length), IGNORE, dtype=torch.long)
     for row, (item_ids, item_labels) in enumerate(items):

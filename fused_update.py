@@ -50,10 +50,11 @@ if triton is not None:
     # passed divided by 16, which tells the compiler what specializing told it: the masks below are
     # uniform over 16 elements, so loads and stores stay 16-byte wide.
     @triton.jit(do_not_specialize=["numel_over_16", "iterations"])
-    def _update_and_sum_squares(param_ptr, grad_ptr, slots_ptr, apply_ptr, numel_over_16, alpha, iterations):
+    def _update_and_sum_squares(param_ptr, grad_ptr, slots_ptr, apply_ptr, alpha_ptr, numel_over_16, iterations):
         program, programs = tl.program_id(0), tl.num_programs(0)
         numel = numel_over_16 * 16
         apply = tl.load(apply_ptr) != 0  # 0: the loss was not finite, leave the weights as they are
+        alpha = tl.load(alpha_ptr)  # fp32, read on the device: a CUDA graph of the step takes each step's lr
         squares = tl.zeros([_BLOCK], dtype=tl.float32)
         # (Offsets are int32: below 2**31 since numel is and NUM_SLOTS * BLOCK, a power of two, divides 2**31.)
         for i in range(iterations):  # program p takes blocks p, p + programs, p + 2 programs, ...
@@ -87,20 +88,25 @@ def new_slots(device) -> torch.Tensor:
     return torch.zeros(NUM_SLOTS, dtype=torch.float32, device=device)
 
 
-def update_and_sum_squares(param: torch.Tensor, grad: torch.Tensor, alpha: float, slots: torch.Tensor,
+def update_and_sum_squares(param: torch.Tensor, grad: torch.Tensor, alpha, slots: torch.Tensor,
                            apply: torch.Tensor) -> None:
     """param += alpha * grad (fp32 maths, rounded once) if the 0-dim uint8 tensor `apply` is not 0, and
     sum(grad**2) (fp32) added into `slots` either way. The squared norm of all the gradients seen is then
-    `slots.sum()`. Needs `available(param, grad)`."""
+    `slots.sum()`. `alpha`: a 0-dim float32 tensor on the device (what LOMO passes: a CUDA graph of the step
+    reads each step's value from it), or a float. Needs `available(param, grad)`."""
     numel = param.numel()
-    if numel % 16 or grad.dtype != param.dtype or slots.dtype != torch.float32 or apply.dtype != torch.uint8:
+    if not isinstance(alpha, torch.Tensor):
+        alpha = torch.full((), alpha, dtype=torch.float32, device=param.device)
+    if (numel % 16 or grad.dtype != param.dtype or slots.dtype != torch.float32 or apply.dtype != torch.uint8
+            or alpha.dtype != torch.float32 or alpha.numel() != 1):
         raise ValueError(f"update_and_sum_squares takes {numel} elements (needs a multiple of 16), a {grad.dtype} "
                          f"gradient for a {param.dtype} weight (needs the same), {slots.dtype} slots (needs "
-                         f"new_slots()) and a {apply.dtype} flag (needs uint8): check available() first")
+                         f"new_slots()), a {apply.dtype} flag (needs uint8) and a {alpha.dtype} alpha of "
+                         f"{alpha.numel()} elements (needs one float32): check available() first")
     blocks = -(-numel // BLOCK)
     programs = min(NUM_SLOTS, blocks)
-    args = (param, grad, slots, apply, numel // 16, alpha, -(-blocks // programs))
-    aligned = not (param.data_ptr() % 16 or grad.data_ptr() % 16 or slots.data_ptr() % 16 or apply.data_ptr() % 16)
+    args = (param, grad, slots, apply, alpha, numel // 16, -(-blocks // programs))
+    aligned = not any(t.data_ptr() % 16 for t in (param, grad, slots, apply, alpha))
     # (The JIT launches on the current device's stream, as does the direct launch, with a kernel loaded for it.)
     direct = aligned and param.device.index == torch.cuda.current_device()
     launch = _direct_launcher(param.device.index, param.dtype) if direct else None
@@ -120,7 +126,7 @@ def _direct_launcher(device_index, dtype):
     GPU waits for (PERF_NOTES.md, change 26). The compiled kernel that the JIT returns can be launched as
     `compiled[grid](*args)`, which skips all that. On NVIDIA GPUs it is the right kernel for every later
     call with the same dtype whose pointers are 16-byte aligned: Triton specializes this kernel on the
-    dtypes and on each pointer's alignment only (numel and iterations are not specialized on, and all four
+    dtypes and on each pointer's alignment only (numel and iterations are not specialized on, and all five
     pointers were aligned here as there). Not on AMD GPUs, where Triton may also specialize on a tensor's
     size. The launch is checked once here, on scratch tensors (one host sync per dtype per process): the
     masked tail, a flag of 0, several programs; a Triton whose compiled kernels take their arguments
@@ -134,15 +140,16 @@ def _direct_launcher(device_index, dtype):
     grad = torch.ones_like(weight)
     slots = new_slots(device)
     apply, skip = (torch.full((), value, dtype=torch.uint8, device=device) for value in (1, 0))
+    half = torch.full((), 0.5, dtype=torch.float32, device=device)  # alpha
     args = (weight, grad, slots)
     numel_over_16 = weight.numel() // 16
     try:
         with torch.cuda.device(device):
             # Through the JIT: one program over both blocks. Then directly: two programs, one block each,
             # and again with the flag at 0 (the squares summed, no weight written).
-            compiled = _update_and_sum_squares[(1,)](*args, apply, numel_over_16, 0.5, 2, num_warps=NUM_WARPS)
-            compiled[(2, 1, 1)](*args, apply, numel_over_16, 0.5, 1)
-            compiled[(2, 1, 1)](*args, skip, numel_over_16, 0.5, 1)
+            compiled = _update_and_sum_squares[(1,)](*args, apply, half, numel_over_16, 2, num_warps=NUM_WARPS)
+            compiled[(2, 1, 1)](*args, apply, half, numel_over_16, 1)
+            compiled[(2, 1, 1)](*args, skip, half, numel_over_16, 1)
         tail = BLOCK - 16
         works = (bool((weight == 1.0).all()) and not storage[weight.numel():].any()
                  and slots[:3].tolist() == [BLOCK + tail + 2 * BLOCK, 2 * tail, 0.0])

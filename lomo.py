@@ -172,6 +172,13 @@ class LOMO:
         self._loss_is_finite = None
         self._step_loss = None  # that loss on the device, from which the flag is made at the first kernel
         self._unchecked_result = None  # the last checked one-pass step, until check_previous_step reads its norm
+        # fused_update.py's kernel reads alpha (-lr) from this 0-dim float32 tensor on the device, filled when a
+        # step begins: one buffer for all steps, so that a CUDA graph of a step (cuda_graph.py) reads each
+        # step's lr from the address it captured.
+        self._alpha = None
+        # True while cuda_graph.py captures a step (device_pass): the vectors then go through the kernel too
+        # (the multi-tensor add takes alpha as a number, which a graph would keep from its capture).
+        self._capturing = False
         # Vectors (1-D parameters: the RMSNorm weights, 65 of them in 7B, 0.5 MiB in bf16) get no hook. Their
         # gradients accumulate during backward and are applied together after it with multi-tensor kernels,
         # instead of a Python hook, a norm and an update launch each: CPU time, in an eager step that is
@@ -229,6 +236,9 @@ class LOMO:
         if fuse:
             self._update_with_kernel(param, grad)
             return
+        if self._capturing:  # (cuda_graph.py checks every weight first; this would bake one step's lr in the graph)
+            raise RuntimeError(f"{self._names.get(id(param), 'a weight')} cannot be updated by the kernel, which a "
+                               f"CUDA graph of the step needs (fused_update.available)")
         if self._single_pass:
             self._record_norm(param, grad)
         self._update(param, grad)
@@ -238,9 +248,8 @@ class LOMO:
         a flag on the device: whether this step's loss is finite (if not, the kernel writes no weight)."""
         if self._loss_is_finite is None:  # the step's first kernel makes the flag (queued after the loss)
             self._loss_is_finite = torch.isfinite(self._step_loss).view(torch.uint8)
-        alpha = -self._lr * self._clip_coef * self._inv_scale
         try:
-            fused_update.update_and_sum_squares(param, grad, alpha, self._square_sum_slots(param),
+            fused_update.update_and_sum_squares(param, grad, self._alpha, self._square_sum_slots(param),
                                                 self._loss_is_finite)
         except Exception as error:  # a Triton that cannot build for this GPU, say
             raise RuntimeError(
@@ -278,6 +287,10 @@ class LOMO:
             return
         if self.dp_group is not None:
             grads = _average_flat(grads, self.dp_size, self.dp_group)  # one all-reduce, not one per vector
+        if self._capturing:  # one kernel each, reading alpha from the device (65 in 7B; launches a graph makes free)
+            for p, g in zip(params, grads):
+                self._update_with_kernel(p, g)
+            return
         if self._mode == "norm" or self._single_pass:
             if self.clip_grad_value is None and same_dtype:
                 norms = torch._foreach_norm(grads, 2, dtype=torch.promote_types(grads[0].dtype, torch.float32))
@@ -396,17 +409,7 @@ class LOMO:
 
     def step(self, loss: torch.Tensor, lr: Optional[float] = None) -> StepResult:
         """Backward (once, or twice with clipping/fp16) with the update fused in. Returns what happened."""
-        self.check_previous_step()  # before any weight of this step moves
-        lr = self.lr if lr is None else lr
-        if not (math.isfinite(lr) and lr >= 0):
-            raise ValueError(f"learning rate {lr} must be a finite number >= 0 (check the schedule's --min-lr-ratio)")
-        stale = next((p for p in self.params if p.grad is not None), None)
-        if stale is not None:
-            raise ValueError(
-                f"{self._names.get(id(stale), 'a parameter')} already has a .grad (from a backward run outside "
-                f"LOMO.step), which this step would add to its gradient: clear it first with "
-                f"model.zero_grad(set_to_none=True)")
-        self.step_count += 1
+        lr = self._begin_step(lr)
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         mean_loss = loss.detach().clone()
         if self.dp_group is not None:
@@ -428,6 +431,8 @@ class LOMO:
             self._step_loss = mean_loss  # fused_update.py's kernel makes its flag from it
         scaled_loss = loss * scale if scale != 1.0 else loss
         self._inv_scale, self._clip_coef, self._lr = 1.0 / scale, 1.0, lr
+        if not self.needs_norm_pass and not unchecked:
+            self._fill_alpha(loss.device, -lr)  # for the kernel (a one-pass step has no clip factor or scale)
         saved = []  # the norm pass's saved branch gradients (offload.py), let go when the step ends
         try:
             if self.needs_norm_pass:
@@ -488,6 +493,66 @@ class LOMO:
             result.loss = self._loss_value
             self._unchecked_result = result
         self.consecutive_skips = 0
+        return result
+
+    def _begin_step(self, lr: Optional[float]) -> float:
+        """The host's checks and count before a step's device work; returns the step's learning rate."""
+        self.check_previous_step()  # before any weight of this step moves
+        lr = self.lr if lr is None else lr
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"learning rate {lr} must be a finite number >= 0 (check the schedule's --min-lr-ratio)")
+        stale = next((p for p in self.params if p.grad is not None), None)
+        if stale is not None:
+            raise ValueError(
+                f"{self._names.get(id(stale), 'a parameter')} already has a .grad (from a backward run outside "
+                f"LOMO.step), which this step would add to its gradient: clear it first with "
+                f"model.zero_grad(set_to_none=True)")
+        self.step_count += 1
+        return lr
+
+    def _fill_alpha(self, device, alpha: float):
+        if self._alpha is None or self._alpha.device != device:
+            self._alpha = torch.empty((), dtype=torch.float32, device=device)
+        self._alpha.fill_(alpha)  # a kernel with the value as its argument: no host sync
+
+    # ------------------------------------------------------------------------------------------------
+    # A step as a CUDA graph (cuda_graph.py): the host's part before and after, the device's part between.
+
+    def begin_graphed_step(self, device, lr: Optional[float] = None) -> StepResult:
+        """Before a replay of a captured step: the checks and count of step(), and this step's lr into the
+        buffer the captured kernels read."""
+        lr = self._begin_step(lr)
+        self._fill_alpha(device, -lr)
+        return StepResult(step=self.step_count, lr=lr)
+
+    def device_pass(self, loss: torch.Tensor):
+        """A checked one-pass step's device work, and nothing the host must see: backward with every update
+        made by fused_update.py's kernel, guarded by the loss's finiteness on the device. No host sync, no
+        host copy and no Python number that changes from step to step, so cuda_graph.py can capture it once
+        and replay it. Returns (the mean loss, the gradient norm), tensors on the device."""
+        mean_loss = loss.detach().clone()
+        if self.dp_group is not None:
+            dist.all_reduce(mean_loss, group=self.dp_group)  # the same mean, and the same decision, on every replica
+            mean_loss /= self.dp_size
+        self._step_loss, self._capturing = mean_loss, True
+        self._mode, self._single_pass = "update", True
+        self._inv_scale, self._clip_coef = 1.0, 1.0
+        self._reset_norm(loss.device)
+        try:
+            loss.backward()
+            self._finish_vectors()
+            return mean_loss, self._global_norm()
+        finally:
+            self._mode, self._loss_is_finite, self._step_loss, self._capturing = None, None, None, False
+            for p in self._vectors:
+                p.grad = None
+
+    def end_graphed_step(self, result: StepResult, mean_loss: torch.Tensor, grad_norm: torch.Tensor) -> StepResult:
+        """After a replay: the loss and norm on their way to the host, counted by check_previous_step as for
+        a checked one-pass step()."""
+        result.loss, result._loss_decides = copy_to_host(mean_loss), True
+        result.grad_norm = copy_to_host(grad_norm)
+        self._unchecked_result = result
         return result
 
     def _reset_norm(self, device):

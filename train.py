@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import checkpoint
 import checkpoint_formats
+from cuda_graph import GraphedStep
 from data import (ShuffledSampler, Tokenizer, cached_tokenizer, check_token_ids, collate, load_dataset,
                   split_train_val)
 from evaluate import multiple_choice_accuracy, validation_loss
@@ -74,6 +75,9 @@ def parse_args(argv=None):
                    help="with --clip-grad-norm (or fp16) and --activation-checkpointing: how many GiB of the gradients "
                         "the norm pass saves for the update pass stay on the GPU; the rest wait in host memory "
                         "(offload.py; 0: all in host memory, the least GPU memory)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="GPU, bf16, one pass: after the first step, run each step as two CUDA graph replays (cuda_graph.py): "
+                        "no kernel launch costs the CPU; every batch is padded to --seq-len so the shape stays fixed")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (fp16 uses dynamic loss scaling)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda if available); under torchrun "
                    "each process takes the GPU of its LOCAL_RANK")
@@ -189,7 +193,8 @@ def main(argv=None):
                          "overwritten)" if not args.eval_only else "export with `python checkpoint.py convert` instead "
                          "of --eval-only"))
     dtype = resolve_dtype(args.dtype)
-    resolve_device(args.device)  # refuse an unknown device before starting any process group
+    if resolve_device(args.device).type != "cuda" and args.cuda_graph:  # (an unknown device is refused first)
+        raise ValueError("--cuda-graph replays CUDA graphs: it needs a GPU (--device cuda), with --dtype bf16")
     grid = init_distributed(args.tp, args.device, args.backend)
     try:
         return train(args, grid, dtype)
@@ -289,6 +294,10 @@ def train(args, grid, dtype):
            f"{', dynamic loss scaling' if lomo.loss_scaler else ''}")
     if args.compile:  # after LOMO, which says whether backward runs twice over one graph
         compile_blocks(model, backward_twice=lomo.needs_norm_pass)
+    # Refuses what a graph cannot hold (clipping by norm, fp16, ...) now, before any step runs.
+    graphed = GraphedStep(model, lomo, lambda i, t: model_loss(model, i, t, grid)) if args.cuda_graph else None
+    if graphed is not None:
+        print0("CUDA graphs: step 1 eager, then each step two replays (cuda_graph.py); batches padded to --seq-len")
 
     # -------------------------------------------------------------------------------- evaluation
     def evaluate(step):
@@ -397,13 +406,13 @@ def train(args, grid, dtype):
             batch = [train_set.items[i] for i in sampler.next(args.batch_size * grid.dp)[rows]]
             # Pinned host memory, so that the copy runs behind the queued work instead of waiting for it.
             inputs, targets = (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-                               for t in collate(batch))
+                               for t in collate(batch, length=args.seq_len + 1 if graphed else None))
             lr = learning_rate(step, args.lr, args.steps, args.warmup_steps, args.schedule, args.min_lr_ratio)
             step_mark = clock.mark()
-            loss = model_loss(model, inputs, targets, grid)
+            loss = graphed.forward(inputs, targets) if graphed else model_loss(model, inputs, targets, grid)
             if previous is not None:
                 finish(*previous[:-1], clock.seconds(previous[-1], step_mark), evaluate_now=False)
-            result = lomo.step(loss, lr)
+            result = graphed.step(loss, lr) if graphed else lomo.step(loss, lr)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             previous = (step, lr, result, targets.numel() * grid.dp, peak, step_mark)
             evaluate_now = step % args.eval_every == 0 or step == args.steps
@@ -418,6 +427,8 @@ def train(args, grid, dtype):
                     step=step, lomo=lomo.state_dict(), sampler=sampler.state_dict(), evaluations=evaluations,
                     skipped_steps=skipped_steps, config=vars(args)), keep=args.keep)
         bar.close()
+        if graphed is not None:
+            print0(f"CUDA graphs: {graphed.replays} steps replayed, {graphed.eager_steps} eager")
     finally:
         gc.unfreeze()
     if args.export_hf:

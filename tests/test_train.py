@@ -74,6 +74,7 @@ def test_low_precision_runs_with_clipping_log_norm_and_scale(tmp_path, dtype):
     (["--long-examples", "skip"], ValueError, "unknown policy 'skip' for long examples"),
     (["--offload-checkpoints"], ValueError, "add --activation-checkpointing"),
     (["--branch-grads-gpu-gib", "-0.5"], ValueError, "--branch-grads-gpu-gib=-0.5 must be a number >= 0"),
+    (["--cuda-graph", "--device", "cpu"], ValueError, "--cuda-graph replays CUDA graphs: it needs a GPU"),
 ])
 def test_bad_input_is_refused_before_training(tmp_path, flags, error, message):
     with pytest.raises(error, match=message):
@@ -189,3 +190,16 @@ def test_the_saved_gradients_budget_reaches_lomo(tmp_path, monkeypatch):
     run(tmp_path, "--steps", "2", "--eval-every", "2", "--clip-grad-norm", "1.0", "--activation-checkpointing",
         "--branch-grads-gpu-gib", "0.25")
     assert [lomo.branch_grads_gpu_gib for lomo in made] == [0.25]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_with_cuda_graphs_training_logs_the_same_losses(tmp_path):
+    quick = ["--steps", "6", "--eval-every", "3", "--eval-batches", "2", "--sample-tokens", "2", "--batch-size", "4",
+             "--seq-len", "32", "--device", "cuda", "--dtype", "bf16", "--activation-checkpointing"]
+    run(tmp_path / "eager", *quick)
+    run(tmp_path / "graphs", *quick, "--cuda-graph")
+    eager, graphs = rows(tmp_path / "eager"), rows(tmp_path / "graphs")
+    assert [r.get("loss") for r in graphs] == [r.get("loss") for r in eager]  # replays train bit for bit
+    assert [r.get("val_loss") for r in graphs] == [r.get("val_loss") for r in eager]
+    with pytest.raises(ValueError, match="one-pass step"):
+        run(tmp_path / "clipped", *quick, "--cuda-graph", "--clip-grad-norm", "1.0")

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The device runs behind results/cuda-graph/ (one H200): cuda_graph.py's LOMO step as CUDA graph replays.
+# Writes into $OUT. Usage: bash results/cuda-graph/run_h200.sh PART
+#   run 1: part a: the GPU tests of the graphs and the kernel (alpha now read on the device), then 7B bf16 with
+#          checkpointing at 4 x 512 and 1 x 512: lomo eager, lomo --cuda-graph, sgd, each in its own process
+set -uo pipefail
+part=${1:?usage: run_h200.sh PART}
+out=${OUT:?set OUT}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$out/gpu.txt" 2>&1
+bench() {  # bench.py with the shape of the targets; extra flags after
+    timeout 300 python3 bench.py --model 7B --dtype bf16 --activation-checkpointing --steps 30 --out "$out/bench.jsonl" "$@" \
+        >> "$out/bench.log" 2>&1 || echo "FAILED: bench.py $*" >> "$out/bench.log"
+}
+if [ "$part" = a ]; then
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_fused_update.py \
+        "tests/test_train.py::test_with_cuda_graphs_training_logs_the_same_losses" > "$out/tests.log" 2>&1
+    echo "tests rc=$?" >> "$out/tests.log"
+    for shape in "4 512" "1 512"; do
+        set -- $shape
+        bench --batch-size "$1" --seq-len "$2" --modes lomo
+        bench --batch-size "$1" --seq-len "$2" --modes lomo --cuda-graph
+        bench --batch-size "$1" --seq-len "$2" --modes sgd
+    done
+fi
