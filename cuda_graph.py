@@ -94,7 +94,11 @@ class GraphedStep:
                               f"the batch shape fixed (train.py pads to --seq-len)")
                 self._warned_shape = True
             return self._eager_forward(inputs, targets)
-        if self._forward_graph is None:
+        if self._forward_graph is not None:
+            # (Not before the backward's capture: the copy would bump the version of tensors its graph saved.)
+            self._inputs.copy_(inputs, non_blocking=True)
+            self._targets.copy_(targets, non_blocking=True)
+        else:
             # The batch copies live outside the graphs' pool, as long as the graphs do: the replays read them.
             self._inputs, self._targets = inputs.clone(), targets.clone()
             graph = torch.cuda.CUDAGraph()
@@ -104,8 +108,6 @@ class GraphedStep:
             with torch.cuda.graph(graph):
                 self._loss = self.loss_of(self._inputs, self._targets)
             self._forward_graph = graph
-        self._inputs.copy_(inputs, non_blocking=True)
-        self._targets.copy_(targets, non_blocking=True)
         self._forward_graph.replay()
         self._pending = "graph"
         return self._loss

@@ -3,6 +3,9 @@
 # Writes into $OUT. Usage: bash results/cuda-graph/run_h200.sh PART
 #   run 1: part a: the GPU tests of the graphs and the kernel (alpha now read on the device), then 7B bf16 with
 #          checkpointing at 4 x 512 and 1 x 512: lomo eager, lomo --cuda-graph, sgd, each in its own process
+#          (run 1 failed its graph cases: the batch copied into the captured inputs before the backward's capture
+#          bumped the version of tensors the forward saved); run 2: parts a and b
+#   part b: compiled blocks, lomo eager and --cuda-graph at 4 x 512
 set -uo pipefail
 part=${1:?usage: run_h200.sh PART}
 out=${OUT:?set OUT}
@@ -22,4 +25,8 @@ if [ "$part" = a ]; then
         bench --batch-size "$1" --seq-len "$2" --modes lomo --cuda-graph
         bench --batch-size "$1" --seq-len "$2" --modes sgd
     done
+fi
+if [ "$part" = b ]; then
+    bench --batch-size 4 --seq-len 512 --modes lomo --compile
+    bench --batch-size 4 --seq-len 512 --modes lomo --compile --cuda-graph
 fi
