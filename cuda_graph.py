@@ -119,7 +119,9 @@ class GraphedStep:
             raise RuntimeError("step() without forward(): pass the loss that forward(inputs, targets) returned")
         if pending == "eager":
             self.eager_steps += 1
-            return self.lomo.step(loss, lr)
+            result = self.lomo.step(loss, lr)
+            _drop_graph(loss)
+            return result
         if loss is not self._loss:
             raise RuntimeError("step() takes the loss that forward() returned (the forward graph's output)")
         device = self.lomo.params[0].device
@@ -130,6 +132,7 @@ class GraphedStep:
             with torch.cuda.graph(graph, pool=self._forward_graph.pool()):
                 self._mean_loss, self._norm = self.lomo.device_pass(self._loss)
             self._backward_graph = graph
+            _drop_graph(self._loss)  # (its nodes remember the capture's stream: eager steps after it would sync on it)
         self._backward_graph.replay()
         self.replays += 1
         return self.lomo.end_graphed_step(result, self._mean_loss, self._norm)
@@ -141,3 +144,15 @@ class GraphedStep:
     def _fits(self, inputs, targets) -> bool:
         return all(new.shape == old.shape and new.dtype == old.dtype and new.device == old.device
                    for new, old in ((inputs, self._inputs), (targets, self._targets)))
+
+
+def _drop_graph(loss: torch.Tensor):
+    """Detach a loss whose backward has run from its autograd graph, in place (the caller may still hold it).
+
+    Why: autograd makes one AccumulateGrad node per weight and reuses it while any graph holds it, and the node
+    runs on the stream it was made on. Kept alive by an eager step's loss, the nodes made on the default stream
+    would run the captured backward's accumulations there, which a capture on its own stream refuses ("would
+    make the legacy stream depend on a capturing blocking stream"). A loss that is a view cannot be detached in
+    place: then the caller must let it go before the capture."""
+    if loss._base is None:
+        loss.detach_()

@@ -105,6 +105,7 @@ def test_forward_and_step_must_alternate(batch, kernel_on_the_cpu):
     with pytest.raises(RuntimeError, match="forward\\(\\) twice"):
         graphed.forward(*batch)
     assert not graphed.step(loss).skipped and graphed.eager_steps == 1
+    assert loss.grad_fn is None  # its graph let go: a capture must not meet the eager step's autograd nodes
 
 
 def test_the_capture_needs_an_eager_step_before_it(kernel_on_the_cpu):
@@ -137,7 +138,8 @@ def test_replays_train_bit_for_bit_as_eager_steps(batch, checkpointing):
     graphed = GraphedStep(models[1], lomo, lambda i, t: cross_entropy_loss(models[1](i), t))
     for lr in lrs(5):  # the lr changes each step: the graph reads it from the device
         a = eager.step(loss_of(models[0], (inputs, targets)), lr)
-        b = graphed.step(graphed.forward(inputs, targets), lr)
+        loss = graphed.forward(inputs, targets)  # held into the next forward, as train.py's loop holds it
+        b = graphed.step(loss, lr)
         assert b.step == a.step and b.loss == a.loss and not b.skipped
         assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)
     assert (graphed.eager_steps, graphed.replays) == (1, 4)
