@@ -6,6 +6,9 @@
 #          (run 1 failed its graph cases: the batch copied into the captured inputs before the backward's capture
 #          bumped the version of tensors the forward saved); run 2: parts a and b
 #   part b: compiled blocks, lomo eager and --cuda-graph at 4 x 512
+#   run 3: part c: after the fix of run 2's train.py failure: the GPU tests of every file the change touches; lomo
+#          at 4 x 512 graph/eager/graph, each its own process; 1 x 16 tokens (the CPU's time) eager and graph;
+#          16 x 1024 under the 24 GB cap with graphs
 set -uo pipefail
 part=${1:?usage: run_h200.sh PART}
 out=${OUT:?set OUT}
@@ -29,4 +32,16 @@ fi
 if [ "$part" = b ]; then
     bench --batch-size 4 --seq-len 512 --modes lomo --compile
     bench --batch-size 4 --seq-len 512 --modes lomo --compile --cuda-graph
+fi
+if [ "$part" = c ]; then
+    timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_fused_update.py \
+        tests/test_lomo.py tests/test_saved_branch_grads.py tests/test_offload.py tests/test_bench.py \
+        "tests/test_train.py::test_with_cuda_graphs_training_logs_the_same_losses" > "$out/tests.log" 2>&1
+    echo "tests rc=$?" >> "$out/tests.log"
+    bench --batch-size 4 --seq-len 512 --modes lomo --cuda-graph
+    bench --batch-size 4 --seq-len 512 --modes lomo
+    bench --batch-size 4 --seq-len 512 --modes lomo --cuda-graph
+    bench --batch-size 1 --seq-len 16 --modes lomo
+    bench --batch-size 1 --seq-len 16 --modes lomo --cuda-graph
+    bench --batch-size 16 --seq-len 1024 --modes lomo --cuda-graph --memory-cap-gb 24 --steps 10
 fi
