@@ -183,3 +183,30 @@ def test_a_batch_of_another_shape_runs_eagerly_and_trains_the_same(batch):
     assert (graphed.eager_steps, graphed.replays) == (2, 2)
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.skipif(not (torch.cuda.device_count() >= 2 and fused_update.triton is not None),
+                    reason="tp and dp graphs need two GPUs (NCCL inside the captures)")
+@pytest.mark.parametrize("parallel", [["--tp", "2"], []])  # tp = 2, dp = 2
+def test_on_two_gpus_replays_train_as_eager_steps(tmp_path, parallel):
+    # Two torchrun processes on NCCL, with and without graphs: the collectives (tp's all-reduces in the blocks and
+    # the loss, dp's in the hooks) are captured too, and the logged losses must be the eager run's.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    environment = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                   "NVSHMEM_DISABLE_NVLS": "1", "OMP_NUM_THREADS": "1"}
+    quick = ["--steps", "5", "--eval-every", "5", "--eval-batches", "1", "--sample-tokens", "2", "--batch-size", "2",
+             "--seq-len", "32", "--device", "cuda", "--dtype", "bf16", "--activation-checkpointing", *parallel]
+    losses = {}
+    for graphs in ([], ["--cuda-graph"]):
+        out = tmp_path / ("graphs" if graphs else "eager")
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(root / "train.py"), *quick, *graphs, "--out", str(out)],
+                              cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        losses[bool(graphs)] = [row.get("loss") for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert losses[True] == losses[False]
