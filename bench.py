@@ -9,7 +9,7 @@ Modes, each measured in its own process so that one mode's peak never hides in a
   infer-logits  the usual inference forward: all (tokens x vocab) logits, then the loss from them
   lomo       LOMO, one backward pass with the update fused in, and its checks (the loss before the first
              update, each gradient's norm); --no-finite-checks: without them, as the paper's LOMO;
-             --cuda-graph: the step replayed as CUDA graphs after the warm-up (cuda_graph.py)
+             --cuda-graph (also lomo-clip): the step replayed as CUDA graphs after the warm-up (cuda_graph.py)
   lomo-clip  LOMO with clipping by global norm: two backward passes
   sgd        loss.backward() then torch.optim.SGD (all gradients alive at once)
   adamw      loss.backward() then torch.optim.AdamW (gradients and two states per parameter)
@@ -66,7 +66,8 @@ def parse_args(argv=None):
                    help="lomo: LOMO(fused_kernel=False): the update and the norm as two PyTorch ops, not "
                         "fused_update.py's one kernel (the A/B for it; only a GPU with Triton has the kernel)")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="lomo: after the warm-up's first step, each step is a replay of one CUDA graph (cuda_graph.py)")
+                   help="lomo, lomo-clip: after the warm-up's first step, each step is replayed from CUDA graphs "
+                        "(cuda_graph.py); the peaks then include the warm-up, whose capture allocates the graphs' memory")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps, after --warmup steps")
     p.add_argument("--warmup", type=int, default=2)
@@ -133,7 +134,7 @@ def run_mode(args, mode):
                         check_finite=not args.no_finite_checks, fused_kernel=not args.no_fused_kernel,
                         saved_branch_grads=not args.no_saved_branch_grads, **budget)
             step = lambda: lomo.step(loss_of())  # noqa: E731
-            if args.cuda_graph and mode == "lomo":
+            if args.cuda_graph:
                 from cuda_graph import GraphedStep
                 graphed = GraphedStep(model, lomo, lambda i, t: model_loss(model, i, t, grid))
                 step = lambda: graphed.step(graphed.forward(inputs, targets))  # noqa: E731
@@ -169,7 +170,7 @@ def run_mode(args, mode):
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         gc.collect()
         gc.freeze()  # as train.py does before its loop: no full collection rescans the set-up's objects
-        graph = args.cuda_graph and mode == "lomo"
+        graph = args.cuda_graph and mode in ("lomo", "lomo-clip")
         if device.type == "cuda" and graph:
             # A replay allocates nothing: the graph's memory is allocated when it is captured, in the warm-up.
             torch.cuda.reset_peak_memory_stats(device)
@@ -242,6 +243,9 @@ def measurements(args, mode, margs, model, grid, seconds, step_ms=(), fused_kern
         formula = param_bytes + (checkpointed_bytes if args.activation_checkpointing else 0) + largest_grad_bytes
         row.update(peak_allocated_gib=peak_allocated / 2**30,
                    peak_reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30,
+                   # what the process holds after the timed steps (a graph's pool included): the same window for
+                   # every mode, with or without --cuda-graph
+                   reserved_end_gib=torch.cuda.memory_reserved(device) / 2**30,
                    breakdown_gib=dict(parameters=param_bytes / 2**30,
                                       checkpointed_activations=checkpointed_bytes / 2**30,
                                       largest_gradient=largest_grad_bytes / 2**30,
@@ -300,13 +304,14 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:
             print(json.dumps(row), flush=True)
         return
-    if args.cuda_graph and (args.tiny or "lomo" not in args.modes.split(",")):
-        raise SystemExit("--cuda-graph replays mode lomo's step on a GPU: run it with --modes lomo, without --tiny")
+    modes = args.modes.split(",")
+    if args.cuda_graph and (args.tiny or not set(modes) <= {"lomo", "lomo-clip"}):
+        raise SystemExit("--cuda-graph replays LOMO's step on a GPU: run it with --modes lomo and/or lomo-clip, "
+                         "without --tiny")
     if args.cuda_graph and args.warmup < 2:
         raise SystemExit(f"--cuda-graph needs --warmup 2 or more (one eager step, then the capture): got {args.warmup}")
     if args.offload_checkpoints and not args.activation_checkpointing:
         raise SystemExit("--offload-checkpoints moves the inputs that checkpointing saves: add --activation-checkpointing")
-    modes = args.modes.split(",")
     unknown = set(modes) - set(MODES)
     if unknown:
         raise SystemExit(f"unknown modes {sorted(unknown)}: choose from {', '.join(MODES)}")

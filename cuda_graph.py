@@ -1,56 +1,61 @@
-"""A LOMO step as two CUDA graphs (the forward; backward with the updates): captured once, then replayed, so
-that no kernel launch costs the CPU.
+"""A LOMO step as CUDA graphs (the forward; the backward pass or passes with the updates): captured once, then
+replayed, so that no kernel launch costs the CPU.
 
 Why: an eager 7B step launches thousands of kernels (forward, the recomputed blocks, backward, 226 hook
 updates), each costing the CPU some microseconds. At small batches, and at tp = 2 where each GPU's share
 of every matmul halves but the launches do not, the GPU waits for the CPU that issues them
 (PERF_NOTES.md). A CUDA graph records kernels once; a replay launches all of them with one call.
 
-Why LOMO's step can be graphed: a graph replays the kernels it recorded, with the same arguments, and
-runs no Python. So nothing in the step may need the host: no sync, no decision made on a value read back,
-no number that changes from step to step baked into a kernel's arguments. LOMO's checked one-pass step
-(lomo.py's default) is already like that: fused_update.py's kernel reads whether the loss is finite from a
-flag on the device, and reads alpha (-lr) from a tensor on the device that is filled before each replay.
-The loss and the gradient norm go to the host after the replay, exactly as after an eager step, and
-`check_previous_step()` checks them as it does for one.
+What a graph needs: it replays the kernels it recorded, with the same arguments, and runs no Python. So
+nothing inside it may need the host: no sync, no decision made on a value read back, no number that changes
+from step to step baked into a kernel's arguments. LOMO's checked one-pass step is nearly like that already
+(fused_update.py's kernel reads whether the loss is finite from a flag on the device); `LOMO.device_pass`
+is its backward with the rest made so: every update, the norm weights' too, is the kernel, which reads alpha
+(-lr) from a tensor on the device filled before each replay, and the loss and norm stay on the device until
+the replay is done. They then go to the host as after an eager step, and `check_previous_step()` checks them.
+A clipped step (`clip_grad_norm`) has three graphs: the forward, the norm pass, and the update pass; between
+the last two the host reads the norm (one sync, as in the eager step), skips the step or puts the clip factor
+into alpha.
 
-How a step goes, as two graphs: `loss = graphed.forward(inputs, targets)`, then `graphed.step(loss, lr)`:
+How a step goes: `loss = graphed.forward(inputs, targets)`, then `graphed.step(loss, lr)`:
 - The first `warmup_steps` steps are eager (`model_loss`, `LOMO.step`: real training steps): they compile
   the Triton kernel and make cuBLAS's and NCCL's handles, which must not happen during a capture.
 - The next forward() captures the forward on copies of its batch (static input tensors), and the next
-  step() captures LOMO's backward with its updates (`LOMO.device_pass`) in a second graph that shares the
-  first one's memory. Capturing records kernels without running any, and the hooks' Python runs during
-  it, once; then each call replays its graph, which is that step.
+  step() captures the backward pass(es) in graphs that share the first one's memory. Capturing records
+  kernels without running any, and the hooks' Python runs during it, once; then each call replays its graphs.
 - Every later forward() copies its batch into the static inputs and replays the forward graph; step()
-  checks the previous step (`check_previous_step`, as `LOMO.step` does before any weight moves), fills
-  alpha with its lr, and replays the backward graph.
-  Two graphs, not one, so that the host waits for the previous step's norm while the GPU runs this step's
-  forward, as in an eager step, instead of the GPU idling between two whole-step replays.
+  checks the previous step (as `LOMO.step` does before any weight moves), fills alpha, and replays the rest.
+  The forward is its own graph so that the host waits for the previous step's norm while the GPU runs this
+  step's forward, as in an eager step, instead of the GPU idling between two whole-step replays.
+- The graphs keep what LOMO was at the capture: changing its settings or its weights' tensors afterwards is
+  refused at the next step (make a new GraphedStep).
 
-Memory: the two graphs keep one private pool as large as the step's peak, for their whole life, beside the
-rest of the caching allocator's memory; a batch of another shape than the captured one runs eagerly (with a warning
-the first time), in that other memory. Keep the shape fixed (train.py pads every batch to --seq-len).
+Memory: the graphs share one private pool as large as the step's peak, for their whole life, beside the rest
+of the caching allocator's memory. A clipped step keeps all of its norm pass's saved branch gradients on the
+GPU there (a host copy would wait on events, which a capture cannot): `branch_grads_gpu_gib` must cover them,
+else the capture is refused (raise it, or `saved_branch_grads=False`). One batch shape is captured; a batch
+of another shape runs eagerly (with a warning the first time), in the other memory: keep the shape fixed
+(train.py pads every batch to --seq-len).
 
-Left out (refused with the reason): clipping by global norm and fp16 (a norm pass, and the host decides
-between the two passes), value clipping and weight decay (their PyTorch-op updates take the lr as a
-number), `check_finite=False` (those updates too), offloaded checkpoints (side-stream copies into host
-buffers chosen at run time), and CPUs (CUDA graphs are NVIDIA's). A graph per batch shape.
+Left out (refused with the reason): fp16 (its loss scale changes between steps), value clipping and weight
+decay (their PyTorch-op updates take the lr as a number), `check_finite=False` (those updates too),
+offloaded checkpoints (side-stream copies into host buffers chosen at run time), and CPUs.
 """
 import warnings
 from typing import Callable, Optional
 
 import torch
 
+import fused_update
 from lomo import LOMO
 from step_result import StepResult
 
 
 def obstacle(model: torch.nn.Module, lomo: LOMO) -> Optional[str]:
-    """Why this LOMO's step cannot be one CUDA graph, with the way around it; None if it can."""
-    if lomo.needs_norm_pass:
-        return ("a one-pass step: clipping by global norm and fp16's loss scaling take a norm pass, between whose "
-                "two passes the host decides (drop --clip-grad-norm, train in bf16, or drop --cuda-graph)")
-    if not lomo.check_finite:
+    """Why this LOMO's step cannot be captured as CUDA graphs, with the way around it; None if it can."""
+    if lomo.loss_scaler is not None:
+        return "bf16 weights: fp16's loss scale changes from step to step, which a graph would keep (--dtype bf16)"
+    if not lomo.check_finite and not lomo.needs_norm_pass:
         return "the checked step, whose updates read the lr on the device (drop --no-finite-checks)"
     if not lomo.fused_kernel:
         return "fused_update.py's kernel (drop --no-fused-kernel)"
@@ -58,15 +63,15 @@ def obstacle(model: torch.nn.Module, lomo: LOMO) -> Optional[str]:
         return "checkpoints kept on the GPU (drop --offload-checkpoints)"
     unfit = [lomo._names.get(id(p), "a weight") for p in lomo.params if not lomo._can_fuse(p, p)]
     if unfit:
-        return (f"every trained weight updated by fused_update.py's kernel, which needs bf16 or fp16 weights on "
-                f"a GPU with Triton, and no --weight-decay or --clip-grad-value; not so: {', '.join(unfit[:3])}"
+        return (f"every trained weight updated by fused_update.py's kernel, which needs bf16 weights on a GPU "
+                f"with Triton, and no --weight-decay or --clip-grad-value; not so: {', '.join(unfit[:3])}"
                 f"{' and more' if len(unfit) > 3 else ''}")
     return None
 
 
 class GraphedStep:
-    """One LOMO training step as two CUDA graph replays: `result = graphed.step(graphed.forward(inputs, targets),
-    lr)`. `loss_of(inputs, targets)` makes the training loss of the model that `lomo` trains (the forward)."""
+    """One LOMO training step as CUDA graph replays: `result = graphed.step(graphed.forward(inputs, targets), lr)`.
+    `loss_of(inputs, targets)` makes the training loss of the model that `lomo` trains (the forward)."""
 
     def __init__(self, model: torch.nn.Module, lomo: LOMO, loss_of: Callable, warmup_steps: int = 1):
         reason = obstacle(model, lomo)
@@ -77,8 +82,9 @@ class GraphedStep:
                              f"(it compiles the kernel and makes the libraries' handles)")
         self.model, self.lomo, self.loss_of, self.warmup_steps = model, lomo, loss_of, warmup_steps
         self.eager_steps, self.replays = 0, 0  # how the steps ran, for reports
-        self._forward_graph = self._backward_graph = None
+        self._forward_graph, self._backward_graphs = None, None  # the latter: one pass's graph, or two
         self._pending = None  # what forward() made for step(): "eager" or "graph"
+        self._captured_settings = None
         self._warned_shape = False
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -99,60 +105,109 @@ class GraphedStep:
             self._inputs.copy_(inputs, non_blocking=True)
             self._targets.copy_(targets, non_blocking=True)
         else:
-            # The batch copies live outside the graphs' pool, as long as the graphs do: the replays read them.
-            self._inputs, self._targets = inputs.clone(), targets.clone()
-            graph = torch.cuda.CUDAGraph()
-            # torch.cuda.graph syncs, collects and empties the allocator's cache (the eager steps' blocks) first,
-            # then captures on its side stream (the same stream for both graphs: backward runs on the stream
-            # of its forward, so the backward's capture must be on the forward's).
-            with torch.cuda.graph(graph):
-                self._loss = self.loss_of(self._inputs, self._targets)
-            self._forward_graph = graph
+            self._capture_forward(inputs, targets)
         self._forward_graph.replay()
         self._pending = "graph"
         return self._loss
 
     def step(self, loss: torch.Tensor, lr: Optional[float] = None) -> StepResult:
-        """LOMO's step on the loss that forward() returned: `LOMO.step`, or a replay of the backward graph."""
+        """LOMO's step on the loss that forward() returned: `LOMO.step`, or replays of the backward graphs."""
         pending, self._pending = self._pending, None
         if pending is None:
             raise RuntimeError("step() without forward(): pass the loss that forward(inputs, targets) returned")
         if pending == "eager":
             self.eager_steps += 1
             result = self.lomo.step(loss, lr)
-            _drop_graph(loss)
+            loss.detach_()  # see _eager_forward
             return result
         if loss is not self._loss:
             raise RuntimeError("step() takes the loss that forward() returned (the forward graph's output)")
-        device = self.lomo.params[0].device
-        result = self.lomo.begin_graphed_step(device, lr)  # checks the previous step, counts, fills alpha
-        if self._backward_graph is None:
-            graph = torch.cuda.CUDAGraph()
-            # In the forward graph's memory pool: the backward reads what the forward saved there, and frees it.
-            with torch.cuda.graph(graph, pool=self._forward_graph.pool()):
-                self._mean_loss, self._norm = self.lomo.device_pass(self._loss)
-            self._backward_graph = graph
-            _drop_graph(self._loss)  # (its nodes remember the capture's stream: eager steps after it would sync on it)
-        self._backward_graph.replay()
+        lomo = self.lomo
+        if self._backward_graphs is None:
+            try:
+                result = lomo.begin_graphed_step(lomo.params[0].device, lr)  # checks the previous step, counts
+                self._capture_backward()
+            except BaseException:
+                # Nothing was replayed: the next step captures again, from a forward of its own.
+                self._loss.detach_()
+                self._forward_graph = self._backward_graphs = None
+                lomo.release_graph_saved()
+                raise
+        else:
+            if self._settings() != self._captured_settings or lomo._alpha is not self._alpha:
+                raise RuntimeError("LOMO's settings, its trained weights' tensors or its alpha buffer changed since "
+                                   "the CUDA graphs were captured, and the graphs would not follow: make a new "
+                                   "GraphedStep after such a change")
+            result = lomo.begin_graphed_step(lomo.params[0].device, lr)  # checks the previous step, counts, alpha
         self.replays += 1
-        return self.lomo.end_graphed_step(result, self._mean_loss, self._norm)
+        if len(self._backward_graphs) == 1:
+            self._backward_graphs[0].replay()
+            return lomo.end_graphed_step(result, self._mean_loss, self._norm)
+        norm_pass, update_pass = self._backward_graphs
+        norm_pass.replay()
+        if not lomo.after_graphed_norm_pass(result, self._mean_loss, self._norm):  # one host sync, as in LOMO.step
+            return result  # skipped: no weight moved
+        update_pass.replay()
+        return lomo.end_graphed_step(result)
 
     def _eager_forward(self, inputs, targets):
+        loss = self.loss_of(inputs, targets)
+        # After its step, an eager loss is detached from its graph in place (the caller may still hold it, as
+        # train.py's loop does into the next forward). Why: autograd makes one AccumulateGrad node per weight
+        # and reuses it while any graph holds it, and the node runs on the stream it was made on. Kept alive,
+        # the nodes made on the default stream would run the captured backward's accumulations there, which a
+        # capture on its own stream refuses ("would make the legacy stream depend on a capturing blocking
+        # stream"). A view cannot be detached in place.
+        if loss._base is not None:
+            raise ValueError("loss_of returned a view of a tensor (say, losses[0]): return a tensor of its own "
+                             "(losses.sum(), losses[0].clone()), which GraphedStep can detach after its step")
         self._pending = "eager"
-        return self.loss_of(inputs, targets)
+        return loss
 
     def _fits(self, inputs, targets) -> bool:
         return all(new.shape == old.shape and new.dtype == old.dtype and new.device == old.device
                    for new, old in ((inputs, self._inputs), (targets, self._targets)))
 
+    def _settings(self):
+        """What the captured graphs keep of LOMO: its settings and the tensors of its trained weights."""
+        lomo = self.lomo
+        return (lomo.clip_grad_norm, lomo.clip_grad_value, lomo.weight_decay, lomo.check_finite, lomo.fused_kernel,
+                lomo.saved_branch_grads, lomo.loss_scaler is None, len(lomo._handles),
+                tuple((p.data_ptr(), p.requires_grad) for p in lomo.params))
 
-def _drop_graph(loss: torch.Tensor):
-    """Detach a loss whose backward has run from its autograd graph, in place (the caller may still hold it).
+    def _capture_forward(self, inputs, targets):
+        # Each dtype's kernel compiled and its launcher checked now: that check reads a result back to the
+        # host, which must not happen inside a capture (a step whose only eager updates were multi-tensor
+        # adds has not run the kernel yet).
+        for param in self.lomo.params:
+            fused_update.prepare(param.device, param.dtype)
+        # The batch copies live outside the graphs' pool, as long as the graphs do: the replays read them.
+        self._inputs, self._targets = inputs.clone(), targets.clone()
+        graph = torch.cuda.CUDAGraph()
+        # torch.cuda.graph syncs, collects and empties the allocator's cache (the eager steps' blocks) first, then
+        # captures on its side stream, the same for every graph: backward runs on the stream of its forward, so
+        # the backward's capture must be on the forward's.
+        with torch.cuda.graph(graph):
+            self._loss = self.loss_of(self._inputs, self._targets)
+        self._forward_graph = graph
 
-    Why: autograd makes one AccumulateGrad node per weight and reuses it while any graph holds it, and the node
-    runs on the stream it was made on. Kept alive by an eager step's loss, the nodes made on the default stream
-    would run the captured backward's accumulations there, which a capture on its own stream refuses ("would
-    make the legacy stream depend on a capturing blocking stream"). A loss that is a view cannot be detached in
-    place: then the caller must let it go before the capture."""
-    if loss._base is None:
-        loss.detach_()
+    def _capture_backward(self):
+        lomo, pool = self.lomo, self._forward_graph.pool()  # one pool: the backward reads what the forward saved
+        phases = ["norm", "update"] if lomo.needs_norm_pass else ["one-pass"]
+        graphs = []
+        for phase in phases:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                outputs = lomo.device_pass(self._loss, phase)
+            graphs.append(graph)
+            if phase != "update":
+                self._mean_loss, self._norm = outputs
+            if phase == "norm" and lomo.graph_saved_bytes() > lomo.branch_grads_gpu_gib * 2**30:
+                raise ValueError(
+                    f"the norm pass's saved branch gradients need {lomo.graph_saved_bytes() / 2**30:.2f} GiB on the "
+                    f"GPU under CUDA graphs, above branch_grads_gpu_gib={lomo.branch_grads_gpu_gib}: raise it "
+                    f"(--branch-grads-gpu-gib), or drop them (LOMO(saved_branch_grads=False), bench.py "
+                    f"--no-saved-branch-grads), or drop --cuda-graph")
+        lomo.release_graph_saved()
+        self._loss.detach_()  # (its nodes remember the capture's stream: eager steps after it would sync on it)
+        self._backward_graphs, self._captured_settings, self._alpha = graphs, self._settings(), lomo._alpha

@@ -98,11 +98,12 @@ def update_and_sum_squares(param: torch.Tensor, grad: torch.Tensor, alpha, slots
     if not isinstance(alpha, torch.Tensor):
         alpha = torch.full((), alpha, dtype=torch.float32, device=param.device)
     if (numel % 16 or grad.dtype != param.dtype or slots.dtype != torch.float32 or apply.dtype != torch.uint8
-            or alpha.dtype != torch.float32 or alpha.numel() != 1):
+            or alpha.dtype != torch.float32 or alpha.numel() != 1 or alpha.device != param.device):
         raise ValueError(f"update_and_sum_squares takes {numel} elements (needs a multiple of 16), a {grad.dtype} "
                          f"gradient for a {param.dtype} weight (needs the same), {slots.dtype} slots (needs "
                          f"new_slots()), a {apply.dtype} flag (needs uint8) and a {alpha.dtype} alpha of "
-                         f"{alpha.numel()} elements (needs one float32): check available() first")
+                         f"{alpha.numel()} elements on {alpha.device} (needs one float32 on the weight's device): "
+                         f"check available() first")
     blocks = -(-numel // BLOCK)
     programs = min(NUM_SLOTS, blocks)
     args = (param, grad, slots, apply, alpha, numel // 16, -(-blocks // programs))
@@ -114,6 +115,13 @@ def update_and_sum_squares(param: torch.Tensor, grad: torch.Tensor, alpha, slots
         launch((programs, 1, 1))(*args)
     else:
         _update_and_sum_squares[(programs,)](*args, num_warps=NUM_WARPS)
+
+
+def prepare(device: torch.device, dtype: torch.dtype) -> None:
+    """Compile the kernel for this GPU and dtype, and check its direct launch, now (one host sync): before a
+    CUDA graph capture, inside which neither may happen (cuda_graph.py). Nothing for what the kernel cannot take."""
+    if triton is not None and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        _direct_launcher(device.index if device.index is not None else torch.cuda.current_device(), dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -179,6 +179,7 @@ class LOMO:
         # True while cuda_graph.py captures a step (device_pass): the vectors then go through the kernel too
         # (the multi-tensor add takes alpha as a number, which a graph would keep from its capture).
         self._capturing = False
+        self._graph_saved = None  # a captured norm pass's saved branch gradients, until pass 2 is captured
         # Vectors (1-D parameters: the RMSNorm weights, 65 of them in 7B, 0.5 MiB in bf16) get no hook. Their
         # gradients accumulate during backward and are applied together after it with multi-tensor kernels,
         # instead of a Python hook, a norm and an update launch each: CPU time, in an eager step that is
@@ -216,9 +217,11 @@ class LOMO:
             # None: a backward outside step() (a diagnostic, a test) leaves .grad to the caller.
             return
         param.grad = None  # free it now: this is where LOMO's memory saving comes from
-        # A checked one-pass step: the update and the sum of squares in one kernel, which reads the loss's
-        # finiteness on the device (no host wait). Any other update of such a step waits for the loss first.
-        fuse = self._single_pass and self._can_fuse(param, grad) and self._step_loss.device == param.device
+        # A checked one-pass step (and a captured update pass, cuda_graph.py): the update and the sum of squares in
+        # one kernel, which reads the loss's finiteness on the device (no host wait). Any other update of such a
+        # step waits for the loss first.
+        fuse = ((self._single_pass or (self._capturing and self._mode == "update")) and self._can_fuse(param, grad)
+                and self._step_loss.device == param.device)
         if self._loss_on_host is not None and not fuse:
             self._read_loss()  # the first unguarded update of a checked one-pass step: is the loss finite?
         if self._mode == "discard":
@@ -287,7 +290,7 @@ class LOMO:
             return
         if self.dp_group is not None:
             grads = _average_flat(grads, self.dp_size, self.dp_group)  # one all-reduce, not one per vector
-        if self._capturing:  # one kernel each, reading alpha from the device (65 in 7B; launches a graph makes free)
+        if self._capturing and self._mode == "update":  # one kernel each, alpha read on the device (65 in 7B)
             for p, g in zip(params, grads):
                 self._update_with_kernel(p, g)
             return
@@ -431,7 +434,7 @@ class LOMO:
             self._step_loss = mean_loss  # fused_update.py's kernel makes its flag from it
         scaled_loss = loss * scale if scale != 1.0 else loss
         self._inv_scale, self._clip_coef, self._lr = 1.0 / scale, 1.0, lr
-        if not self.needs_norm_pass and not unchecked:
+        if not self.needs_norm_pass and not unchecked and self.fused_kernel:
             self._fill_alpha(loss.device, -lr)  # for the kernel (a one-pass step has no clip factor or scale)
         saved = []  # the norm pass's saved branch gradients (offload.py), let go when the step ends
         try:
@@ -444,18 +447,9 @@ class LOMO:
                                                  gpu_bytes=int(self.branch_grads_gpu_gib * 2**30)) as saved:
                     scaled_loss.backward(retain_graph=True)
                 self._finish_vectors()
-                grad_norm, result.loss = torch.stack([self._global_norm(), mean_loss.float()]).tolist()  # one sync
-                result.grad_norm = grad_norm
-                if not math.isfinite(result.loss):
-                    return self._skip(result, f"non-finite loss {result.loss}")
-                if not math.isfinite(grad_norm):
-                    if self.loss_scaler is not None:
-                        self.loss_scaler.update(overflow=True, step=self.step_count)
-                        return self._skip(result, f"fp16 gradient overflow at loss scale {scale:g}")
-                    return self._skip(result, f"non-finite gradient norm {grad_norm}")
-                if self.clip_grad_norm is not None:
-                    # The same formula as torch.nn.utils.clip_grad_norm_.
-                    self._clip_coef = min(1.0, self.clip_grad_norm / (grad_norm + 1e-6))
+                skipped = self._after_norm_pass(result, self._global_norm(), mean_loss)
+                if skipped is not None:
+                    return skipped
             # _single_pass: one-pass mode with its checks, where the update pass records the norms.
             self._mode, self._single_pass = "update", not self.needs_norm_pass and not unchecked
             if self._single_pass:
@@ -495,6 +489,24 @@ class LOMO:
         self.consecutive_skips = 0
         return result
 
+    def _after_norm_pass(self, result: StepResult, grad_norm: torch.Tensor, mean_loss: torch.Tensor):
+        """Between the passes: the norm and the loss read (one host sync); the skipped result, or None with the
+        clip factor set for the update pass."""
+        grad_norm, result.loss = torch.stack([grad_norm, mean_loss.float()]).tolist()
+        result.grad_norm = grad_norm
+        if not math.isfinite(result.loss):
+            return self._skip(result, f"non-finite loss {result.loss}")
+        if not math.isfinite(grad_norm):
+            if self.loss_scaler is not None:
+                scale = self.loss_scaler.scale  # (the step's: update() halves it)
+                self.loss_scaler.update(overflow=True, step=self.step_count)
+                return self._skip(result, f"fp16 gradient overflow at loss scale {scale:g}")
+            return self._skip(result, f"non-finite gradient norm {grad_norm}")
+        if self.clip_grad_norm is not None:
+            # The same formula as torch.nn.utils.clip_grad_norm_.
+            self._clip_coef = min(1.0, self.clip_grad_norm / (grad_norm + 1e-6))
+        return None
+
     def _begin_step(self, lr: Optional[float]) -> float:
         """The host's checks and count before a step's device work; returns the step's learning rate."""
         self.check_previous_step()  # before any weight of this step moves
@@ -519,37 +531,77 @@ class LOMO:
     # A step as a CUDA graph (cuda_graph.py): the host's part before and after, the device's part between.
 
     def begin_graphed_step(self, device, lr: Optional[float] = None) -> StepResult:
-        """Before a replay of a captured step: the checks and count of step(), and this step's lr into the
-        buffer the captured kernels read."""
+        """Before the replay of a captured step: step()'s checks and count, and this step's alpha (-lr) into the
+        buffer that the captured kernels read."""
         lr = self._begin_step(lr)
         self._fill_alpha(device, -lr)
         return StepResult(step=self.step_count, lr=lr)
 
-    def device_pass(self, loss: torch.Tensor):
-        """A checked one-pass step's device work, and nothing the host must see: backward with every update
-        made by fused_update.py's kernel, guarded by the loss's finiteness on the device. No host sync, no
-        host copy and no Python number that changes from step to step, so cuda_graph.py can capture it once
-        and replay it. Returns (the mean loss, the gradient norm), tensors on the device."""
+    def device_pass(self, loss: torch.Tensor, phase: str = "one-pass"):
+        """A backward pass of a step, with only device work: no host sync, no host copy, and no Python number
+        that changes from step to step in a kernel's arguments (every update is fused_update.py's kernel, which
+        reads alpha from the device), so that cuda_graph.py can capture it once and replay it.
+        phase "one-pass": a checked one-pass step, its updates guarded by the loss's finiteness on the device;
+        returns (the mean loss, the gradient norm), tensors on the device.
+        "norm": pass 1 of a clipped step: the norm, and each block's branch gradients saved on the device for
+        pass 2; returns (the mean loss, the norm). The host reads them and decides (after_graphed_norm_pass).
+        "update": pass 2: the updates, with the clip factor in alpha; returns None."""
         mean_loss = loss.detach().clone()
-        if self.dp_group is not None:
+        if self.dp_group is not None and phase != "update":
             dist.all_reduce(mean_loss, group=self.dp_group)  # the same mean, and the same decision, on every replica
             mean_loss /= self.dp_size
-        self._step_loss, self._capturing = mean_loss, True
-        self._mode, self._single_pass = "update", True
-        self._inv_scale, self._clip_coef = 1.0, 1.0
+        self._capturing, self._inv_scale, self._clip_coef = True, 1.0, 1.0
         self._reset_norm(loss.device)
         try:
-            loss.backward()
+            if phase == "norm":
+                self._mode, self._gram_seen = "norm", set()
+                # Every saved gradient stays on the device: a host copy would wait on events, which a capture
+                # cannot (cuda_graph.py checks the budget after the capture).
+                with gram_norm.recording(self._keep_gram_norm if self._gram_norms else None), \
+                        offload.branch_gradients("save" if self.saved_branch_grads else None, gpu_bytes=2**62) as saved:
+                    loss.backward(retain_graph=True)
+                self._graph_saved = saved  # for pass 2's capture, which takes them
+                self._finish_vectors()
+                return mean_loss, self._global_norm()
+            self._mode, self._single_pass = "update", phase == "one-pass"
+            # The kernel's flag: the loss's finiteness (pass 2 runs only after the host found it finite).
+            self._step_loss = mean_loss if phase == "one-pass" else torch.ones((), device=loss.device)
+            with offload.branch_gradients("reuse" if phase == "update" and self.saved_branch_grads else None):
+                loss.backward()
             self._finish_vectors()
-            return mean_loss, self._global_norm()
+            return (mean_loss, self._global_norm()) if phase == "one-pass" else None
         finally:
             self._mode, self._loss_is_finite, self._step_loss, self._capturing = None, None, None, False
+            self._single_pass = False
             for p in self._vectors:
                 p.grad = None
 
-    def end_graphed_step(self, result: StepResult, mean_loss: torch.Tensor, grad_norm: torch.Tensor) -> StepResult:
-        """After a replay: the loss and norm on their way to the host, counted by check_previous_step as for
-        a checked one-pass step()."""
+    def graph_saved_bytes(self) -> int:
+        """How many bytes of branch gradients the captured norm pass keeps on the device until pass 2."""
+        return sum(copy.grad.numel() * copy.grad.element_size() for record in (self._graph_saved or [])
+                   for copy in record.copies.values() if getattr(copy, "grad", None) is not None)
+
+    def release_graph_saved(self):
+        for record in self._graph_saved or []:
+            record.release()
+        self._graph_saved = None
+
+    def after_graphed_norm_pass(self, result: StepResult, mean_loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """After the replay of a clipped step's norm pass: its norm and loss read (one host sync, as in step()),
+        and the step skipped (False) or the clip factor put into alpha for the update pass (True)."""
+        self._clip_coef = 1.0
+        if self._after_norm_pass(result, grad_norm, mean_loss) is not None:
+            return False
+        self._fill_alpha(self._alpha.device, -result.lr * self._clip_coef)
+        return True
+
+    def end_graphed_step(self, result: StepResult, mean_loss: Optional[torch.Tensor] = None,
+                         grad_norm: Optional[torch.Tensor] = None) -> StepResult:
+        """After the replays: a one-pass step's loss and norm on their way to the host, counted by
+        check_previous_step as for step(); a clipped step's were read between its passes."""
+        if self.needs_norm_pass:
+            self.consecutive_skips = 0
+            return result
         result.loss, result._loss_decides = copy_to_host(mean_loss), True
         result.grad_norm = copy_to_host(grad_norm)
         self._unchecked_result = result

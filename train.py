@@ -76,8 +76,9 @@ def parse_args(argv=None):
                         "the norm pass saves for the update pass stay on the GPU; the rest wait in host memory "
                         "(offload.py; 0: all in host memory, the least GPU memory)")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="GPU, bf16, one pass: after the first step, run each step as two CUDA graph replays (cuda_graph.py): "
-                        "no kernel launch costs the CPU; every batch is padded to --seq-len so the shape stays fixed")
+                   help="GPU, bf16: after the first step, replay each step from CUDA graphs (cuda_graph.py): no kernel "
+                        "launch costs the CPU; every batch is padded to --seq-len so the shape stays fixed (on data "
+                        "of varied lengths that computes, and counts in tokens/s, more padding)")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (fp16 uses dynamic loss scaling)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda if available); under torchrun "
                    "each process takes the GPU of its LOCAL_RANK")
@@ -297,7 +298,7 @@ def train(args, grid, dtype):
     # Refuses what a graph cannot hold (clipping by norm, fp16, ...) now, before any step runs.
     graphed = GraphedStep(model, lomo, lambda i, t: model_loss(model, i, t, grid)) if args.cuda_graph else None
     if graphed is not None:
-        print0("CUDA graphs: step 1 eager, then each step two replays (cuda_graph.py); batches padded to --seq-len")
+        print0("CUDA graphs: step 1 eager, then each step replayed (cuda_graph.py); batches padded to --seq-len")
 
     # -------------------------------------------------------------------------------- evaluation
     def evaluate(step):

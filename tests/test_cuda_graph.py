@@ -1,15 +1,22 @@
-"""cuda_graph.py: a LOMO step captured as one CUDA graph trains exactly as the eager step.
+"""cuda_graph.py: a LOMO step captured as CUDA graphs trains exactly as the eager step.
 
-On the CPU: LOMO's side of it (begin_graphed_step, device_pass, end_graphed_step, run eagerly with the kernel's
-contract in PyTorch ops) against LOMO.step, and every refusal. On a GPU: the graph itself, replayed, against
-eager steps bit for bit, with an lr that changes each step, a non-finite loss, and a batch of another shape."""
+On the CPU: LOMO's side of it (begin_graphed_step, device_pass, after_graphed_norm_pass, end_graphed_step, run
+eagerly with the kernel's contract in PyTorch ops) against LOMO.step, one-pass and clipped, and every refusal.
+On a GPU: the graphs themselves, replayed, against eager steps bit for bit, with a batch and an lr that change
+each step, clipping, a non-finite loss, a batch of another shape, settings changed after the capture; on two
+GPUs, tp = 2 and dp = 2 through train.py."""
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import fused_update
-from conftest import loss_of, tiny_model
+from conftest import VOCAB, inject, loss_of, tiny_model
 from cuda_graph import GraphedStep, obstacle
 from lomo import LOMO, learning_rate
 from model import cross_entropy_loss
@@ -37,22 +44,47 @@ def lrs(steps):
     return [learning_rate(s, 0.3, steps, warmup_steps=2, schedule="cosine") for s in range(1, steps + 1)]
 
 
-@pytest.mark.parametrize("vectors", ["frozen", "trained"])
-def test_the_device_pass_trains_as_step(batch, kernel_on_the_cpu, vectors):
-    models = [tiny_model(dtype=torch.bfloat16) for _ in range(2)]
+def batches(steps, device="cpu"):
+    make = torch.Generator().manual_seed(7)
+    tokens = [torch.randint(0, VOCAB, (2, 17), generator=make).to(device) for _ in range(steps)]
+    return [(t[:, :-1], t[:, 1:]) for t in tokens]
+
+
+def pair(dtype=torch.bfloat16, vectors="trained", checkpointing=False, device="cpu"):
+    models = [tiny_model(dtype=dtype).to(device) for _ in range(2)]
     for model in models:
+        model.activation_checkpointing = checkpointing
         for p in model.parameters():
             p.requires_grad_(p.dim() > 1 or vectors == "trained")
+    return models
+
+
+def graphed_step_on_the_cpu(lomo, model, batch, lr):
+    """What GraphedStep's replays do, run eagerly: the host's part and the device passes between."""
+    result = lomo.begin_graphed_step(torch.device("cpu"), lr)
+    loss = loss_of(model, batch)
+    if not lomo.needs_norm_pass:
+        return lomo.end_graphed_step(result, *lomo.device_pass(loss))
+    mean_loss, norm = lomo.device_pass(loss, "norm")
+    saved = lomo.graph_saved_bytes()
+    if lomo.after_graphed_norm_pass(result, mean_loss, norm):
+        lomo.device_pass(loss, "update")
+    lomo.release_graph_saved()
+    result.saved_bytes = saved
+    return lomo.end_graphed_step(result) if not result.skipped else result
+
+
+@pytest.mark.parametrize("vectors", ["frozen", "trained"])
+def test_the_one_pass_device_pass_trains_as_step(kernel_on_the_cpu, vectors):
+    models = pair(vectors=vectors)
     eager, graphed = (LOMO(m, lr=0.3) for m in models)
     assert obstacle(models[1], graphed) is None
     trained = sum(1 for p in models[1].parameters() if p.requires_grad)
-    for lr in lrs(4):
+    for lr, batch in zip(lrs(4), batches(4)):
         a = eager.step(loss_of(models[0], batch), lr)
-        result = graphed.begin_graphed_step(torch.device("cpu"), lr)
         reference_kernel.calls = 0
-        loss, norm = graphed.device_pass(loss_of(models[1], batch))
+        b = graphed_step_on_the_cpu(graphed, models[1], batch, lr)
         assert reference_kernel.calls == trained  # the vectors too: one kernel each, alpha read from the device
-        b = graphed.end_graphed_step(result, loss, norm)
         assert b.step == a.step and b.lr == lr and b.loss == a.loss and not b.skipped
         assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
     assert all(p.grad is None for p in models[1].parameters())
@@ -63,7 +95,38 @@ def test_the_device_pass_trains_as_step(batch, kernel_on_the_cpu, vectors):
             torch.testing.assert_close(p, q, rtol=0, atol=2 ** -7), name
 
 
-def test_a_device_pass_with_a_nonfinite_loss_moves_nothing_and_is_counted(batch, kernel_on_the_cpu):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_clipped_device_passes_train_as_step(kernel_on_the_cpu, checkpointing):
+    # fp32, so that the eager update (the clip factor on the gradient, then -lr) and the kernel's (alpha = -lr times
+    # the clip factor) differ only by rounding; the norm and the decision are the same computation.
+    models = pair(dtype=torch.float32, checkpointing=checkpointing)
+    eager, graphed = (LOMO(m, lr=0.3, clip_grad_norm=0.05) for m in models)
+    assert obstacle(models[1], graphed) is None
+    trained = sum(1 for p in models[1].parameters() if p.requires_grad)
+    for lr, batch in zip(lrs(3), batches(3)):
+        a = eager.step(loss_of(models[0], batch), lr)
+        reference_kernel.calls = 0
+        b = graphed_step_on_the_cpu(graphed, models[1], batch, lr)
+        assert reference_kernel.calls == trained  # only in the update pass: the norm pass moves nothing
+        assert b.loss == a.loss and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5) and b.grad_norm > 0.05
+        # With checkpointed blocks the norm pass keeps both branch gradients of each block, all on the device.
+        assert b.saved_bytes == (2 * 2 * 2 * 16 * models[1].args.dim * 4 if checkpointing else 0)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7), name
+    assert all(p.grad is None for p in models[1].parameters())
+
+
+def test_a_clipped_step_with_a_nonfinite_norm_is_skipped_before_its_update_pass(batch, kernel_on_the_cpu):
+    model = tiny_model(dtype=torch.bfloat16)
+    lomo = LOMO(model, lr=0.3, clip_grad_norm=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    with inject(model, math.inf):
+        result = graphed_step_on_the_cpu(lomo, model, batch, None)
+    assert result.skipped and "non-finite gradient norm" in result.reason and lomo.consecutive_skips == 1
+    assert reference_kernel.calls == 0 and all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_a_one_pass_device_pass_with_a_nonfinite_loss_moves_nothing_and_is_counted(batch, kernel_on_the_cpu):
     model = tiny_model(dtype=torch.bfloat16)
     lomo = LOMO(model, lr=0.3, max_consecutive_skips=2)
     before = [p.detach().clone() for p in model.parameters()]
@@ -75,13 +138,32 @@ def test_a_device_pass_with_a_nonfinite_loss_moves_nothing_and_is_counted(batch,
     assert lomo.consecutive_skips == 1
 
 
+def test_a_one_pass_device_pass_with_a_nonfinite_gradient_stops_the_next_step(batch, kernel_on_the_cpu):
+    model = tiny_model(dtype=torch.bfloat16)
+    lomo = LOMO(model, lr=0.3)
+    with inject(model, math.inf):
+        graphed_step_on_the_cpu(lomo, model, batch, None)
+    with pytest.raises(FloatingPointError, match="gradient norm (inf|nan) with a finite loss"):
+        lomo.begin_graphed_step(torch.device("cpu"))  # before anything of the next step is replayed
+
+
+def test_a_weight_the_kernel_cannot_take_stops_the_capture(batch, kernel_on_the_cpu, monkeypatch):
+    model = tiny_model(dtype=torch.bfloat16)
+    lomo = LOMO(model, lr=0.3)
+    odd = model.layers[1].feed_forward.w2.weight
+    monkeypatch.setattr(fused_update, "available", lambda param, grad: param is not odd)
+    assert "layers.1.feed_forward.w2.weight" in obstacle(model, lomo)
+    lomo.begin_graphed_step(torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="layers.1.feed_forward.w2.weight cannot be updated by the kernel"):
+        lomo.device_pass(loss_of(model, batch))  # (GraphedStep refuses it before: obstacle)
+
+
 @pytest.mark.parametrize("setting, message", [
-    (dict(clip_grad_norm=1.0), "one-pass step"),
     (dict(check_finite=False), "no-finite-checks"),
     (dict(fused_kernel=False), "no-fused-kernel"),
     (dict(weight_decay=0.1), "no --weight-decay"),
     (dict(clip_grad_value=1.0), "--clip-grad-value"),
-    ("fp16", "one-pass step"),  # fp16 takes the norm pass for its loss scaling
+    ("fp16", "bf16 weights: fp16's loss scale"),
     ("offload", "offload-checkpoints"),
     ("cpu", "GPU with Triton"),
 ])
@@ -96,7 +178,7 @@ def test_what_a_graph_cannot_hold_is_refused_with_the_way_around(monkeypatch, se
         GraphedStep(model, lomo, lambda inputs, targets: None)
 
 
-def test_forward_and_step_must_alternate(batch, kernel_on_the_cpu):
+def test_forward_and_step_must_alternate_and_an_eager_loss_lets_go_of_its_graph(batch, kernel_on_the_cpu):
     model = tiny_model(dtype=torch.bfloat16)
     graphed = GraphedStep(model, LOMO(model, lr=0.1), lambda i, t: cross_entropy_loss(model(i), t), warmup_steps=3)
     with pytest.raises(RuntimeError, match="without forward"):
@@ -106,6 +188,9 @@ def test_forward_and_step_must_alternate(batch, kernel_on_the_cpu):
         graphed.forward(*batch)
     assert not graphed.step(loss).skipped and graphed.eager_steps == 1
     assert loss.grad_fn is None  # its graph let go: a capture must not meet the eager step's autograd nodes
+    viewed = GraphedStep(model, LOMO(model, lr=0.1), lambda i, t: cross_entropy_loss(model(i), t).view(1)[0])
+    with pytest.raises(ValueError, match="returned a view"):
+        viewed.forward(*batch)
 
 
 def test_the_capture_needs_an_eager_step_before_it(kernel_on_the_cpu):
@@ -115,30 +200,24 @@ def test_the_capture_needs_an_eager_step_before_it(kernel_on_the_cpu):
 
 
 # ------------------------------------------------------------------------------------------------------
-# On a GPU: the graph itself
+# On a GPU: the graphs themselves
 
 
-def cuda_batch(batch):
-    return tuple(t.cuda() for t in batch)
-
-
-def gpu_pair(checkpointing):
-    models = [tiny_model(dtype=torch.bfloat16).cuda() for _ in range(2)]
-    for model in models:
-        model.activation_checkpointing = checkpointing
-    return models
+def gpu_graphed(model, lomo, factor=None):
+    scale = factor if factor is not None else 1.0
+    return GraphedStep(model, lomo, lambda i, t: cross_entropy_loss(model(i), t) * scale)
 
 
 @needs_graphs
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_replays_train_bit_for_bit_as_eager_steps(batch, checkpointing):
-    inputs, targets = cuda_batch(batch)
-    models = gpu_pair(checkpointing)
-    eager, lomo = LOMO(models[0], lr=0.3), LOMO(models[1], lr=0.3)
-    graphed = GraphedStep(models[1], lomo, lambda i, t: cross_entropy_loss(models[1](i), t))
-    for lr in lrs(5):  # the lr changes each step: the graph reads it from the device
-        a = eager.step(loss_of(models[0], (inputs, targets)), lr)
-        loss = graphed.forward(inputs, targets)  # held into the next forward, as train.py's loop holds it
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_replays_train_bit_for_bit_as_eager_steps(checkpointing, clip):
+    models = pair(checkpointing=checkpointing, device="cuda")
+    eager, lomo = LOMO(models[0], lr=0.3, clip_grad_norm=clip), LOMO(models[1], lr=0.3, clip_grad_norm=clip)
+    graphed = gpu_graphed(models[1], lomo)
+    for lr, batch in zip(lrs(5), batches(5, "cuda")):  # batch and lr change each step: read by the graphs
+        a = eager.step(loss_of(models[0], batch), lr)
+        loss = graphed.forward(*batch)  # held into the next forward, as train.py's loop holds it
         b = graphed.step(loss, lr)
         assert b.step == a.step and b.loss == a.loss and not b.skipped
         assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)
@@ -148,54 +227,76 @@ def test_replays_train_bit_for_bit_as_eager_steps(batch, checkpointing):
 
 
 @needs_graphs
-def test_a_replay_with_a_nonfinite_loss_moves_nothing_and_is_counted(batch):
-    inputs, targets = cuda_batch(batch)
-    (model,) = gpu_pair(False)[:1]
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_a_replay_with_a_nonfinite_loss_moves_nothing_and_is_counted(clip):
+    (model,) = pair(device="cuda")[:1]
     factor = torch.ones((), device="cuda")  # read by the graph from its address: nan makes the loss nan
-    lomo = LOMO(model, lr=0.3, max_consecutive_skips=2)
-    graphed = GraphedStep(model, lomo, lambda i, t: cross_entropy_loss(model(i), t) * factor)
+    lomo = LOMO(model, lr=0.3, clip_grad_norm=clip, max_consecutive_skips=2)
+    graphed = gpu_graphed(model, lomo, factor)
+    batch = batches(1, "cuda")[0]
     for _ in range(2):  # eager, then captured and replayed
-        graphed.step(graphed.forward(inputs, targets))
+        graphed.step(graphed.forward(*batch))
     before = [p.detach().clone() for p in model.parameters()]
     factor.fill_(math.nan)
-    bad = graphed.step(graphed.forward(inputs, targets))
+    bad = graphed.step(graphed.forward(*batch))
     assert graphed.replays == 2 and bad.skipped and "non-finite loss" in bad.reason
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    with pytest.raises(FloatingPointError, match="2 bad steps in a row"):
-        graphed.step(graphed.forward(inputs, targets))
-        lomo.check_previous_step()
+    with pytest.raises(FloatingPointError, match="2 bad steps in a row"):  # the second bad step in a row:
+        graphed.step(graphed.forward(*batch))  # clipped, counted at its skip, between the passes
+        lomo.check_previous_step()  # one-pass, counted when checked
 
 
 @needs_graphs
-def test_a_batch_of_another_shape_runs_eagerly_and_trains_the_same(batch):
-    inputs, targets = cuda_batch(batch)
-    models = gpu_pair(False)
+def test_a_batch_of_another_shape_runs_eagerly_and_trains_the_same():
+    models = pair(device="cuda")
     eager, lomo = LOMO(models[0], lr=0.3), LOMO(models[1], lr=0.3)
-    graphed = GraphedStep(models[1], lomo, lambda i, t: cross_entropy_loss(models[1](i), t))
-    shorter = (inputs[:, :8], targets[:, :8])
-    for step_batch in [(inputs, targets), (inputs, targets), shorter, (inputs, targets)]:
-        eager.step(loss_of(models[0], step_batch))
-        if step_batch is shorter:
+    graphed = gpu_graphed(models[1], lomo)
+    steps = batches(4, "cuda")
+    steps[2] = (steps[2][0][:, :8], steps[2][1][:, :8])
+    for lr, step_batch in zip(lrs(4), steps):
+        eager.step(loss_of(models[0], step_batch), lr)
+        if step_batch is steps[2]:
             with pytest.warns(UserWarning, match="runs eagerly"):
-                graphed.step(graphed.forward(*step_batch))
+                graphed.step(graphed.forward(*step_batch), lr)
         else:
-            graphed.step(graphed.forward(*step_batch))
+            graphed.step(graphed.forward(*step_batch), lr)
     assert (graphed.eager_steps, graphed.replays) == (2, 2)
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         assert torch.equal(p, q), name
 
 
+@needs_graphs
+def test_settings_changed_after_the_capture_are_refused():
+    (model,) = pair(device="cuda")[:1]
+    lomo = LOMO(model, lr=0.3, clip_grad_norm=1.0)
+    graphed = gpu_graphed(model, lomo)
+    batch = batches(1, "cuda")[0]
+    for _ in range(2):
+        graphed.step(graphed.forward(*batch))
+    lomo.clip_grad_norm = 0.5
+    with pytest.raises(RuntimeError, match="make a new GraphedStep"):
+        graphed.step(graphed.forward(*batch))
+
+
+@needs_graphs
+def test_saved_branch_gradients_beyond_the_budget_are_refused_before_any_replay():
+    (model,) = pair(checkpointing=True, device="cuda")[:1]
+    lomo = LOMO(model, lr=0.3, clip_grad_norm=1.0, branch_grads_gpu_gib=0)
+    graphed = gpu_graphed(model, lomo)
+    batch = batches(1, "cuda")[0]
+    graphed.step(graphed.forward(*batch))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="raise it \\(--branch-grads-gpu-gib\\)"):
+        graphed.step(graphed.forward(*batch))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 @pytest.mark.skipif(not (torch.cuda.device_count() >= 2 and fused_update.triton is not None),
                     reason="tp and dp graphs need two GPUs (NCCL inside the captures)")
-@pytest.mark.parametrize("parallel", [["--tp", "2"], []])  # tp = 2, dp = 2
+@pytest.mark.parametrize("parallel", [["--tp", "2"], [], ["--tp", "2", "--clip-grad-norm", "1.0"]])
 def test_on_two_gpus_replays_train_as_eager_steps(tmp_path, parallel):
     # Two torchrun processes on NCCL, with and without graphs: the collectives (tp's all-reduces in the blocks and
     # the loss, dp's in the hooks) are captured too, and the logged losses must be the eager run's.
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
     root = Path(__file__).resolve().parent.parent
     environment = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                    "NVSHMEM_DISABLE_NVLS": "1", "OMP_NUM_THREADS": "1"}
@@ -208,5 +309,6 @@ def test_on_two_gpus_replays_train_as_eager_steps(tmp_path, parallel):
                                str(root / "train.py"), *quick, *graphs, "--out", str(out)],
                               cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
+        assert ("4 steps replayed, 1 eager" in done.stdout) == bool(graphs)
         losses[bool(graphs)] = [row.get("loss") for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     assert losses[True] == losses[False]

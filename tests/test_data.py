@@ -246,6 +246,15 @@ def test_collate_pads_right_with_ignored_labels():
     assert targets.tolist() == [[IGNORE, 6, 7], [9, IGNORE, IGNORE]]
 
 
+def test_collate_pads_to_a_fixed_length_and_refuses_a_longer_sequence():
+    items = [([1, 5, 6, 7], [IGNORE, IGNORE, 6, 7]), ([1, 9], [1, 9])]
+    inputs, targets = collate(items, length=6)  # (train.py --cuda-graph: every batch the captured shape)
+    assert inputs.tolist() == [[1, 5, 6, 7, 0], [1, 9, 0, 0, 0]]
+    assert targets.tolist() == [[IGNORE, 6, 7, IGNORE, IGNORE], [9, IGNORE, IGNORE, IGNORE, IGNORE]]
+    with pytest.raises(ValueError, match="a sequence of 4 tokens does not fit the fixed length 3"):
+        collate(items, length=3)
+
+
 def test_packed_validation_is_the_contiguous_tail_and_examples_are_shuffled(corpus, tokenizer, tmp_path):
     packed = load_dataset(corpus, "auto", tokenizer, seq_len=16)
     train, val = split_train_val(packed, 0.1)

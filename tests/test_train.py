@@ -193,13 +193,15 @@ def test_the_saved_gradients_budget_reaches_lomo(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_with_cuda_graphs_training_logs_the_same_losses(tmp_path):
+@pytest.mark.parametrize("clip", [[], ["--clip-grad-norm", "0.5"]])
+def test_with_cuda_graphs_training_logs_the_same_losses(tmp_path, capsys, clip):
     quick = ["--steps", "6", "--eval-every", "3", "--eval-batches", "2", "--sample-tokens", "2", "--batch-size", "4",
-             "--seq-len", "32", "--device", "cuda", "--dtype", "bf16", "--activation-checkpointing"]
+             "--seq-len", "32", "--device", "cuda", "--dtype", "bf16", "--activation-checkpointing", *clip]
     run(tmp_path / "eager", *quick)
     run(tmp_path / "graphs", *quick, "--cuda-graph")
+    assert "CUDA graphs: 5 steps replayed, 1 eager" in capsys.readouterr().out
     eager, graphs = rows(tmp_path / "eager"), rows(tmp_path / "graphs")
     assert [r.get("loss") for r in graphs] == [r.get("loss") for r in eager]  # replays train bit for bit
     assert [r.get("val_loss") for r in graphs] == [r.get("val_loss") for r in eager]
-    with pytest.raises(ValueError, match="one-pass step"):
-        run(tmp_path / "clipped", *quick, "--cuda-graph", "--clip-grad-norm", "1.0")
+    with pytest.raises(ValueError, match="fp16's loss scale"):
+        run(tmp_path / "fp16", *quick, "--cuda-graph", "--dtype", "fp16")

@@ -9,6 +9,8 @@
 #   run 3: part c: after the fix of run 2's train.py failure: the GPU tests of every file the change touches; lomo
 #          at 4 x 512 graph/eager/graph, each its own process; 1 x 16 tokens (the CPU's time) eager and graph;
 #          16 x 1024 under the 24 GB cap with graphs
+#   run 4: part d: the clipped step as three graphs and the review fixes: GPU tests; lomo-clip eager and graphed,
+#          lomo eager and graphed (with reserved_end_gib: the same memory window for both), each its own process
 set -uo pipefail
 part=${1:?usage: run_h200.sh PART}
 out=${OUT:?set OUT}
@@ -44,4 +46,15 @@ if [ "$part" = c ]; then
     bench --batch-size 1 --seq-len 16 --modes lomo
     bench --batch-size 1 --seq-len 16 --modes lomo --cuda-graph
     bench --batch-size 16 --seq-len 1024 --modes lomo --cuda-graph --memory-cap-gb 24 --steps 10
+fi
+if [ "$part" = d ]; then
+    timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py tests/test_fused_update.py \
+        tests/test_lomo.py tests/test_saved_branch_grads.py tests/test_train.py -k "not shortened and not word_order" \
+        > "$out/tests.log" 2>&1
+    echo "tests rc=$?" >> "$out/tests.log"
+    bench --batch-size 4 --seq-len 512 --modes lomo-clip --cuda-graph
+    bench --batch-size 4 --seq-len 512 --modes lomo-clip
+    bench --batch-size 4 --seq-len 512 --modes lomo-clip --cuda-graph
+    bench --batch-size 4 --seq-len 512 --modes lomo
+    bench --batch-size 4 --seq-len 512 --modes lomo --cuda-graph
 fi
