@@ -50,6 +50,11 @@ How it works:
   sync and nothing beyond backward and the update, for users who check elsewhere (train.py then stops on
   a non-finite loss and checks the weights before each save and export).
 
+CUDA graphs (cuda_graph.py) replay kernels with the arguments they were captured with and run no Python, so
+the step is also offered in parts: the host's (`begin_graphed_step`, `after_graphed_norm_pass`,
+`end_graphed_step`) and the device's (`device_pass`: one backward pass whose every update is the kernel,
+reading alpha, the lr with the clip factor, from a tensor on the device).
+
 Weight decay is L2 regularization added to the gradient (g + wd * w), exactly as `torch.optim.SGD`'s
 `weight_decay`; with a constant lr this equals decoupled decay with factor lr * wd.
 
