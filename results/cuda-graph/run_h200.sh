@@ -11,6 +11,7 @@
 #          16 x 1024 under the 24 GB cap with graphs
 #   run 4: part d: the clipped step as three graphs and the review fixes: GPU tests; lomo-clip eager and graphed,
 #          lomo eager and graphed (with reserved_end_gib: the same memory window for both), each its own process
+#   run 5: part e: the session's final build: the whole test suite on the GPU machine
 set -uo pipefail
 part=${1:?usage: run_h200.sh PART}
 out=${OUT:?set OUT}
@@ -57,4 +58,8 @@ if [ "$part" = d ]; then
     bench --batch-size 4 --seq-len 512 --modes lomo-clip --cuda-graph
     bench --batch-size 4 --seq-len 512 --modes lomo
     bench --batch-size 4 --seq-len 512 --modes lomo --cuda-graph
+fi
+if [ "$part" = e ]; then
+    timeout 470 python3 -m pytest -q -p no:cacheprovider tests > "$out/suite.log" 2>&1
+    echo "suite rc=$?" >> "$out/suite.log"
 fi
