@@ -11,7 +11,8 @@
 #          16 x 1024 under the 24 GB cap with graphs
 #   run 4: part d: the clipped step as three graphs and the review fixes: GPU tests; lomo-clip eager and graphed,
 #          lomo eager and graphed (with reserved_end_gib: the same memory window for both), each its own process
-#   run 5: part e: the session's final build: the whole test suite on the GPU machine
+#   run 5: part e: the session's final build: the whole test suite on the GPU machine (stopped by its 470 s
+#          limit after 340 tests: 337 passed, 3 skipped, none failed)
 set -uo pipefail
 part=${1:?usage: run_h200.sh PART}
 out=${OUT:?set OUT}
