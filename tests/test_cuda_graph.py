@@ -18,6 +18,7 @@ import torch
 import fused_update
 from conftest import VOCAB, inject, loss_of, tiny_model
 from cuda_graph import GraphedStep, obstacle
+from distributed import run_ranks
 from lomo import LOMO, learning_rate
 from model import cross_entropy_loss
 
@@ -59,10 +60,10 @@ def pair(dtype=torch.bfloat16, vectors="trained", checkpointing=False, device="c
     return models
 
 
-def graphed_step_on_the_cpu(lomo, model, batch, lr):
+def graphed_step_on_the_cpu(lomo, model, batch, lr, loss_fn=loss_of):
     """What GraphedStep's replays do, run eagerly: the host's part and the device passes between."""
     result = lomo.begin_graphed_step(torch.device("cpu"), lr)
-    loss = loss_of(model, batch)
+    loss = loss_fn(model, batch)
     if not lomo.needs_norm_pass:
         return lomo.end_graphed_step(result, *lomo.device_pass(loss))
     mean_loss, norm = lomo.device_pass(loss, "norm")
@@ -114,6 +115,56 @@ def test_the_clipped_device_passes_train_as_step(kernel_on_the_cpu, checkpointin
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7), name
     assert all(p.grad is None for p in models[1].parameters())
+
+
+def parallel_worker(tp, clip):
+    # In each of two gloo processes: eager LOMO.step against the graphed step's parts, on a model split over tp
+    # ranks or replicated over dp ranks (each dp rank its rows of the batch).
+    import losses
+    import shard
+    from model import model_args
+    grid = shard.init_distributed(tp=tp, device="cpu")
+    fused_update.available = lambda param, grad: True
+    fused_update.update_and_sum_squares = reference_kernel
+    reference_kernel.calls = 0
+    args = model_args("tiny", vocab_size=VOCAB, n_layers=2, max_seq_len=64, n_heads=8, n_kv_heads=4)
+    models = [shard.build_model(args, grid, seed=0) for _ in range(2)]
+    for model in models:
+        model.activation_checkpointing = True
+    eager, graphed = (LOMO(m, lr=0.3, clip_grad_norm=clip, tp_group=grid.tp_group, dp_group=grid.dp_group)
+                      for m in models)
+    make = torch.Generator().manual_seed(3)
+    rows = slice(grid.dp_rank * 4 // grid.dp, (grid.dp_rank + 1) * 4 // grid.dp)
+    reported = []
+    for lr in lrs(3):
+        tokens = torch.randint(0, VOCAB, (4, 17), generator=make)[rows]
+        batch = (tokens[:, :-1], tokens[:, 1:])
+
+        def loss_fn(model, batch):
+            return losses.model_loss(model, *batch, grid)
+
+        a = eager.step(loss_fn(models[0], batch), lr)
+        b = graphed_step_on_the_cpu(graphed, models[1], batch, lr, loss_fn)
+        reported.append((a.loss, b.loss, a.grad_norm, b.grad_norm))
+    return reported, [[shard.gather_full(p, grid) for p in model.parameters()] for model in models]
+
+
+@pytest.mark.parametrize("tp", [2, 1])  # tp = 2, or dp = 2
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_in_parallel_the_graphed_step_s_parts_train_as_step(tp, clip):
+    # The collectives in the device passes: the mean loss over dp, the norm over tp, dp's gradient averages
+    # (the norm weights' too, before their kernel). A rank that skipped one would report another loss or norm,
+    # or its replicas would drift apart.
+    ranks = run_ranks(parallel_worker, 2, tp, clip)
+    for reported, (eager_weights, graphed_weights) in ranks:
+        for eager_loss, graphed_loss, eager_norm, graphed_norm in reported:
+            assert graphed_loss == pytest.approx(eager_loss, rel=1e-6)
+            assert graphed_norm == pytest.approx(eager_norm, rel=1e-5)
+            assert clip is None or graphed_norm > clip  # clipping was active
+        for a, b in zip(eager_weights, graphed_weights):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    if tp == 1:  # the dp replicas stay equal, bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(ranks[0][1][1], ranks[1][1][1]))
 
 
 def test_a_clipped_step_with_a_nonfinite_norm_is_skipped_before_its_update_pass(batch, kernel_on_the_cpu):
