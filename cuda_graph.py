@@ -27,8 +27,9 @@ How a step goes: `loss = graphed.forward(inputs, targets)`, then `graphed.step(l
   checks the previous step (as `LOMO.step` does before any weight moves), fills alpha, and replays the rest.
   The forward is its own graph so that the host waits for the previous step's norm while the GPU runs this
   step's forward, as in an eager step, instead of the GPU idling between two whole-step replays.
-- The graphs keep what LOMO was at the capture: changing its settings or its weights' tensors afterwards is
-  refused at the next step (make a new GraphedStep).
+- The graphs keep what LOMO was at the capture: changing its settings (but the lr and the clip threshold,
+  which the host reads each step) or its weights' tensors afterwards is refused at the next step (make a new
+  GraphedStep).
 
 Memory: the graphs share one private pool as large as the step's peak, for their whole life, beside the rest
 of the caching allocator's memory. A clipped step keeps all of its norm pass's saved branch gradients on the
@@ -38,7 +39,8 @@ of another shape runs eagerly (with a warning the first time), in the other memo
 (train.py pads every batch to --seq-len).
 
 Left out (refused with the reason): fp16 (its loss scale changes between steps), value clipping and weight
-decay (their PyTorch-op updates take the lr as a number), `check_finite=False` (those updates too),
+decay (their PyTorch-op updates take the lr as a number), `check_finite=False` without clipping (those
+updates too),
 offloaded checkpoints (side-stream copies into host buffers chosen at run time), and CPUs.
 """
 import warnings
@@ -124,20 +126,21 @@ class GraphedStep:
             raise RuntimeError("step() takes the loss that forward() returned (the forward graph's output)")
         lomo = self.lomo
         if self._backward_graphs is None:
+            result = None
             try:
                 result = lomo.begin_graphed_step(lomo.params[0].device, lr)  # checks the previous step, counts
                 self._capture_backward()
             except BaseException:
-                # Nothing was replayed: the next step captures again, from a forward of its own.
+                # No backward was replayed and no weight moved: the step is not counted, and the next one captures
+                # again, from a forward of its own.
+                if result is not None:
+                    lomo.step_count -= 1
                 self._loss.detach_()
-                self._forward_graph = self._backward_graphs = None
+                self._forward_graph = self._backward_graphs = self._loss = self._mean_loss = self._norm = None
                 lomo.release_graph_saved()
                 raise
         else:
-            if self._settings() != self._captured_settings or lomo._alpha is not self._alpha:
-                raise RuntimeError("LOMO's settings, its trained weights' tensors or its alpha buffer changed since "
-                                   "the CUDA graphs were captured, and the graphs would not follow: make a new "
-                                   "GraphedStep after such a change")
+            self.check_unchanged()
             result = lomo.begin_graphed_step(lomo.params[0].device, lr)  # checks the previous step, counts, alpha
         self.replays += 1
         if len(self._backward_graphs) == 1:
@@ -168,12 +171,20 @@ class GraphedStep:
         return all(new.shape == old.shape and new.dtype == old.dtype and new.device == old.device
                    for new, old in ((inputs, self._inputs), (targets, self._targets)))
 
+    def check_unchanged(self):
+        """Raise if LOMO changed since the capture in a way that the replays would not follow."""
+        if self._settings() != self._captured_settings or self.lomo._alpha is not self._alpha:
+            raise RuntimeError("LOMO's settings, its trained weights' tensors or its alpha buffer changed since the "
+                               "CUDA graphs were captured, and the graphs would not follow: make a new GraphedStep "
+                               "after such a change")
+
     def _settings(self):
-        """What the captured graphs keep of LOMO: its settings and the tensors of its trained weights."""
+        """What the captured graphs keep of LOMO: which passes and updates they run, where the saved gradients
+        wait, and the tensors of its trained weights. (The clip threshold and the lr are read on the host.)"""
         lomo = self.lomo
-        return (lomo.clip_grad_norm, lomo.clip_grad_value, lomo.weight_decay, lomo.check_finite, lomo.fused_kernel,
-                lomo.saved_branch_grads, lomo.loss_scaler is None, len(lomo._handles),
-                tuple((p.data_ptr(), p.requires_grad) for p in lomo.params))
+        return (lomo.clip_grad_norm is None, lomo.clip_grad_value, lomo.weight_decay, lomo.check_finite,
+                lomo.fused_kernel, lomo.saved_branch_grads, lomo.branch_grads_gpu_gib, lomo.loss_scaler is None,
+                len(lomo._handles), tuple((p.data_ptr(), p.requires_grad) for p in lomo.params))
 
     def _capture_forward(self, inputs, targets):
         # Each dtype's kernel compiled and its launcher checked now: that check reads a result back to the

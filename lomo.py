@@ -53,7 +53,8 @@ How it works:
 CUDA graphs (cuda_graph.py) replay kernels with the arguments they were captured with and run no Python, so
 the step is also offered in parts: the host's (`begin_graphed_step`, `after_graphed_norm_pass`,
 `end_graphed_step`) and the device's (`device_pass`: one backward pass whose every update is the kernel,
-reading alpha, the lr with the clip factor, from a tensor on the device).
+reading alpha, the lr with the clip factor, from a tensor on the device). There the norm pass keeps all its
+saved branch gradients on the GPU (a capture cannot wait for host copies), within `branch_grads_gpu_gib`.
 
 Weight decay is L2 regularization added to the gradient (g + wd * w), exactly as `torch.optim.SGD`'s
 `weight_decay`; with a constant lr this equals decoupled decay with factor lr * wd.

@@ -295,7 +295,7 @@ def train(args, grid, dtype):
            f"{', dynamic loss scaling' if lomo.loss_scaler else ''}")
     if args.compile:  # after LOMO, which says whether backward runs twice over one graph
         compile_blocks(model, backward_twice=lomo.needs_norm_pass)
-    # Refuses what a graph cannot hold (clipping by norm, fp16, ...) now, before any step runs.
+    # Refuses what a graph cannot hold (fp16, weight decay, ...) now, before any step runs.
     graphed = GraphedStep(model, lomo, lambda i, t: model_loss(model, i, t, grid)) if args.cuda_graph else None
     if graphed is not None:
         print0("CUDA graphs: step 1 eager, then each step replayed (cuda_graph.py); batches padded to --seq-len")

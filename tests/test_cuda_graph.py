@@ -5,6 +5,7 @@ eagerly with the kernel's contract in PyTorch ops) against LOMO.step, one-pass a
 On a GPU: the graphs themselves, replayed, against eager steps bit for bit, with a batch and an lr that change
 each step, clipping, a non-finite loss, a batch of another shape, settings changed after the capture; on two
 GPUs, tp = 2 and dp = 2 through train.py."""
+import contextlib
 import json
 import math
 import os
@@ -70,6 +71,7 @@ def graphed_step_on_the_cpu(lomo, model, batch, lr, loss_fn=loss_of):
     saved = lomo.graph_saved_bytes()
     if lomo.after_graphed_norm_pass(result, mean_loss, norm):
         lomo.device_pass(loss, "update")
+        assert lomo.graph_saved_bytes() == 0  # the update pass took every saved gradient
     lomo.release_graph_saved()
     result.saved_bytes = saved
     return lomo.end_graphed_step(result) if not result.skipped else result
@@ -96,22 +98,29 @@ def test_the_one_pass_device_pass_trains_as_step(kernel_on_the_cpu, vectors):
             torch.testing.assert_close(p, q, rtol=0, atol=2 ** -7), name
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_the_clipped_device_passes_train_as_step(kernel_on_the_cpu, checkpointing):
+@pytest.mark.parametrize("checkpointing, saved", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("clip", [0.05, 1e6])  # clipping active, and not (a factor of 1)
+def test_the_clipped_device_passes_train_as_step(kernel_on_the_cpu, checkpointing, saved, clip):
     # fp32, so that the eager update (the clip factor on the gradient, then -lr) and the kernel's (alpha = -lr times
     # the clip factor) differ only by rounding; the norm and the decision are the same computation.
     models = pair(dtype=torch.float32, checkpointing=checkpointing)
-    eager, graphed = (LOMO(m, lr=0.3, clip_grad_norm=0.05) for m in models)
+    eager, graphed = (LOMO(m, lr=0.3, clip_grad_norm=clip, saved_branch_grads=saved) for m in models)
     assert obstacle(models[1], graphed) is None
     trained = sum(1 for p in models[1].parameters() if p.requires_grad)
+    grams = []
+    keep_gram_norm = graphed._keep_gram_norm
+    graphed._keep_gram_norm = lambda weight, norm: grams.append(weight) or keep_gram_norm(weight, norm)
     for lr, batch in zip(lrs(3), batches(3)):
         a = eager.step(loss_of(models[0], batch), lr)
-        reference_kernel.calls = 0
+        reference_kernel.calls, grams[:] = 0, []
         b = graphed_step_on_the_cpu(graphed, models[1], batch, lr)
         assert reference_kernel.calls == trained  # only in the update pass: the norm pass moves nothing
-        assert b.loss == a.loss and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5) and b.grad_norm > 0.05
+        assert b.loss == a.loss and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
+        assert (b.grad_norm > clip) == (clip < 1)
+        # The norm pass takes the linear layers' norms from Grams (7 a block and the head), as step() does.
+        assert len(grams) == sum(getattr(m, "gram_norm", False) for m in models[1].modules()) == 7 * 2 + 1
         # With checkpointed blocks the norm pass keeps both branch gradients of each block, all on the device.
-        assert b.saved_bytes == (2 * 2 * 2 * 16 * models[1].args.dim * 4 if checkpointing else 0)
+        assert b.saved_bytes == (2 * 2 * 2 * 16 * models[1].args.dim * 4 if checkpointing and saved else 0)
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7), name
     assert all(p.grad is None for p in models[1].parameters())
@@ -175,6 +184,41 @@ def test_a_clipped_step_with_a_nonfinite_norm_is_skipped_before_its_update_pass(
         result = graphed_step_on_the_cpu(lomo, model, batch, None)
     assert result.skipped and "non-finite gradient norm" in result.reason and lomo.consecutive_skips == 1
     assert reference_kernel.calls == 0 and all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_clipped_skips_are_counted_as_by_step(kernel_on_the_cpu):
+    # bad, good, bad, good: never two bad steps in a row, so neither way may stop; a good step resets the count.
+    models = pair(dtype=torch.float32)
+    eager, graphed = (LOMO(m, lr=0.3, clip_grad_norm=1.0, max_consecutive_skips=2) for m in models)
+    for number, batch in enumerate(batches(4)):
+        bad = number % 2 == 0
+        with inject(models[0], math.inf) if bad else contextlib.nullcontext():
+            a = eager.step(loss_of(models[0], batch))
+        with inject(models[1], math.inf) if bad else contextlib.nullcontext():
+            b = graphed_step_on_the_cpu(graphed, models[1], batch, None)
+        assert a.skipped == b.skipped == bad and graphed.consecutive_skips == eager.consecutive_skips == int(bad)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_a_change_the_replays_would_not_follow_is_refused(kernel_on_the_cpu):
+    # The check GraphedStep makes before each replay, with the capture's snapshot taken here on the CPU.
+    model = tiny_model(dtype=torch.bfloat16)
+    lomo = LOMO(model, lr=0.3, clip_grad_norm=1.0)
+    graphed = GraphedStep(model, lomo, None)
+    lomo.begin_graphed_step(torch.device("cpu"))
+    graphed._captured_settings, graphed._alpha = graphed._settings(), lomo._alpha
+    lomo.clip_grad_norm, lomo.lr = 0.5, 0.1  # read on the host each step: followed
+    graphed.check_unchanged()
+    changes = [lambda: setattr(lomo, "clip_grad_norm", None), lambda: setattr(lomo, "saved_branch_grads", False),
+               lambda: setattr(lomo, "branch_grads_gpu_gib", 0.5), lomo.remove_hooks,
+               lambda: setattr(model.output.weight, "data", model.output.weight.data.clone()),
+               lambda: setattr(lomo, "_alpha", torch.zeros(()))]
+    for change in changes:
+        change()
+        with pytest.raises(RuntimeError, match="make a new GraphedStep"):
+            graphed.check_unchanged()
+        graphed._captured_settings, graphed._alpha = graphed._settings(), lomo._alpha  # as if captured anew
 
 
 def test_a_one_pass_device_pass_with_a_nonfinite_loss_moves_nothing_and_is_counted(batch, kernel_on_the_cpu):
@@ -317,34 +361,48 @@ def test_a_batch_of_another_shape_runs_eagerly_and_trains_the_same():
 
 
 @needs_graphs
-def test_settings_changed_after_the_capture_are_refused():
-    (model,) = pair(device="cuda")[:1]
-    lomo = LOMO(model, lr=0.3, clip_grad_norm=1.0)
-    graphed = gpu_graphed(model, lomo)
-    batch = batches(1, "cuda")[0]
-    for _ in range(2):
-        graphed.step(graphed.forward(*batch))
-    lomo.clip_grad_norm = 0.5
+def test_a_new_clip_threshold_is_followed_and_clipping_turned_off_is_refused():
+    models = pair(device="cuda")
+    eager, lomo = (LOMO(m, lr=0.3, clip_grad_norm=1.0) for m in models)
+    graphed = gpu_graphed(models[1], lomo)
+    for number, batch in enumerate(batches(4, "cuda")):
+        if number == 2:
+            eager.clip_grad_norm = lomo.clip_grad_norm = 0.01  # read on the host between the passes: followed
+        a, b = eager.step(loss_of(models[0], batch)), graphed.step(graphed.forward(*batch))
+        assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(p, q), name
+    lomo.clip_grad_norm = None  # one pass instead of two: the graphs cannot follow
     with pytest.raises(RuntimeError, match="make a new GraphedStep"):
         graphed.step(graphed.forward(*batch))
 
 
 @needs_graphs
-def test_saved_branch_gradients_beyond_the_budget_are_refused_before_any_replay():
-    (model,) = pair(checkpointing=True, device="cuda")[:1]
-    lomo = LOMO(model, lr=0.3, clip_grad_norm=1.0, branch_grads_gpu_gib=0)
-    graphed = gpu_graphed(model, lomo)
-    batch = batches(1, "cuda")[0]
-    graphed.step(graphed.forward(*batch))
-    before = [p.detach().clone() for p in model.parameters()]
+def test_saved_branch_gradients_beyond_the_budget_are_refused_and_the_next_step_captures_again():
+    models = pair(checkpointing=True, device="cuda")
+    eager = LOMO(models[0], lr=0.3, clip_grad_norm=1.0)
+    lomo = LOMO(models[1], lr=0.3, clip_grad_norm=1.0, branch_grads_gpu_gib=0)
+    graphed = gpu_graphed(models[1], lomo)
+    first, refused, *later = batches(4, "cuda")
+    eager.step(loss_of(models[0], first))
+    graphed.step(graphed.forward(*first))
+    before = [p.detach().clone() for p in models[1].parameters()]
     with pytest.raises(ValueError, match="raise it \\(--branch-grads-gpu-gib\\)"):
+        graphed.step(graphed.forward(*refused))
+    assert all(torch.equal(p, q) for p, q in zip(models[1].parameters(), before)) and lomo.step_count == 1
+    lomo.branch_grads_gpu_gib = 1.0  # enough now: the next step captures again, from its own forward
+    for batch in later:
+        eager.step(loss_of(models[0], batch))
         graphed.step(graphed.forward(*batch))
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert (graphed.eager_steps, graphed.replays) == (1, 2)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(p, q), name
 
 
 @pytest.mark.skipif(not (torch.cuda.device_count() >= 2 and fused_update.triton is not None),
                     reason="tp and dp graphs need two GPUs (NCCL inside the captures)")
-@pytest.mark.parametrize("parallel", [["--tp", "2"], [], ["--tp", "2", "--clip-grad-norm", "1.0"]])
+@pytest.mark.parametrize("parallel", [["--tp", "2"], [], ["--tp", "2", "--clip-grad-norm", "1.0"],
+                                      ["--clip-grad-norm", "1.0"]])
 def test_on_two_gpus_replays_train_as_eager_steps(tmp_path, parallel):
     # Two torchrun processes on NCCL, with and without graphs: the collectives (tp's all-reduces in the blocks and
     # the loss, dp's in the hooks) are captured too, and the logged losses must be the eager run's.
