@@ -194,8 +194,11 @@ def main(argv=None):
                          "overwritten)" if not args.eval_only else "export with `python checkpoint.py convert` instead "
                          "of --eval-only"))
     dtype = resolve_dtype(args.dtype)
+    if args.cuda_graph and args.dtype != "bf16":  # (the rest of what a graph cannot hold: when LOMO is built)
+        raise ValueError(f"--cuda-graph with --dtype {args.dtype}: the graphed step's kernel updates bf16 weights "
+                         f"(and fp16's loss scale changes between steps): add --dtype bf16")
     if resolve_device(args.device).type != "cuda" and args.cuda_graph:  # (an unknown device is refused first)
-        raise ValueError("--cuda-graph replays CUDA graphs: it needs a GPU (--device cuda), with --dtype bf16")
+        raise ValueError("--cuda-graph replays CUDA graphs: it needs a GPU (--device cuda)")
     grid = init_distributed(args.tp, args.device, args.backend)
     try:
         return train(args, grid, dtype)

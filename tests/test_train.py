@@ -74,7 +74,8 @@ def test_low_precision_runs_with_clipping_log_norm_and_scale(tmp_path, dtype):
     (["--long-examples", "skip"], ValueError, "unknown policy 'skip' for long examples"),
     (["--offload-checkpoints"], ValueError, "add --activation-checkpointing"),
     (["--branch-grads-gpu-gib", "-0.5"], ValueError, "--branch-grads-gpu-gib=-0.5 must be a number >= 0"),
-    (["--cuda-graph", "--device", "cpu"], ValueError, "--cuda-graph replays CUDA graphs: it needs a GPU"),
+    (["--cuda-graph", "--device", "cpu", "--dtype", "bf16"], ValueError, "--cuda-graph replays CUDA graphs: it needs a GPU"),
+    (["--cuda-graph"], ValueError, "--cuda-graph with --dtype fp32: .* add --dtype bf16"),
 ])
 def test_bad_input_is_refused_before_training(tmp_path, flags, error, message):
     with pytest.raises(error, match=message):
@@ -203,5 +204,7 @@ def test_with_cuda_graphs_training_logs_the_same_losses(tmp_path, capsys, clip):
     eager, graphs = rows(tmp_path / "eager"), rows(tmp_path / "graphs")
     assert [r.get("loss") for r in graphs] == [r.get("loss") for r in eager]  # replays train bit for bit
     assert [r.get("val_loss") for r in graphs] == [r.get("val_loss") for r in eager]
-    with pytest.raises(ValueError, match="fp16's loss scale"):
+    with pytest.raises(ValueError, match="--cuda-graph with --dtype fp16: .* add --dtype bf16"):
         run(tmp_path / "fp16", *quick, "--cuda-graph", "--dtype", "fp16")
+    with pytest.raises(ValueError, match="no --weight-decay"):
+        run(tmp_path / "decay", *quick, "--cuda-graph", "--weight-decay", "0.1")
