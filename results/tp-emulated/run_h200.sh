@@ -6,6 +6,9 @@
 #          tests that had not run on a GPU (the emulated eager runs stopped on a NaN gradient norm: the fake
 #          all-reduce left the embeddings of tokens outside rank 0's shard at zero; fixed)
 #   run 2: part b: nan_probe.py, then part a's bench runs again with the fix
+#   runs 3-5 were single commands (not in this script): 3: `python3 results/tp-emulated/nan_probe_lomo.py cuda`, then
+#          `python3 -m pytest -q tests/test_shard.py`; 4: `python3 results/tp-emulated/nan_probe_origin.py cuda`;
+#          5: `python3 results/tp-emulated/nan_probe_compiled.py cuda`
 set -uo pipefail
 part=${1:?usage: run_h200.sh PART}
 out=${OUT:?set OUT}
