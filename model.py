@@ -260,8 +260,8 @@ class FeedForward(nn.Module):
         self.w2 = SwiGLUDown(hidden, args.dim)  # down: takes (gate, up), applies SwiGLU itself
         self.w3 = Linear(args.dim, hidden)  # up
 
-    def forward(self, x, checkpointed: bool = False):
-        return self.w2(self.w1(x), self.w3(x), checkpointed)
+    def forward(self, x, checkpointed: bool = False, output_unread: bool = False):
+        return self.w2(self.w1(x), self.w3(x), checkpointed, output_unread)
 
 
 class SwiGLUDown(Linear):
@@ -269,11 +269,11 @@ class SwiGLUDown(Linear):
     the same weight and name; it applies SwiGLU itself so that one autograd Function covers both steps
     (`swiglu_down`). shard.py's row-parallel form takes the same arguments."""
 
-    def forward(self, gate, up, checkpointed: bool = False):
-        return swiglu_down(gate, up, self.weight, checkpointed, self.gram_norm)
+    def forward(self, gate, up, checkpointed: bool = False, output_unread: bool = False):
+        return swiglu_down(gate, up, self.weight, checkpointed, self.gram_norm, output_unread)
 
 
-def swiglu_down(gate, up, weight, checkpointed: bool = False, gram_norm: bool = False):
+def swiglu_down(gate, up, weight, checkpointed: bool = False, gram_norm: bool = False, output_unread: bool = False):
     """F.linear(silu(gate) * up, weight), with autograd's gradients bit for bit and less memory.
 
     The backward of a block's feed-forward is the peak of a LOMO step. Plain autograd holds there, for 7B
@@ -286,6 +286,10 @@ def swiglu_down(gate, up, weight, checkpointed: bool = False, gram_norm: bool = 
       gate and up into the saved tensors' own memory: 43 MiB less at the peak. Without checkpointing they
       are autograd's real saved tensors, which a second backward over a retained graph (LOMO's clipping
       pass) reads again, so backward leaves them alone.
+    - `output_unread=True` (offload.py's recomputation of a checkpointed block, whose output only marks where
+      the block's backward starts): backward needs gate and up, never this output's value, so the matmul is
+      skipped and a zero of the output's shape (one element, expanded) stands for it: w2's forward, 185 GFLOP
+      a block for 7B at 4 x 512 tokens, is not computed a second time (under tp, nor is its all-reduce).
     Under torch.compile it is the plain expression, whose saved tensors the compiler plans itself. Without
     grad (inference) SwiGLU works in place and overwrites `gate`. `gram_norm`: as model.Linear's (set by
     LOMO), w2's weight-gradient norm may come from Grams in a norm pass (gram_norm.py)."""
@@ -295,14 +299,16 @@ def swiglu_down(gate, up, weight, checkpointed: bool = False, gram_norm: bool = 
         # Inference, and a checkpointed block's first forward under offloading: nothing is saved, so the
         # product overwrites gate (the w1 output, read nowhere else) and no third tensor is made.
         return F.linear(F.silu(gate, inplace=True).mul_(up), weight)
-    return _SwiGLUDown.apply(gate, up, weight, checkpointed, gram_norm)
+    return _SwiGLUDown.apply(gate, up, weight, checkpointed, gram_norm, output_unread)
 
 
 class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up, weight, checkpointed, use_gram_norm):
+    def forward(ctx, gate, up, weight, checkpointed, use_gram_norm, output_unread=False):
         ctx.save_for_backward(gate, up, weight)
         ctx.overwrite_saved, ctx.weight, ctx.use_gram_norm = checkpointed, weight, use_gram_norm
+        if output_unread:
+            return gate.new_zeros(()).expand(*gate.shape[:-1], weight.shape[0])
         return F.linear(F.silu(gate) * up, weight)
 
     @staticmethod
@@ -330,7 +336,7 @@ class _SwiGLUDown(torch.autograd.Function):
             silu_gate = F.silu(gate)
             grad_up = silu_gate.mul_(grad_product)
             grad_gate = torch.ops.aten.silu_backward.grad_input(grad_product.mul_(up), gate, grad_input=grad_product)
-        return grad_gate, grad_up, grad_weight, None, None
+        return grad_gate, grad_up, grad_weight, None, None, None
 
 
 class TransformerBlock(nn.Module):
@@ -341,10 +347,12 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, cache: Optional[dict] = None, checkpointed: bool = False):
-        """checkpointed: this call runs under activation checkpointing (see swiglu_down)."""
+    def forward(self, x, cos, sin, cache: Optional[dict] = None, checkpointed: bool = False,
+                output_unread: bool = False):
+        """checkpointed: this call runs under activation checkpointing; output_unread: nothing will read the
+        returned tensor's value, only backward through it (offload.py's recomputation). See swiglu_down."""
         h = x + self.attention(self.attention_norm(x), cos, sin, cache)
-        return h + self.feed_forward(self.ffn_norm(h), checkpointed)
+        return h + self.feed_forward(self.ffn_norm(h), checkpointed, output_unread)
 
     def branch_inputs(self):
         """The modules whose outputs are the two branches' inputs. A block's backward turns the gradient at

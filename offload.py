@@ -10,7 +10,9 @@ the block from it there:
 - backward, block by block in reverse: the block's input (on the host: brought back, prefetched on the side
   stream while the block after it ran its attention's backward) is recomputed with grad, and its backward
   runs inside this one, as in torch.utils.checkpoint's original "reentrant" variant. The parameter
-  gradients accumulate in that inner backward, so LOMO's hooks fire as without checkpointing.
+  gradients accumulate in that inner backward, so LOMO's hooks fire as without checkpointing. The
+  recomputed output only marks where that backward starts, so the block's last matmul (w2) and, under tp,
+  its all-reduce are not done again (model.swiglu_down's `output_unread`).
 - Backward may run twice over the same graph (LOMO's clipping pass): each pass recomputes every block again.
   The second pass need not compute the chain of input gradients again: it is the same in both passes (in
   LOMO's update pass each layer's input gradient is made before its weight moves). In a block
@@ -331,8 +333,9 @@ class _CheckpointedBlock(torch.autograd.Function):
         try:
             with torch.enable_grad(), _prefetch_after_feed_forward(block, ahead):
                 # checkpointed=True: this graph is backwarded once, so the block's backward may reuse the
-                # memory of what it saved (model.swiglu_down).
-                output = block(x, cos, sin, checkpointed=True)
+                # memory of what it saved (model.swiglu_down). output_unread=True: the output only marks where
+                # backward starts (its value is never read), so the feed-forward's last matmul is skipped.
+                output = block(x, cos, sin, checkpointed=True, output_unread=True)
         finally:
             for handle in handles:
                 handle.remove()

@@ -194,8 +194,11 @@ class RowParallelLinear(nn.Module):
 class RowParallelSwiGLUDown(RowParallelLinear):
     """w2 under tp: model.SwiGLUDown on this rank's FFN columns (gate and up arrive split), then the sum."""
 
-    def forward(self, gate, up, checkpointed: bool = False):
-        return reduce_from_tp(swiglu_down(gate, up, self.weight, checkpointed, self.gram_norm), self.group)
+    def forward(self, gate, up, checkpointed: bool = False, output_unread: bool = False):
+        partial = swiglu_down(gate, up, self.weight, checkpointed, self.gram_norm, output_unread)
+        # An unread output (offload.py's recomputation) is a stand-in: no sum to make, and g's backward is the
+        # identity, so leaving g out changes no gradient. One all-reduce fewer per block and pass.
+        return partial if output_unread else reduce_from_tp(partial, self.group)
 
 
 class VocabParallelEmbedding(nn.Module):

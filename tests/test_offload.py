@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import loss_of, sgd_reference, tiny_model
 from lomo import LOMO
@@ -43,6 +44,24 @@ def torch_checkpoint_loss(model, batch):
     for layer in model.layers:
         h = checkpoint(layer, h, cos, sin, use_reentrant=False, checkpointed=True)
     return cross_entropy_loss(model.output(model.norm(h)), targets)
+
+
+def test_the_recomputation_skips_only_the_feed_forwards_last_matmul(batch):
+    """The recomputed block's output only marks where its backward starts, so w2's forward matmul (2 x tokens x
+    hidden x dim FLOPs) is not done again; everything else of the block's forward is."""
+    plain, recomputed = tiny_model(n_layers=3), checkpointed(tiny_model(n_layers=3), False)
+    backward_flops = []
+    for model in (plain, recomputed):
+        loss = loss_of(model, batch)
+        with FlopCounterMode(display=False) as flops:
+            loss.backward()
+        backward_flops.append(flops.get_total_flops())
+    args, (batch_size, seq) = plain.args, batch[0].shape
+    cos, sin = rotary_cos_sin(args.head_dim, seq, args.rope_theta)
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        plain.layers[0](torch.randn(batch_size, seq, args.dim), cos, sin)
+    w2_forward = 2 * batch_size * seq * args.ffn_hidden_dim * args.dim
+    assert backward_flops[1] - backward_flops[0] == args.n_layers * (flops.get_total_flops() - w2_forward)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

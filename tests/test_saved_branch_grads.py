@@ -113,8 +113,8 @@ def test_a_branch_input_that_runs_twice_is_refused(batch):
     block = model.layers[0]
     plain = type(block).forward
 
-    def forward_with_a_second_use(x, cos, sin, cache=None, checkpointed=False):
-        return plain(block, x, cos, sin, cache, checkpointed) + 0.5 * block.attention_norm(x)
+    def forward_with_a_second_use(x, cos, sin, cache=None, checkpointed=False, output_unread=False):
+        return plain(block, x, cos, sin, cache, checkpointed, output_unread) + 0.5 * block.attention_norm(x)
 
     block.forward = forward_with_a_second_use
     before = [p.detach().clone() for p in model.parameters()]

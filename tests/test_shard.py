@@ -12,6 +12,7 @@ from conftest import VOCAB, tiny_model
 from distributed import run_ranks
 from lomo import LOMO
 from model import cross_entropy_loss, init_weights, model_args, Transformer
+from offload import run_blocks_checkpointed
 
 
 def seeded(*shape, seed, dtype, requires_grad=False, scale=1.0):
@@ -227,7 +228,7 @@ def test_sharded_init_is_exactly_the_slices_of_the_unsharded_init():
 # Communication pattern
 
 
-def collective_count_worker():
+def collective_count_worker(checkpointing=False):
     grid = shard.init_distributed(tp=2)
     model = shard.build_model(model_args("tiny", vocab_size=VOCAB, n_layers=1, max_seq_len=64), grid, seed=0)
     block = model.layers[0]
@@ -241,7 +242,7 @@ def collective_count_worker():
     shard.all_reduce = counting
     x = torch.randn(2, 8, 128, requires_grad=True)
     cos, sin = torch.ones(8, 16), torch.zeros(8, 16)
-    y = block(x, cos, sin)
+    y = run_blocks_checkpointed([block], x, cos, sin) if checkpointing else block(x, cos, sin)
     forward = list(calls)
     y.sum().backward()
     backward = calls[len(forward):]
@@ -253,6 +254,13 @@ def test_each_block_does_two_all_reduces_forward_and_two_backward():
     for forward, backward in run_ranks(collective_count_worker, 2):
         assert forward == [(2, 8, 128)] * 2  # after wo and after w2
         assert backward == [(2, 8, 128)] * 2  # before wq/wk/wv and before w1/w3
+
+
+def test_a_checkpointed_blocks_recomputation_does_only_the_attentions_all_reduce():
+    # The recomputed output is never read (offload.py), so w2's matmul and its all-reduce are not done again.
+    for forward, backward in run_ranks(collective_count_worker, 2, True):
+        assert forward == [(2, 8, 128)] * 2
+        assert backward == [(2, 8, 128)] * 3  # after wo in the recomputation; then the two of backward
 
 
 # ----------------------------------------------------------------------------------------------------
