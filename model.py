@@ -290,10 +290,14 @@ def swiglu_down(gate, up, weight, checkpointed: bool = False, gram_norm: bool = 
       the block's backward starts): backward needs gate and up, never this output's value, so the matmul is
       skipped and a zero of the output's shape (one element, expanded) stands for it: w2's forward, 185 GFLOP
       a block for 7B at 4 x 512 tokens, is not computed a second time (under tp, nor is its all-reduce).
-    Under torch.compile it is the plain expression, whose saved tensors the compiler plans itself. Without
+    Under torch.compile it is the plain expression, whose saved tensors the compiler plans itself, except with
+    `output_unread`, where the compiler traces this Function (without Gram norms, which compiled blocks never
+    take) so that the matmul is skipped there too. Without
     grad (inference) SwiGLU works in place and overwrites `gate`. `gram_norm`: as model.Linear's (set by
     LOMO), w2's weight-gradient norm may come from Grams in a norm pass (gram_norm.py)."""
     if torch.compiler.is_compiling():
+        if output_unread and torch.is_grad_enabled():  # traced as the Function: no matmul, eager's backward
+            return _SwiGLUDown.apply(gate, up, weight, checkpointed, False, True)
         return F.linear(F.silu(gate) * up, weight)
     if not torch.is_grad_enabled():
         # Inference, and a checkpointed block's first forward under offloading: nothing is saved, so the

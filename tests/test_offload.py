@@ -64,6 +64,30 @@ def test_the_recomputation_skips_only_the_feed_forwards_last_matmul(batch):
     assert backward_flops[1] - backward_flops[0] == args.n_layers * (flops.get_total_flops() - w2_forward)
 
 
+def test_a_compiled_recomputation_skips_w2s_matmul_too(batch):
+    """Compiled blocks: the compiler's graph of the recomputation has one matmul fewer than the first forward's,
+    and the gradients are those of the uncompiled blocks."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    matmuls = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+    forward_graphs = []
+
+    def count_forward(graph_module, example_inputs):
+        forward_graphs.append(sum(node.target in matmuls for node in graph_module.graph.nodes))
+        return make_boxed_func(graph_module)
+
+    torch._dynamo.reset()
+    reference, model = checkpointed(tiny_model(n_layers=1), False), checkpointed(tiny_model(n_layers=1), False)
+    model.layers[0].compile(backend=aot_autograd(fw_compiler=count_forward, bw_compiler=lambda gm, _: make_boxed_func(gm)))
+    for m in (reference, model):
+        loss_of(m, batch).backward()
+    torch._dynamo.reset()
+    first_forward, recomputation = forward_graphs  # without grad (no graph kept), then with it
+    assert first_forward == 7 and recomputation == 6  # wq, wk, wv, wo, w1, w3, w2; w2 skipped
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gradients_equal_torch_checkpoint_bit_for_bit(batch, dtype):
     reference = tiny_model(dtype=dtype)

@@ -3,8 +3,11 @@
 # whose output nothing reads. A/B in one call: "before" is the build before the change (its root *.py files in
 # results/recompute-w2/before/, ignored by git, carried to the device); "after" is the working tree. 7B bf16 with
 # checkpointing at 4 x 512, 30 timed steps, each in its own process, the two builds alternating.
-# Writes into $OUT. Usage: OUT=... bash results/recompute-w2/run_h200.sh
+# Writes into $OUT. Usage: OUT=... bash results/recompute-w2/run_h200.sh PART
+#   run 1: part a: eager blocks (the change as first made: compiled blocks still computed the matmul)
+#   run 3: part b: compiled blocks, which now skip it too ("before" is then the build of run 1's "after")
 set -uo pipefail
+part=${1:?usage: run_h200.sh a|b}
 out=${OUT:?set OUT}
 root=$(pwd)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
@@ -17,10 +20,19 @@ one() {  # one() BUILD SCRIPT ARGS...: a run of BUILD (before/after) from its ow
         --out "$out/$build.jsonl") >> "$out/bench.log" 2>&1 \
         || echo "FAILED: $build $*" >> "$out/bench.log"
 }
-for build in before after before after; do one $build bench.py --modes lomo --cuda-graph; done
-for build in before after; do one $build bench.py --modes lomo-clip --cuda-graph; done
-for build in before after; do one $build bench.py --modes lomo; done
-for build in before after; do one $build EMULATE --tp 2 --modes lomo --cuda-graph; done
+if [ "$part" = a ]; then
+    for build in before after before after; do one $build bench.py --modes lomo --cuda-graph; done
+    for build in before after; do one $build bench.py --modes lomo-clip --cuda-graph; done
+    for build in before after; do one $build bench.py --modes lomo; done
+    for build in before after; do one $build EMULATE --tp 2 --modes lomo --cuda-graph; done
+fi
+if [ "$part" = b ]; then
+    for build in before after before after; do one $build bench.py --modes lomo --compile --cuda-graph; done
+    for build in before after; do one $build EMULATE --tp 2 --modes lomo --compile --cuda-graph; done
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_offload.py tests/test_model.py -k "compile" \
+        > "$out/tests.log" 2>&1
+    echo "tests rc=$?" >> "$out/tests.log"
+fi
 python3 - "$out" <<'PY' | tee "$out/summary.txt"
 import json, sys
 for build in ("before", "after"):
