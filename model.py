@@ -354,7 +354,10 @@ class TransformerBlock(nn.Module):
     def forward(self, x, cos, sin, cache: Optional[dict] = None, checkpointed: bool = False,
                 output_unread: bool = False):
         """checkpointed: this call runs under activation checkpointing; output_unread: nothing will read the
-        returned tensor's value, only backward through it (offload.py's recomputation). See swiglu_down."""
+        returned tensor's value, only backward through it (offload.py's recomputation). See swiglu_down. Then
+        the returned value is h + 0 (under tp, without the sum of w2's partials): a forward hook on the block,
+        its feed_forward or w2 that reads it in the recomputation sees that, and one that edits it in place
+        raises (the stand-in zero is an expanded view)."""
         h = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return h + self.feed_forward(self.ffn_norm(h), checkpointed, output_unread)
 

@@ -12,7 +12,8 @@
   (wo, w2: split the input features) and vocab-parallel embedding (split the vocabulary rows). The
   loss over the vocabulary-split head lives in losses.py (fused with the head, no logits gathered).
   Per block: 2 all-reduces forward (after wo and w2) and 2 backward (at the outputs of attention_norm,
-  read by wq/wk/wv, and of ffn_norm, read by w1/w3).
+  read by wq/wk/wv, and of ffn_norm, read by w1/w3); a checkpointed block 1 more, after wo in its
+  recomputation (whose w2 output nothing reads: model.swiglu_down's `output_unread`).
 - `build_model(args, grid, seed, ...)` builds on the meta device, swaps in the parallel layers, and
   materializes only this rank's shards, each the exact slice of the unsharded model's init.
 

@@ -340,6 +340,25 @@ def test_compiled_blocks_train_like_eager_ones(batch, clip):
     assert not torch.equal(compiled.layers[0].attention.wq.weight, tiny_model().layers[0].attention.wq.weight)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_inductor_compiled_blocks_on_a_gpu_train_like_eager_ones(batch, clip):
+    # As above with the kernels inductor generates for CUDA (the recomputation traces model._SwiGLUDown, whose
+    # backward writes into the tensors it saved), in fp32: equal up to the rounding of fused kernels.
+    from model import compile_blocks
+    batch = tuple(t.cuda() for t in batch)
+    eager = tiny_model().cuda()
+    compiled = compile_blocks(tiny_model().cuda(), backend="inductor", backward_twice=clip is not None)
+    norms = []
+    for model in (eager, compiled):
+        model.activation_checkpointing = True
+        lomo = LOMO(model, lr=0.3, clip_grad_norm=clip)
+        norms.append([lomo.step(loss_of(model, batch)).grad_norm for _ in range(2)])
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_value_clipping_does_not_hide_an_fp16_overflow(batch):
     # Clamping turns inf into clip_value; with loss scaling the overflow must still skip and halve the scale.
     model = tiny_model(dtype=torch.float16)

@@ -64,6 +64,20 @@ def test_the_recomputation_skips_only_the_feed_forwards_last_matmul(batch):
     assert backward_flops[1] - backward_flops[0] == args.n_layers * (flops.get_total_flops() - w2_forward)
 
 
+@pytest.mark.parametrize("frozen", [("feed_forward.w2",), ("feed_forward",), ("feed_forward", "ffn_norm")])
+def test_gradients_with_frozen_feed_forward_parts_equal_plain_autograd_bit_for_bit(batch, frozen):
+    """The recomputation stands a zero in for w2's output: with w2, or the whole feed-forward, frozen, the gradients
+    of everything else still come out as without checkpointing."""
+    models = [tiny_model(), checkpointed(tiny_model(), False)]
+    for model in models:
+        for name, p in model.named_parameters():
+            p.requires_grad_(not any(f".{part}." in name for part in frozen))
+        loss_of(model, batch).backward()
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert (p.grad is None) == (q.grad is None) == (not p.requires_grad), name
+        assert p.grad is None or torch.equal(p.grad, q.grad), name
+
+
 def test_a_compiled_recomputation_skips_w2s_matmul_too(batch):
     """Compiled blocks: the compiler's graph of the recomputation has one matmul fewer than the first forward's,
     and the gradients are those of the uncompiled blocks."""
