@@ -6,8 +6,9 @@
 # Writes into $OUT. Usage: OUT=... bash results/recompute-w2/run_h200.sh PART
 #   run 1: part a: eager blocks (the change as first made: compiled blocks still computed the matmul)
 #   run 3: part b: compiled blocks, which now skip it too ("before" is then the build of run 1's "after")
+#   run 5: part c: after the change only: lomo and sgd (eager), then lomo --cuda-graph
 set -uo pipefail
-part=${1:?usage: run_h200.sh a|b}
+part=${1:?usage: run_h200.sh a|b|c}
 out=${OUT:?set OUT}
 root=$(pwd)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
@@ -25,6 +26,11 @@ if [ "$part" = a ]; then
     for build in before after; do one $build bench.py --modes lomo-clip --cuda-graph; done
     for build in before after; do one $build bench.py --modes lomo; done
     for build in before after; do one $build EMULATE --tp 2 --modes lomo --cuda-graph; done
+fi
+if [ "$part" = c ]; then  # run 5: lomo against sgd after the change, each in its own process, and graphed lomo
+    (timeout 200 python3 bench.py "${shape[@]}" --modes lomo,sgd --out "$out/after.jsonl") >> "$out/bench.log" 2>&1
+    (timeout 120 python3 bench.py "${shape[@]}" --modes lomo --cuda-graph --out "$out/after.jsonl") >> "$out/bench.log" 2>&1
+    touch "$out/before.jsonl"
 fi
 if [ "$part" = b ]; then
     for build in before after before after; do one $build bench.py --modes lomo --compile --cuda-graph; done
