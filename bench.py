@@ -318,10 +318,15 @@ def main(argv=None):
     rows = [find_max_batch(args)] if args.find_max_batch else [launch(args, mode) or dict(mode=mode, oom=True)
                                                                for mode in modes]
     for row in rows:
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        report(row, args.out)
+
+
+def report(row, out=None):
+    """A row as one JSON line on stdout, and appended to the file `out` (--out) if given."""
+    print(json.dumps(row), flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

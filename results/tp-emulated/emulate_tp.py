@@ -13,7 +13,6 @@ checkpointed recompute, 2 backward) and their waits are what is missing. The row
 Every token is looked up in rank 0's rows of the embedding (their index modulo the shard's rows): a fake all-reduce
 would leave the others' embeddings at zero.
 """
-import json
 import os
 import sys
 
@@ -47,11 +46,7 @@ def main(argv=None):
     # Every token's row inside rank 0's shard: with the fake all-reduce the other ranks' rows would arrive as
     # zero vectors (run 1: the eager runs stopped on a NaN gradient norm). The same kernels run either way.
     shard.VocabParallelEmbedding.forward = lambda self, tokens: embed(self, tokens % self.weight.shape[0])
-    row = dict(bench.run_mode(args, args.modes), emulated_tp=True)
-    print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    bench.report(dict(bench.run_mode(args, args.modes), emulated_tp=True), args.out)
 
 
 if __name__ == "__main__":
