@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The 2-GPU measurement of the step as CUDA graphs (not yet run: only one H200 was lent in sessions 12 and 13).
-#   part bench: 7B bf16 with checkpointing at 4 x 512, lomo at tp = 1 and tp = 2, eager, --cuda-graph and
+#   part bench (= plain, then compiled): 7B bf16 with checkpointing at 4 x 512, lomo at tp = 1 and tp = 2, eager, --cuda-graph and
 #               --compile --cuda-graph, each in its own process(es); the target is tp = 2 at 80% or more of tp = 1's
 #               tokens per GPU per second (session 13's emulation predicts 84-86% graphed, 92-95% compiled and graphed:
 #               PERF_NOTES.md, "Session 13")
+#   part plain: eager and --cuda-graph only; part compiled: --compile --cuda-graph only (one device call each)
 #   part tests: the 2-GPU test (tp = 2 and dp = 2 through train.py, graphs against eager) and the rest of
 #               tests/test_cuda_graph.py
 # Writes into $OUT. Usage: OUT=... bash results/cuda-graph/run_h200x2.sh PART
 set -uo pipefail
-part=${1:?usage: run_h200x2.sh bench|tests}
+part=${1:?usage: run_h200x2.sh bench|plain|compiled|tests}
 out=${OUT:?set OUT}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -16,10 +17,16 @@ if [ "$part" = tests ]; then
     timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py > "$out/tests.log" 2>&1
     echo "tests rc=$?" >> "$out/tests.log"
 fi
-if [ "$part" = bench ]; then
-    for flags in "" "--cuda-graph" "--compile --cuda-graph"; do
+case "$part" in
+    bench) flag_sets=("" "--cuda-graph" "--compile --cuda-graph") ;;
+    plain) flag_sets=("" "--cuda-graph") ;;
+    compiled) flag_sets=("--compile --cuda-graph") ;;
+    *) flag_sets=() ;;
+esac
+if [ ${#flag_sets[@]} -gt 0 ]; then
+    for flags in "${flag_sets[@]}"; do
         for tp in 1 2; do
-            timeout 150 python3 bench.py --model 7B --dtype bf16 --activation-checkpointing --batch-size 4 --seq-len 512 \
+            timeout 200 python3 bench.py --model 7B --dtype bf16 --activation-checkpointing --batch-size 4 --seq-len 512 \
                 --steps 30 --tp $tp --modes lomo $flags --out "$out/bench.jsonl" >> "$out/bench.log" 2>&1 \
                 || echo "FAILED: tp $tp $flags" >> "$out/bench.log"
         done
