@@ -96,6 +96,7 @@ def random_model(margs, grid, dtype):
 
 
 def run_mode(args, mode):
+    from cuda_graph import GraphedStep, release_graphs
     from losses import model_loss
     from lomo import LOMO
     from model import compile_blocks, cross_entropy_loss, model_args
@@ -135,7 +136,6 @@ def run_mode(args, mode):
                         saved_branch_grads=not args.no_saved_branch_grads, **budget)
             step = lambda: lomo.step(loss_of())  # noqa: E731
             if args.cuda_graph:
-                from cuda_graph import GraphedStep
                 graphed = GraphedStep(model, lomo, lambda i, t: model_loss(model, i, t, grid))
                 step = lambda: graphed.step(graphed.forward(inputs, targets))  # noqa: E731
         elif mode in ("sgd", "adamw"):
@@ -203,6 +203,7 @@ def run_mode(args, mode):
         return row
     finally:
         gc.unfreeze()
+        release_graphs()  # a captured all-reduce holds its communicator: the group's teardown would wait for it
         destroy_distributed()
 
 

@@ -38,12 +38,19 @@ else the capture is refused (raise it, or `saved_branch_grads=False`). One batch
 of another shape runs eagerly (with a warning the first time), in the other memory: keep the shape fixed
 (train.py pads every batch to --seq-len).
 
+Before the process group goes: `release_graphs()` (train.py and bench.py call it just before
+`destroy_distributed()`, on error too). A captured all-reduce keeps its NCCL communicator in use for as long as
+its graph exists, and destroying the group waits for that: a 7B run at tp = 2 whose graphs were still alive there
+never exited (session 14). An error's traceback keeps the step's frames, and the graphs, alive: hence one call
+that frees every GraphedStep's graphs, wherever it is held.
+
 Left out (refused with the reason): fp16 (its loss scale changes between steps), value clipping and weight
 decay (their PyTorch-op updates take the lr as a number), `check_finite=False` without clipping (those
 updates too),
 offloaded checkpoints (side-stream copies into host buffers chosen at run time), and CPUs.
 """
 import warnings
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -71,6 +78,16 @@ def obstacle(model: torch.nn.Module, lomo: LOMO) -> Optional[str]:
     return None
 
 
+_live_steps = weakref.WeakSet()  # every GraphedStep, for release_graphs()
+
+
+def release_graphs():
+    """Free the CUDA graphs of every GraphedStep in this process (each captures again at its next step). Call it
+    before destroying the process group, which would wait for the communicators that the graphs hold."""
+    for graphed in list(_live_steps):
+        graphed.release()
+
+
 class GraphedStep:
     """One LOMO training step as CUDA graph replays: `result = graphed.step(graphed.forward(inputs, targets), lr)`.
     `loss_of(inputs, targets)` makes the training loss of the model that `lomo` trains (the forward)."""
@@ -88,6 +105,19 @@ class GraphedStep:
         self._pending = None  # what forward() made for step(): "eager" or "graph"
         self._captured_settings = None
         self._warned_shape = False
+        self._loss = self._mean_loss = self._norm = self._inputs = self._targets = self._alpha = None
+        _live_steps.add(self)
+
+    def release(self):
+        """Free this step's graphs, their memory pool and the static batch; the next step captures them again
+        (after no eager step: the kernels and handles exist). Waits for a replay still running."""
+        if self._forward_graph is not None:
+            torch.cuda.synchronize(self._inputs.device)
+        if self._loss is not None:
+            self._loss.detach_()
+        self._forward_graph = self._backward_graphs = self._loss = self._mean_loss = self._norm = None
+        self._inputs = self._targets = self._pending = None
+        self.lomo.release_graph_saved()
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The batch's loss, queued on the GPU (not waited for): eagerly, or as a replay of the forward graph."""

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import checkpoint
 import checkpoint_formats
-from cuda_graph import GraphedStep
+from cuda_graph import GraphedStep, release_graphs
 from data import (ShuffledSampler, Tokenizer, cached_tokenizer, check_token_ids, collate, load_dataset,
                   split_train_val)
 from evaluate import multiple_choice_accuracy, validation_loss
@@ -203,7 +203,10 @@ def main(argv=None):
     try:
         return train(args, grid, dtype)
     finally:
-        destroy_distributed()  # also on error, so no rank is left waiting in a collective
+        # Also on error, so no rank is left waiting in a collective; the CUDA graphs first, which an error's
+        # traceback keeps alive and whose captured all-reduces the group's teardown would wait for.
+        release_graphs()
+        destroy_distributed()
 
 
 def train(args, grid, dtype):

@@ -420,3 +420,77 @@ def test_on_two_gpus_replays_train_as_eager_steps(tmp_path, parallel):
         assert ("4 steps replayed, 1 eager" in done.stdout) == bool(graphs)
         losses[bool(graphs)] = [row.get("loss") for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     assert losses[True] == losses[False]
+
+
+@needs_graphs
+def test_released_graphs_are_freed_and_the_next_step_captures_again():
+    # release_graphs() (called by train.py and bench.py before the process group goes) frees every GraphedStep's
+    # graphs, wherever it is held; a step after it captures again and trains on as the eager steps do.
+    import weakref
+
+    import cuda_graph
+    models = pair(checkpointing=True, device="cuda")
+    eager, lomo = LOMO(models[0], lr=0.3), LOMO(models[1], lr=0.3)
+    graphed = gpu_graphed(models[1], lomo)
+    for number, (lr, batch) in enumerate(zip(lrs(6), batches(6, "cuda"))):
+        if number == 3:
+            graphs = [weakref.ref(graphed._forward_graph), *map(weakref.ref, graphed._backward_graphs)]
+            cuda_graph.release_graphs()
+            assert all(graph() is None for graph in graphs)  # gone, not merely unlisted
+        eager.step(loss_of(models[0], batch), lr)
+        graphed.step(graphed.forward(*batch), lr)
+    assert (graphed.eager_steps, graphed.replays) == (1, 5)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(p, q), name
+    held = weakref.ref(graphed)
+    del graphed
+    assert held() is None  # the registry does not keep a step alive
+
+
+def two_gpu_run(arguments, cwd, timeout=240):
+    """torchrun over two GPUs (NVLink multicast off); the CompletedProcess, or a failure if it outlives `timeout`."""
+    root = Path(__file__).resolve().parent.parent
+    environment = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                   "NVSHMEM_DISABLE_NVLS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    try:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               *arguments], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"still running after {timeout} s (a teardown waiting on graphs that hold NCCL's communicators?):"
+                    f"\n{(error.stderr or b'')[-2000:]}")
+
+
+needs_two_gpus = pytest.mark.skipif(not (torch.cuda.device_count() >= 2 and fused_update.triton is not None),
+                                    reason="tp graphs need two GPUs (NCCL inside the captures)")
+
+
+@needs_two_gpus
+def test_on_two_gpus_bench_s_graphed_tp_run_reports_and_exits(tmp_path):
+    # Session 14: bench.py's 7B run at tp = 2 with --cuda-graph measured its steps, then hung in
+    # destroy_process_group, its graphs still alive in the frame. Two blocks of 7B's shape show it in seconds.
+    bench = Path(__file__).resolve().parent.parent / "bench.py"
+    done = two_gpu_run([str(bench), "--model", "7B", "--n-layers", "2", "--activation-checkpointing", "--tp", "2",
+                        "--modes", "lomo", "--cuda-graph", "--steps", "3", "--worker", "lomo"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert row["tp"] == 2 and row["cuda_graph"] == 3  # the timed steps were replays
+
+
+@needs_two_gpus
+def test_on_two_gpus_an_error_after_the_capture_ends_train_py_with_the_error(tmp_path):
+    # An error between replays: its traceback holds the training frames and so the graphs; train.py must still
+    # free them and leave, with the error, instead of waiting in the process group's teardown.
+    plant = ("import sys, cuda_graph, train\n"
+             "step = cuda_graph.GraphedStep.step\n"
+             "def failing(self, *args, **kwargs):\n"
+             "    if self.replays == 2:\n"
+             "        raise RuntimeError('planted after two replays')\n"
+             "    return step(self, *args, **kwargs)\n"
+             "cuda_graph.GraphedStep.step = failing\n"
+             "train.main(sys.argv[1:])\n")
+    script = tmp_path / "planted.py"
+    script.write_text(plant)
+    done = two_gpu_run([str(script), "--steps", "5", "--eval-every", "5", "--eval-batches", "1", "--batch-size", "2",
+                        "--seq-len", "32", "--device", "cuda", "--dtype", "bf16", "--activation-checkpointing",
+                        "--tp", "2", "--cuda-graph", "--out", str(tmp_path / "run")], tmp_path)
+    assert done.returncode != 0 and "planted after two replays" in done.stderr, done.stderr[-3000:]

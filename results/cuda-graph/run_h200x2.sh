@@ -5,17 +5,30 @@
 #               tokens per GPU per second (session 13's emulation predicts 84-86% graphed, 92-95% compiled and graphed:
 #               PERF_NOTES.md, "Session 13")
 #   part plain: eager and --cuda-graph only; part compiled: --compile --cuda-graph only (one device call each)
+#   part teardown: the fix for run 6's hang (release_graphs before destroy_process_group): its tests, then the
+#               same 2-block bench run on the build before it (before-release/, carried), which must still be
+#               running after 90 s (rc 124)
 #   part tests: the 2-GPU test (tp = 2 and dp = 2 through train.py, graphs against eager) and the rest of
 #               tests/test_cuda_graph.py
 # Writes into $OUT. Usage: OUT=... bash results/cuda-graph/run_h200x2.sh PART
 set -uo pipefail
-part=${1:?usage: run_h200x2.sh bench|plain|compiled|tests}
+part=${1:?usage: run_h200x2.sh bench|plain|compiled|teardown|tests}
 out=${OUT:?set OUT}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1
 if [ "$part" = tests ]; then
     timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py > "$out/tests.log" 2>&1
     echo "tests rc=$?" >> "$out/tests.log"
+fi
+if [ "$part" = teardown ]; then
+    timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py \
+        -k "released_graphs or bench_s_graphed or error_after_the_capture" > "$out/teardown-tests.log" 2>&1
+    echo "tests rc=$?" >> "$out/teardown-tests.log"
+    (cd results/cuda-graph/before-release && timeout -s KILL 90 python3 -m torch.distributed.run --standalone \
+        --nproc_per_node 2 bench.py --model 7B --n-layers 2 --activation-checkpointing --tp 2 --modes lomo \
+        --cuda-graph --steps 3 --worker lomo) > "$out/teardown-before.log" 2>&1
+    echo "before the fix: rc=$? (137: killed after 90 s)" >> "$out/teardown-before.log"
+    pkill -9 -f -- "--worker lomo"
 fi
 case "$part" in
     bench) flag_sets=("" "--cuda-graph" "--compile --cuda-graph") ;;
