@@ -4,7 +4,7 @@
 #               --compile --cuda-graph, each in its own process(es); the target is tp = 2 at 80% or more of tp = 1's
 #               tokens per GPU per second (session 13's emulation predicts 84-86% graphed, 92-95% compiled and graphed:
 #               PERF_NOTES.md, "Session 13")
-#   part plain: eager and --cuda-graph only; part compiled: --compile --cuda-graph only (one device call each)
+#   part plain: eager and --cuda-graph only; part compiled: --compile --cuda-graph only; part graphs: both graphed
 #   part teardown: the fix for run 6's hang (release_graphs before destroy_process_group): its tests, then the
 #               same 2-block bench run on the build before it (before-release/, carried), which must still be
 #               running after 90 s (rc 124)
@@ -12,7 +12,7 @@
 #               tests/test_cuda_graph.py
 # Writes into $OUT. Usage: OUT=... bash results/cuda-graph/run_h200x2.sh PART
 set -uo pipefail
-part=${1:?usage: run_h200x2.sh bench|plain|compiled|teardown|tests}
+part=${1:?usage: run_h200x2.sh bench|plain|compiled|graphs|teardown|tests}
 out=${OUT:?set OUT}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -34,6 +34,7 @@ case "$part" in
     bench) flag_sets=("" "--cuda-graph" "--compile --cuda-graph") ;;
     plain) flag_sets=("" "--cuda-graph") ;;
     compiled) flag_sets=("--compile --cuda-graph") ;;
+    graphs) flag_sets=("--cuda-graph" "--compile --cuda-graph") ;;
     *) flag_sets=() ;;
 esac
 if [ ${#flag_sets[@]} -gt 0 ]; then
