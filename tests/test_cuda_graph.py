@@ -473,7 +473,8 @@ def test_on_two_gpus_bench_s_graphed_tp_run_reports_and_exits(tmp_path):
                         "--modes", "lomo", "--cuda-graph", "--steps", "3", "--worker", "lomo"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert row["tp"] == 2 and row["cuda_graph"] == 3  # the timed steps were replays
+    # Replays: the 3 timed steps and the warm-up's second step (its first is eager, the second is captured).
+    assert row["tp"] == 2 and row["cuda_graph"] == 3 + 1
 
 
 @needs_two_gpus

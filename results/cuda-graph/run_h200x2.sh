@@ -4,7 +4,8 @@
 #               --compile --cuda-graph, each in its own process(es); the target is tp = 2 at 80% or more of tp = 1's
 #               tokens per GPU per second (session 13's emulation predicts 84-86% graphed, 92-95% compiled and graphed:
 #               PERF_NOTES.md, "Session 13")
-#   part plain: eager and --cuda-graph only; part compiled: --compile --cuda-graph only; part graphs: both graphed
+#   part plain: eager and --cuda-graph only; part compiled: --compile --cuda-graph only; part graphs: both graphed;
+#               part repeat: --cuda-graph again, tp = 2 first
 #   part teardown: the fix for run 6's hang (release_graphs before destroy_process_group): its tests, then the
 #               same 2-block bench run on the build before it (before-release/, carried), which must still be
 #               running after 90 s (rc 124)
@@ -12,7 +13,7 @@
 #               tests/test_cuda_graph.py
 # Writes into $OUT. Usage: OUT=... bash results/cuda-graph/run_h200x2.sh PART
 set -uo pipefail
-part=${1:?usage: run_h200x2.sh bench|plain|compiled|graphs|teardown|tests}
+part=${1:?usage: run_h200x2.sh bench|plain|compiled|graphs|repeat|teardown|tests}
 out=${OUT:?set OUT}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -35,11 +36,12 @@ case "$part" in
     plain) flag_sets=("" "--cuda-graph") ;;
     compiled) flag_sets=("--compile --cuda-graph") ;;
     graphs) flag_sets=("--cuda-graph" "--compile --cuda-graph") ;;
+    repeat) flag_sets=("--cuda-graph") ; tps="2 1" ;;
     *) flag_sets=() ;;
 esac
 if [ ${#flag_sets[@]} -gt 0 ]; then
     for flags in "${flag_sets[@]}"; do
-        for tp in 1 2; do
+        for tp in ${tps:-1 2}; do
             timeout 200 python3 bench.py --model 7B --dtype bf16 --activation-checkpointing --batch-size 4 --seq-len 512 \
                 --steps 30 --tp $tp --modes lomo $flags --out "$out/bench.jsonl" >> "$out/bench.log" 2>&1 \
                 || echo "FAILED: tp $tp $flags" >> "$out/bench.log"
