@@ -3,8 +3,9 @@
 On the CPU: LOMO's side of it (begin_graphed_step, device_pass, after_graphed_norm_pass, end_graphed_step, run
 eagerly with the kernel's contract in PyTorch ops) against LOMO.step, one-pass and clipped, and every refusal.
 On a GPU: the graphs themselves, replayed, against eager steps bit for bit, with a batch and an lr that change
-each step, clipping, a non-finite loss, a batch of another shape, settings changed after the capture; on two
-GPUs, tp = 2 and dp = 2 through train.py."""
+each step, clipping, a non-finite loss, a batch of another shape, settings changed after the capture, graphs
+released and captured again; on two GPUs, tp = 2 and dp = 2 through train.py, and graphed tp = 2 runs that end
+(bench.py's report; train.py's error after the capture) instead of waiting in the process group's teardown."""
 import contextlib
 import json
 import math

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The 2-GPU measurement of the step as CUDA graphs (not yet run: only one H200 was lent in sessions 12 and 13).
+# The 2-GPU measurement of the step as CUDA graphs (session 14: runs 6, 8 and 9, README.md).
 #   part bench (= plain, then compiled): 7B bf16 with checkpointing at 4 x 512, lomo at tp = 1 and tp = 2, eager, --cuda-graph and
 #               --compile --cuda-graph, each in its own process(es); the target is tp = 2 at 80% or more of tp = 1's
-#               tokens per GPU per second (session 13's emulation predicts 84-86% graphed, 92-95% compiled and graphed:
-#               PERF_NOTES.md, "Session 13")
+#               tokens per GPU per second (session 13's emulation predicted 85-87% graphed, 88-93% compiled and graphed;
+#               measured 84.0-84.3% and 86.8%: PERF_NOTES.md, "Session 14")
 #   part plain: eager and --cuda-graph only; part compiled: --compile --cuda-graph only; part graphs: both graphed;
 #               part repeat: --cuda-graph again, tp = 2 first
 #   part teardown: the fix for run 6's hang (release_graphs before destroy_process_group): its tests, then the
