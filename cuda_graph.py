@@ -109,14 +109,17 @@ class GraphedStep:
         _live_steps.add(self)
 
     def release(self):
-        """Free this step's graphs, their memory pool and the static batch; the next step captures them again
-        (after no eager step: the kernels and handles exist). Waits for a replay still running."""
+        """Free this step's graphs, their memory pool and the static batch; the next step captures them again,
+        with no eager step first (the kernel and the libraries' handles exist already). Waits for a replay still
+        running. A replayed forward's loss is dropped too: call it between steps, not between forward() and step()."""
         if self._forward_graph is not None:
             torch.cuda.synchronize(self._inputs.device)
         if self._loss is not None:
             self._loss.detach_()
         self._forward_graph = self._backward_graphs = self._loss = self._mean_loss = self._norm = None
-        self._inputs = self._targets = self._pending = None
+        self._inputs = self._targets = None
+        if self._pending == "graph":  # (an eager forward's loss does not live in the graphs' memory: it stays)
+            self._pending = None
         self.lomo.release_graph_saved()
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
