@@ -399,24 +399,36 @@ def test_saved_branch_gradients_beyond_the_budget_are_refused_and_the_next_step_
         assert torch.equal(p, q), name
 
 
-@pytest.mark.skipif(not (torch.cuda.device_count() >= 2 and fused_update.triton is not None),
-                    reason="tp and dp graphs need two GPUs (NCCL inside the captures)")
+def two_gpu_run(arguments, cwd, timeout=240):
+    """torchrun over two GPUs (NVLink multicast off); the CompletedProcess, or a failure if it outlives `timeout`."""
+    root = Path(__file__).resolve().parent.parent
+    environment = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                   "NVSHMEM_DISABLE_NVLS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    try:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               *arguments], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"still running after {timeout} s (a teardown waiting on graphs that hold NCCL's communicators?):"
+                    f"\n{(error.stderr or b'').decode(errors='replace')[-2000:]}")
+
+
+needs_two_gpus = pytest.mark.skipif(not (torch.cuda.device_count() >= 2 and fused_update.triton is not None),
+                                    reason="tp and dp graphs need two GPUs (NCCL inside the captures)")
+
+
+@needs_two_gpus
 @pytest.mark.parametrize("parallel", [["--tp", "2"], [], ["--tp", "2", "--clip-grad-norm", "1.0"],
                                       ["--clip-grad-norm", "1.0"]])
 def test_on_two_gpus_replays_train_as_eager_steps(tmp_path, parallel):
     # Two torchrun processes on NCCL, with and without graphs: the collectives (tp's all-reduces in the blocks and
     # the loss, dp's in the hooks) are captured too, and the logged losses must be the eager run's.
     root = Path(__file__).resolve().parent.parent
-    environment = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                   "NVSHMEM_DISABLE_NVLS": "1", "OMP_NUM_THREADS": "1"}
     quick = ["--steps", "5", "--eval-every", "5", "--eval-batches", "1", "--sample-tokens", "2", "--batch-size", "2",
              "--seq-len", "32", "--device", "cuda", "--dtype", "bf16", "--activation-checkpointing", *parallel]
     losses = {}
     for graphs in ([], ["--cuda-graph"]):
         out = tmp_path / ("graphs" if graphs else "eager")
-        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               str(root / "train.py"), *quick, *graphs, "--out", str(out)],
-                              cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+        done = two_gpu_run([str(root / "train.py"), *quick, *graphs, "--out", str(out)], tmp_path, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         assert ("4 steps replayed, 1 eager" in done.stdout) == bool(graphs)
         losses[bool(graphs)] = [row.get("loss") for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
@@ -446,23 +458,6 @@ def test_released_graphs_are_freed_and_the_next_step_captures_again():
     held = weakref.ref(graphed)
     del graphed
     assert held() is None  # the registry does not keep a step alive
-
-
-def two_gpu_run(arguments, cwd, timeout=240):
-    """torchrun over two GPUs (NVLink multicast off); the CompletedProcess, or a failure if it outlives `timeout`."""
-    root = Path(__file__).resolve().parent.parent
-    environment = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                   "NVSHMEM_DISABLE_NVLS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    try:
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               *arguments], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"still running after {timeout} s (a teardown waiting on graphs that hold NCCL's communicators?):"
-                    f"\n{(error.stderr or b'')[-2000:]}")
-
-
-needs_two_gpus = pytest.mark.skipif(not (torch.cuda.device_count() >= 2 and fused_update.triton is not None),
-                                    reason="tp graphs need two GPUs (NCCL inside the captures)")
 
 
 @needs_two_gpus

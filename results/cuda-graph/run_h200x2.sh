@@ -8,7 +8,7 @@
 #               part repeat: --cuda-graph again, tp = 2 first
 #   part teardown: the fix for run 6's hang (release_graphs before destroy_process_group): its tests, then the
 #               same 2-block bench run on the build before it (before-release/, carried), which must still be
-#               running after 90 s (rc 124)
+#               running after 90 s (then killed: rc 137)
 #   part tests: the 2-GPU test (tp = 2 and dp = 2 through train.py, graphs against eager) and the rest of
 #               tests/test_cuda_graph.py
 # Writes into $OUT. Usage: OUT=... bash results/cuda-graph/run_h200x2.sh PART
