@@ -110,12 +110,16 @@ def test_the_clipped_device_passes_train_as_step(kernel_on_the_cpu, checkpointin
     grams = []
     keep_gram_norm = graphed._keep_gram_norm
     graphed._keep_gram_norm = lambda weight, norm: grams.append(weight) or keep_gram_norm(weight, norm)
-    for lr, batch in zip(lrs(3), batches(3)):
+    for step, (lr, batch) in enumerate(zip(lrs(3), batches(3))):
         a = eager.step(loss_of(models[0], batch), lr)
         reference_kernel.calls, grams[:] = 0, []
         b = graphed_step_on_the_cpu(graphed, models[1], batch, lr)
         assert reference_kernel.calls == trained  # only in the update pass: the norm pass moves nothing
-        assert b.loss == a.loss and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
+        # Step 1 runs the same forward on the same weights, so the losses are the same bits. After it the weights
+        # differ by the rounding of the two updates (within the rtol 1e-6 asserted below), and a loss of weights a
+        # few ulps apart moves by about as much relatively: 1e-6, not equality (the BLAS of the CPU decides the bits).
+        assert b.loss == a.loss if step == 0 else b.loss == pytest.approx(a.loss, rel=1e-6)
+        assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
         assert (b.grad_norm > clip) == (clip < 1)
         # The norm pass takes the linear layers' norms from Grams (7 a block and the head), as step() does.
         assert len(grams) == sum(getattr(m, "gram_norm", False) for m in models[1].modules()) == 7 * 2 + 1
