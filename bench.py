@@ -98,8 +98,8 @@ def random_model(margs, grid, dtype):
 def run_mode(args, mode):
     from cuda_graph import GraphedStep, release_graphs
     from losses import model_loss
-    from lomo import LOMO
-    from model import compile_blocks, cross_entropy_loss, model_args
+    import speedups
+    from model import cross_entropy_loss, model_args
     from shard import destroy_distributed, gather_from_tp, init_distributed
     grid = init_distributed(args.tp, "cpu" if args.tiny else "cuda")
     try:
@@ -112,12 +112,23 @@ def run_mode(args, mode):
         if args.n_layers:
             overrides["n_layers"] = args.n_layers
         margs = model_args("tiny" if args.tiny else args.model, **overrides)
+        lr = 1e-6  # small: the weights barely move, so every timed step does the same work
         model = random_model(margs, grid, dtype)
-        model.activation_checkpointing = args.activation_checkpointing
-        model.offload_checkpoints = args.offload_checkpoints
-        if args.compile:
-            compile_blocks(model, backend="aot_eager" if args.tiny else "inductor",
-                           backward_twice=mode == "lomo-clip" or args.dtype == "fp16")
+        backend = "aot_eager" if args.tiny else "inductor"
+        lomo_mode = mode in ("lomo", "lomo-clip")
+        if lomo_mode:  # every acceleration that applies (speedups.py), as train.py
+            gib = args.branch_grads_gpu_gib
+            lomo = speedups.apply(
+                model, lr=lr, clip_grad_norm=1.0 if mode == "lomo-clip" else None, tp_group=grid.tp_group,
+                dp_group=grid.dp_group, activation_checkpointing=args.activation_checkpointing,
+                offload_checkpoints=args.offload_checkpoints, compile=args.compile, compile_backend=backend,
+                gram_norms=not args.no_gram_norms, saved_branch_grads=not args.no_saved_branch_grads,
+                branch_grads_gpu_gib=1.0 if gib is None else gib, fused_kernel=not args.no_fused_kernel,
+                check_finite=not args.no_finite_checks)
+        else:  # the same model for the baselines: its layers and checkpointing as LOMO's
+            speedups.apply_layers(model, args.activation_checkpointing, args.offload_checkpoints)
+            if args.compile:
+                speedups.compile_blocks(model, backend=backend, backward_twice=args.dtype == "fp16")
         tokens = torch.randint(0, margs.vocab_size, (args.batch_size, args.seq_len + 1),
                                generator=torch.Generator().manual_seed(0)).to(device)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -126,14 +137,7 @@ def run_mode(args, mode):
             return model_loss(model, inputs, targets, grid)
 
         params = list(model.parameters())
-        lr = 1e-6  # small: the weights barely move, so every timed step does the same work
-        if mode in ("lomo", "lomo-clip"):
-            gib = args.branch_grads_gpu_gib
-            budget = {} if gib is None else {"branch_grads_gpu_gib": gib}  # else LOMO's default
-            lomo = LOMO(model, lr=lr, clip_grad_norm=1.0 if mode == "lomo-clip" else None,
-                        tp_group=grid.tp_group, dp_group=grid.dp_group, gram_norms=not args.no_gram_norms,
-                        check_finite=not args.no_finite_checks, fused_kernel=not args.no_fused_kernel,
-                        saved_branch_grads=not args.no_saved_branch_grads, **budget)
+        if lomo_mode:
             step = lambda: lomo.step(loss_of())  # noqa: E731
             if args.cuda_graph:
                 graphed = GraphedStep(model, lomo, lambda i, t: model_loss(model, i, t, grid))
@@ -192,13 +196,12 @@ def run_mode(args, mode):
         sync()
         seconds = (time.perf_counter() - started) / args.steps
         step_ms = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
-        fused_kernel = lomo.uses_fused_kernel if mode in ("lomo", "lomo-clip") else None
-        # Whether the update pass took the blocks' input gradients from the norm pass (lomo-clip, or fp16's
-        # norm pass; checkpointed, uncompiled blocks only: offload.py).
-        saved_branch_grads = (mode in ("lomo", "lomo-clip") and lomo.needs_norm_pass and lomo.saved_branch_grads
-                              and args.activation_checkpointing and not args.compile)
-        row = measurements(args, mode, margs, model, grid, seconds, step_ms, fused_kernel, saved_branch_grads)
-        row["branch_grads_gpu_gib"] = lomo.branch_grads_gpu_gib if saved_branch_grads else None
+        # Which accelerations the step used (speedups.report): the kernel, Gram norms, saved branch gradients.
+        used = speedups.report(model, lomo) if lomo_mode else {}
+        row = measurements(args, mode, margs, model, grid, seconds, step_ms)
+        row.update(fused_kernel=used.get("fused_kernel"), gram_norms=used.get("gram_norms", False),
+                   saved_branch_grads=used.get("saved_branch_grads", False),
+                   branch_grads_gpu_gib=used.get("branch_grads_gpu_gib"))
         row["cuda_graph"] = graphed.replays if graph else None  # how many steps were replays
         return row
     finally:
@@ -207,7 +210,7 @@ def run_mode(args, mode):
         destroy_distributed()
 
 
-def measurements(args, mode, margs, model, grid, seconds, step_ms=(), fused_kernel=None, saved_branch_grads=False):
+def measurements(args, mode, margs, model, grid, seconds, step_ms=()):
     device = grid.device
     element = next(model.parameters()).element_size()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -227,10 +230,6 @@ def measurements(args, mode, margs, model, grid, seconds, step_ms=(), fused_kern
                activation_checkpointing=args.activation_checkpointing,
                offload_checkpoints=args.offload_checkpoints, compile=args.compile, memory_cap_gb=args.memory_cap_gb,
                finite_checks=not args.no_finite_checks if mode == "lomo" else None,
-               fused_kernel=fused_kernel,  # whether the update and norm ran as one kernel (fused_update.py)
-               # whether lomo-clip's norm pass takes the linear layers' norms from Grams (compiled blocks do not)
-               gram_norms=any(getattr(m, "gram_norm", False) for m in model.modules()) and not args.compile,
-               saved_branch_grads=saved_branch_grads,
                device=name, torch=torch.__version__, seconds_per_step=seconds, tokens_per_s=tokens_per_s,
                tokens_per_gpu_per_s=tokens_per_s / grid.world_size, flops_per_token=flops_per_token,
                mfu=(flops_per_token * tokens_per_s / grid.world_size / (peak * 1e12)) if peak else None,

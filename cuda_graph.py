@@ -8,11 +8,13 @@ of every matmul halves but the launches do not, the GPU waits for the CPU that i
 
 What a graph needs: it replays the kernels it recorded, with the same arguments, and runs no Python. So
 nothing inside it may need the host: no sync, no decision made on a value read back, no number that changes
-from step to step baked into a kernel's arguments. LOMO's checked one-pass step is nearly like that already
-(fused_update.py's kernel reads whether the loss is finite from a flag on the device); `LOMO.device_pass`
-is its backward with the rest made so: every update, the norm weights' too, is the kernel, which reads alpha
-(-lr) from a tensor on the device filled before each replay, and the loss and norm stay on the device until
-the replay is done. They then go to the host as after an eager step, and `check_previous_step()` checks them.
+from step to step baked into a kernel's arguments. LOMO's checked one-pass step with the deferred guard is
+nearly like that already (fused_update.TritonAxpy reads whether the loss is finite from a flag on the device).
+The graphs capture LOMO's own public phases (`LOMO.backward_pass`, `LOMO.norm`, `LOMO.decide`, the same that
+an eager `LOMO.step` runs) under `capturing(lomo)`, which makes the rest so: every update, the norm weights'
+too, is the kernel, which reads alpha (-lr) from a tensor on the device filled before each replay, and the
+loss and norm stay on the device until the replay is done. They then go to the host as after an eager step,
+and `check_previous_step()` checks them.
 A clipped step (`clip_grad_norm`) has three graphs: the forward, the norm pass, and the update pass; between
 the last two the host reads the norm (one sync, as in the eager step), skips the step or puts the clip factor
 into alpha.
@@ -33,22 +35,23 @@ How a step goes: `loss = graphed.forward(inputs, targets)`, then `graphed.step(l
 
 Memory: the graphs share one private pool as large as the step's peak, for their whole life, beside the rest
 of the caching allocator's memory. A clipped step keeps all of its norm pass's saved branch gradients on the
-GPU there (a host copy would wait on events, which a capture cannot): `branch_grads_gpu_gib` must cover them,
-else the capture is refused (raise it, or `saved_branch_grads=False`). One batch shape is captured; a batch
+GPU there (a host copy would wait on events, which a capture cannot): offload.SavedBranchGrads' `gpu_gib`
+must cover them, else the capture is refused (raise --branch-grads-gpu-gib, or --no-saved-branch-grads). One batch shape is captured; a batch
 of another shape runs eagerly (with a warning the first time), in the other memory: keep the shape fixed
 (train.py pads every batch to --seq-len).
 
 Before the process group goes: `release_graphs()` (train.py and bench.py call it just before
 `destroy_distributed()`, on error too). A captured all-reduce keeps its NCCL communicator in use for as long as
-its graph exists, and destroying the group waits for that: a 7B run at tp = 2 whose graphs were still alive there
-never exited (session 14). An error's traceback keeps the step's frames, and the graphs, alive: hence one call
+its graph exists, and destroying the group waits for that: a 7B run at tp = 2 whose graphs were still alive
+there would never exit. An error's traceback keeps the step's frames, and the graphs, alive: hence one call
 that frees every GraphedStep's graphs, wherever it is held.
 
-Left out (refused with the reason): fp16 (its loss scale changes between steps), value clipping and weight
-decay (their PyTorch-op updates take the lr as a number), `check_finite=False` without clipping (those
-updates too),
-offloaded checkpoints (side-stream copies into host buffers chosen at run time), and CPUs.
+Left out (refused with the reason, by `obstacle`): fp16 (its loss scale changes between steps), a rule that is
+not an axpy (weight decay, AdaLomo) and value clipping (their PyTorch-op updates take the lr as a number), the
+unchecked or synchronous guards, offloaded checkpoints (side-stream copies into host buffers chosen at run
+time), and CPUs.
 """
+import contextlib
 import warnings
 import weakref
 from typing import Callable, Optional
@@ -56,26 +59,117 @@ from typing import Callable, Optional
 import torch
 
 import fused_update
-from lomo import LOMO
-from step_result import StepResult
+import offload
+from lomo import LOMO, StepResult
+from step_result import DeferredGuard, copy_to_host
+
+
+def _path(lomo: LOMO, kind):
+    return next((path for path in lomo.fast_paths if isinstance(path, kind)), None)
+
+
+def _unfit(lomo: LOMO):
+    """The trained weights that the kernel would not update under a capture."""
+    kernel, vectors = _path(lomo, fused_update.TritonAxpy), _path(lomo, fused_update.VectorGroup)
+    claimed = set(kernel.claim(lomo)) if kernel is not None else set()
+    batched = set(vectors.params) if vectors is not None else set()
+    return [lomo.name_of(p) for p in lomo.params
+            if p not in claimed and not (p in batched and fused_update.available(p, p))]
 
 
 def obstacle(model: torch.nn.Module, lomo: LOMO) -> Optional[str]:
     """Why this LOMO's step cannot be captured as CUDA graphs, with the way around it; None if it can."""
     if lomo.loss_scaler is not None:
         return "bf16 weights: fp16's loss scale changes from step to step, which a graph would keep (--dtype bf16)"
-    if not lomo.check_finite and not lomo.needs_norm_pass:
+    if not lomo.guard.checks and not lomo.needs_norm_pass:
         return "the checked step, whose updates read the lr on the device (drop --no-finite-checks)"
-    if not lomo.fused_kernel:
+    if not isinstance(lomo.guard, DeferredGuard):
+        return "step_result.DeferredGuard, whose checks stay on the device (speedups.apply attaches it)"
+    if _path(lomo, fused_update.TritonAxpy) is None:
         return "fused_update.py's kernel (drop --no-fused-kernel)"
-    if getattr(model, "activation_checkpointing", False) and getattr(model, "offload_checkpoints", False):
+    if offload.checkpointing_of(model) == "host":
         return "checkpoints kept on the GPU (drop --offload-checkpoints)"
-    unfit = [lomo._names.get(id(p), "a weight") for p in lomo.params if not lomo._can_fuse(p, p)]
+    if lomo.rule.axpy_alpha(1.0) is None:
+        return (f"an update rule that is w += alpha * g, read on the device; {type(lomo.rule).__name__} is not "
+                f"(with SGD: no --weight-decay)")
+    unfit = _unfit(lomo)
     if unfit:
         return (f"every trained weight updated by fused_update.py's kernel, which needs bf16 weights on a GPU "
                 f"with Triton, and no --weight-decay or --clip-grad-value; not so: {', '.join(unfit[:3])}"
                 f"{' and more' if len(unfit) > 3 else ''}")
     return None
+
+
+@contextlib.contextmanager
+def capturing(lomo: LOMO):
+    """While a pass is captured: every update through the kernel (the vectors' too), every saved branch
+    gradient on the GPU. Refuses a weight the kernel cannot take (obstacle says so before)."""
+    unfit = _unfit(lomo)
+    if unfit:
+        raise RuntimeError(f"{unfit[0]} cannot be updated by the kernel, which a CUDA graph of the step needs "
+                           f"(fused_update.available)")
+    kernel, vectors = _path(lomo, fused_update.TritonAxpy), _path(lomo, fused_update.VectorGroup)
+    saving = [e for e in lomo.extensions if isinstance(e, offload.SavedBranchGrads)]
+    kernel.capturing = True
+    if vectors is not None:
+        vectors.kernel = kernel
+    for extension in saving:
+        extension.all_on_gpu = True
+    try:
+        yield kernel
+    finally:
+        kernel.capturing = False
+        if vectors is not None:
+            vectors.kernel = None
+        for extension in saving:
+            extension.all_on_gpu = False
+
+
+def device_pass(lomo: LOMO, loss: torch.Tensor, phase: str = "one-pass"):
+    """One backward pass of a step with only device work, under `capturing(lomo)`: "one-pass" (updates held
+    back on the device for a non-finite loss) and "norm" return (the mean loss, the norm) on the device; "update"
+    (the clip factor is in the kernel's alpha) returns None. What the norm pass saved stays until end_step()."""
+    mean_loss = lomo.mean_loss(loss) if phase != "update" else None
+    # The kernel's flag: the loss's finiteness (an update pass runs only after the host found it finite).
+    lomo.guard.begin_on_device(mean_loss if phase == "one-pass" else torch.ones((), device=loss.device))
+    try:
+        lomo.backward_pass(phase, loss, retain_graph=phase == "norm")
+        return (mean_loss, lomo.norm()) if phase != "update" else None
+    finally:
+        lomo.pass_kind = None
+        for p in lomo.params:
+            p.grad = None
+
+
+def begin_replayed_step(lomo: LOMO, lr: Optional[float] = None) -> StepResult:
+    """Before the replays: LOMO's checks and count (begin_step) and this step's alpha into the kernel's buffer."""
+    result = lomo.begin_step(lr)
+    _path(lomo, fused_update.TritonAxpy).set_alpha(lomo.axpy_alpha(), lomo.params[0].device)
+    return result
+
+
+def end_replayed_one_pass(lomo: LOMO, result: StepResult, mean_loss, grad_norm) -> StepResult:
+    """After a one-pass replay: the loss and the norm on their way to the host, checked by check_previous_step."""
+    result.grad_norm = copy_to_host(grad_norm)
+    lomo.guard.finish(result, copy_to_host(mean_loss), loss_decides=True)
+    return result
+
+
+def decide_replayed(lomo: LOMO, result: StepResult, mean_loss, grad_norm) -> bool:
+    """After a clipped step's norm-pass replay: LOMO.decide (one host sync), and the clip factor into alpha."""
+    if not lomo.decide(result, mean_loss, grad_norm):
+        return False
+    _path(lomo, fused_update.TritonAxpy).set_alpha(lomo.axpy_alpha(), lomo.params[0].device)
+    return True
+
+
+def saved_bytes(lomo: LOMO) -> int:
+    return sum(e.saved_bytes() for e in lomo.extensions if isinstance(e, offload.SavedBranchGrads))
+
+
+def release_saved(lomo: LOMO):
+    for extension in lomo.extensions:
+        extension.end_step()
 
 
 _live_steps = weakref.WeakSet()  # every GraphedStep, for release_graphs()
@@ -120,7 +214,7 @@ class GraphedStep:
         self._inputs = self._targets = None
         if self._pending == "graph":  # (an eager forward's loss does not live in the graphs' memory: it stays)
             self._pending = None
-        self.lomo.release_graph_saved()
+        release_saved(self.lomo)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The batch's loss, queued on the GPU (not waited for): eagerly, or as a replay of the forward graph."""
@@ -161,7 +255,7 @@ class GraphedStep:
         if self._backward_graphs is None:
             result = None
             try:
-                result = lomo.begin_graphed_step(lomo.params[0].device, lr)  # checks the previous step, counts
+                result = begin_replayed_step(lomo, lr)  # checks the previous step, counts
                 self._capture_backward()
             except BaseException:
                 # No backward was replayed and no weight moved: the step is not counted, and the next one captures
@@ -170,21 +264,21 @@ class GraphedStep:
                     lomo.step_count -= 1
                 self._loss.detach_()
                 self._forward_graph = self._backward_graphs = self._loss = self._mean_loss = self._norm = None
-                lomo.release_graph_saved()
+                release_saved(lomo)
                 raise
         else:
             self.check_unchanged()
-            result = lomo.begin_graphed_step(lomo.params[0].device, lr)  # checks the previous step, counts, alpha
+            result = begin_replayed_step(lomo, lr)  # checks the previous step, counts, fills alpha
         self.replays += 1
         if len(self._backward_graphs) == 1:
             self._backward_graphs[0].replay()
-            return lomo.end_graphed_step(result, self._mean_loss, self._norm)
+            return end_replayed_one_pass(lomo, result, self._mean_loss, self._norm)
         norm_pass, update_pass = self._backward_graphs
         norm_pass.replay()
-        if not lomo.after_graphed_norm_pass(result, self._mean_loss, self._norm):  # one host sync, as in LOMO.step
+        if not decide_replayed(lomo, result, self._mean_loss, self._norm):  # one host sync, as in LOMO.step
             return result  # skipped: no weight moved
         update_pass.replay()
-        return lomo.end_graphed_step(result)
+        return lomo.end_step(result)
 
     def _eager_forward(self, inputs, targets):
         loss = self.loss_of(inputs, targets)
@@ -206,7 +300,7 @@ class GraphedStep:
 
     def check_unchanged(self):
         """Raise if LOMO changed since the capture in a way that the replays would not follow."""
-        if self._settings() != self._captured_settings or self.lomo._alpha is not self._alpha:
+        if self._settings() != self._captured_settings or _path(self.lomo, fused_update.TritonAxpy).alpha is not self._alpha:
             raise RuntimeError("LOMO's settings, its trained weights' tensors or its alpha buffer changed since the "
                                "CUDA graphs were captured, and the graphs would not follow: make a new GraphedStep "
                                "after such a change")
@@ -215,9 +309,10 @@ class GraphedStep:
         """What the captured graphs keep of LOMO: which passes and updates they run, where the saved gradients
         wait, and the tensors of its trained weights. (The clip threshold and the lr are read on the host.)"""
         lomo = self.lomo
-        return (lomo.clip_grad_norm is None, lomo.clip_grad_value, lomo.weight_decay, lomo.check_finite,
-                lomo.fused_kernel, lomo.saved_branch_grads, lomo.branch_grads_gpu_gib, lomo.loss_scaler is None,
-                len(lomo._handles), tuple((p.data_ptr(), p.requires_grad) for p in lomo.params))
+        return (lomo.clip_grad_norm is None, lomo.clip_grad_value, lomo.rule.axpy_alpha(1.0), type(lomo.guard),
+                tuple(type(path) for path in lomo.fast_paths), lomo.loss_scaler is None, len(lomo.hooked),
+                tuple((type(e), getattr(e, "gpu_gib", None)) for e in lomo.extensions),
+                tuple((p.data_ptr(), p.requires_grad) for p in lomo.params))
 
     def _capture_forward(self, inputs, targets):
         # Each dtype's kernel compiled and its launcher checked now: that check reads a result back to the
@@ -241,17 +336,19 @@ class GraphedStep:
         graphs = []
         for phase in phases:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                outputs = lomo.device_pass(self._loss, phase)
+            with torch.cuda.graph(graph, pool=pool), capturing(lomo):
+                outputs = device_pass(lomo, self._loss, phase)
             graphs.append(graph)
             if phase != "update":
                 self._mean_loss, self._norm = outputs
-            if phase == "norm" and lomo.graph_saved_bytes() > lomo.branch_grads_gpu_gib * 2**30:
+            budget = sum(e.gpu_gib for e in lomo.extensions if isinstance(e, offload.SavedBranchGrads))
+            if phase == "norm" and saved_bytes(lomo) > budget * 2**30:
                 raise ValueError(
-                    f"the norm pass's saved branch gradients need {lomo.graph_saved_bytes() / 2**30:.2f} GiB on the "
-                    f"GPU under CUDA graphs, above branch_grads_gpu_gib={lomo.branch_grads_gpu_gib}: raise it "
-                    f"(--branch-grads-gpu-gib), or drop them (LOMO(saved_branch_grads=False), bench.py "
+                    f"the norm pass's saved branch gradients need {saved_bytes(lomo) / 2**30:.2f} GiB on the "
+                    f"GPU under CUDA graphs, above SavedBranchGrads(gpu_gib={budget}): raise it "
+                    f"(--branch-grads-gpu-gib), or drop them (train.py and bench.py "
                     f"--no-saved-branch-grads), or drop --cuda-graph")
-        lomo.release_graph_saved()
+        release_saved(lomo)
         self._loss.detach_()  # (its nodes remember the capture's stream: eager steps after it would sync on it)
-        self._backward_graphs, self._captured_settings, self._alpha = graphs, self._settings(), lomo._alpha
+        self._backward_graphs, self._captured_settings = graphs, self._settings()
+        self._alpha = _path(lomo, fused_update.TritonAxpy).alpha

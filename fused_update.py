@@ -169,3 +169,162 @@ def _direct_launcher(device_index, dtype):
                       f"the kernel is launched through Triton's JIT instead (correct, more CPU per call)")
         return None
     return compiled.__getitem__
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fast paths (lomo.py's seam): faster ways to apply a rule that declares itself an axpy, w += alpha * g.
+# Each claims its parameters once (`claim`), says per pass whether it updates them (`begin_pass`), updates one
+# (`update`; `sums_squares`: it adds the gradient's norm to the pass's norm itself; `guarded`: it holds the
+# update back on the device for a non-finite loss, so the guard need not read the loss first), and may work
+# after the pass (`end_pass`; `batched`: its parameters get no hook and are all updated there).
+
+def _is_axpy(lomo) -> bool:
+    return lomo.rule.axpy_alpha(1.0) is not None and lomo.clip_grad_value is None
+
+
+def _sharded(param) -> bool:
+    return hasattr(param, "tensor_parallel_dim")
+
+
+class TorchAxpy:
+    """A bf16/fp16 axpy in one PyTorch op: w32 = fp32(w) + alpha * g, rounded back once, alpha with the clip
+    factor and the unscaling folded in. On CUDA `param.add_(grad, alpha)` computes exactly that in one kernel;
+    on the CPU (whose bf16 add_ would round alpha to bf16) it goes through fp32 chunks, one temporary each.
+    Equal to lomo.LOMO.update bit for bit without clipping or loss scaling (tests/test_fused_update.py)."""
+    batched, sums_squares, guarded = False, False, False
+
+    def claim(self, lomo):
+        return [p for p in lomo.params if p.dtype in (torch.bfloat16, torch.float16) and _is_axpy(lomo)]
+
+    def begin_pass(self, kind, lomo) -> bool:
+        return kind != "norm"
+
+    def update(self, param, grad, lomo):
+        alpha = lomo.axpy_alpha()
+        if param.is_cuda:
+            param.add_(grad, alpha=alpha)
+            return
+        for p_piece, g_piece in zip(param.view(-1).split(2**24), grad.view(-1).split(2**24)):
+            p_piece.copy_(p_piece.float().add_(g_piece, alpha=alpha))
+
+    def end_pass(self, kind, lomo):
+        pass
+
+
+class TritonAxpy:
+    """The Triton kernel above for a checked one-pass step's bf16 matrices: the update and the gradient's sum of
+    squares in one read, held back on the device by the guard's flag (whether the loss is finite). alpha is
+    read from a 0-dim tensor on the device, so that a CUDA graph of the step (cuda_graph.py, which sets
+    `capturing`) takes each step's value from the address it captured: `set_alpha` fills it."""
+    batched, sums_squares, guarded = False, True, True
+
+    def __init__(self):
+        self.alpha, self.slots, self.active, self.capturing = None, {}, False, False
+
+    def claim(self, lomo):
+        return [p for p in lomo.params if p.dim() > 1 and _is_axpy(lomo) and available(p, p)]
+
+    def begin_pass(self, kind, lomo) -> bool:
+        # Eager: only where the norm is wanted as well (a norm pass's update pass takes TorchAxpy's add_).
+        self.active = self.capturing and kind != "norm" or kind == "one-pass" and lomo.guard.checks
+        self.slots = {}  # per pass: the sums of squares of its gradients, by norm group
+        if self.active and not self.capturing:
+            self.set_alpha(lomo.axpy_alpha(), lomo.params[0].device)
+        return self.active
+
+    def set_alpha(self, alpha: float, device):
+        if self.alpha is None or self.alpha.device != device:
+            self.alpha = torch.empty((), dtype=torch.float32, device=device)
+        self.alpha.fill_(alpha)  # a kernel with the value as its argument: no host sync
+
+    def update(self, param, grad, lomo):
+        group = _sharded(param)
+        if group not in self.slots:
+            self.slots[group] = new_slots(param.device)
+        try:
+            update_and_sum_squares(param, grad, self.alpha, self.slots[group], lomo.guard.device_flag(param.device))
+        except Exception as error:  # a Triton that cannot build for this GPU, say
+            raise RuntimeError(f"fused_update.py's Triton kernel failed on {lomo.name_of(param)} "
+                               f"({type(error).__name__}: {error}); use the PyTorch ops instead: train.py/bench.py "
+                               f"--no-fused-kernel") from error
+
+    def end_pass(self, kind, lomo):
+        for sharded, slots in self.slots.items():  # the kernel's gradients, as one norm per group
+            lomo.grad_norm.add(slots.sum().sqrt(), sharded)
+        self.slots = {}
+
+
+class VectorGroup:
+    """The vectors (1-D parameters: the RMSNorm weights, 65 in 7B, 0.5 MiB in bf16) without hooks: their
+    gradients accumulate during backward and are applied together after it with multi-tensor kernels, instead
+    of a Python hook, a norm and an update launch each (CPU time, in an eager step that is partly launch-bound:
+    PERFORMANCE.md, 'Vectors after backward'). Alive beyond the largest gradient: (2 L + 1) d elements. Under
+    a CUDA graph's capture (`kernel` set by cuda_graph.py) each goes through TritonAxpy instead, which reads
+    alpha on the device (a multi-tensor add takes it as a number that the graph would keep)."""
+    batched, sums_squares, guarded = True, False, False
+
+    def __init__(self):
+        self.params, self.kernel = [], None
+
+    def claim(self, lomo):
+        self.params = [p for p in lomo.params if p.dim() <= 1]
+        return self.params
+
+    def begin_pass(self, kind, lomo) -> bool:
+        return True
+
+    def update(self, param, grad, lomo):  # (batched: never called from a hook)
+        lomo.apply_update(param, grad)
+
+    @torch.no_grad()  # outside backward, unlike the hooks: the in-place updates must not be recorded
+    def end_pass(self, kind, lomo):
+        params = [p for p in self.params if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        same_dtype = len({g.dtype for g in grads}) == 1
+        multi_tensor = (same_dtype and params[0].is_cuda and params[0].dtype in (torch.bfloat16, torch.float16)
+                        and _is_axpy(lomo))
+        # The loss may still be unread (the kernel guarded every matrix): the multi-tensor add can guard itself
+        # with the same flag; anything else waits for the guard.
+        flag = lomo.guard.unread_flag() if multi_tensor else None
+        if lomo.discarding or (kind != "norm" and flag is None and not lomo.guard.before_update(lomo)):
+            return
+        if lomo.dp_group is not None:
+            grads = average_flat(grads, lomo.dp_size, lomo.dp_group)  # one all-reduce, not one per vector
+        if self.kernel is not None and kind != "norm":
+            for p, g in zip(params, grads):
+                self.kernel.update(p, g, lomo)
+            return
+        if kind == "norm" or (kind == "one-pass" and lomo.guard.checks):
+            if lomo.clip_grad_value is None and same_dtype:
+                norms = torch._foreach_norm(grads, 2, dtype=torch.promote_types(grads[0].dtype, torch.float32))
+                for p, norm in zip(params, norms):
+                    lomo.grad_norm.add(norm, _sharded(p))
+            else:
+                for p, g in zip(params, grads):
+                    lomo.record_norm(p, g)
+        if kind == "norm":
+            return
+        if multi_tensor:  # fp32 maths, one rounding, as TorchAxpy, in a few kernels for all of them
+            if flag is not None:  # a non-finite loss zeroes the gradients (0.5 MiB in 7B)
+                flat = torch.cat([g.reshape(-1) for g in grads]).where(flag.bool(), 0.0)
+                grads = [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)]
+            torch._foreach_add_(params, grads, alpha=lomo.axpy_alpha())
+            return
+        for p, g in zip(params, grads):
+            lomo.apply_update(p, g)
+
+
+def average_flat(grads, dp_size, group):
+    """The mean over the dp group of many small gradients, in one all-reduce per dtype (views of it)."""
+    averaged = list(grads)
+    for dtype in dict.fromkeys(g.dtype for g in grads):  # in the same order on every replica (not a set)
+        indices = [i for i, g in enumerate(grads) if g.dtype == dtype]
+        flat = torch.cat([grads[i].reshape(-1) for i in indices]).div_(dp_size)  # divide first, as the hook
+        torch.distributed.all_reduce(flat, group=group)
+        for i, piece in zip(indices, flat.split([grads[i].numel() for i in indices])):
+            averaged[i] = piece.view_as(grads[i])
+    return averaged

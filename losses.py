@@ -25,9 +25,9 @@ a matmul plus a few elementwise passes), label smoothing, z-loss.
 import torch
 import torch.distributed as dist
 
+from model import IGNORE_INDEX as IGNORE
 from shard import all_reduce
 
-IGNORE = -100
 # Elements of one chunk of logits: 2**22 fp32 values = 16 MiB, whatever the batch. For 2048 tokens
 # that is 2048 vocabulary rows per chunk (16 chunks for LLaMA's 32000: each matmul is still 2048 x 4096 x
 # 2048, large enough to run at full speed); for 16,384 tokens, 256 rows. Backward runs while the head's

@@ -13,7 +13,7 @@
   loss over the vocabulary-split head lives in losses.py (fused with the head, no logits gathered).
   Per block: 2 all-reduces forward (after wo and w2) and 2 backward (at the outputs of attention_norm,
   read by wq/wk/wv, and of ffn_norm, read by w1/w3); a checkpointed block 1 more, after wo in its
-  recomputation (whose w2 output nothing reads: model.swiglu_down's `output_unread`).
+  recomputation (with fast_layers.py, whose recomputation skips w2 and its all-reduce; 2 more without it).
 - `build_model(args, grid, seed, ...)` builds on the meta device, swaps in the parallel layers, and
   materializes only this rank's shards, each the exact slice of the unsharded model's init.
 
@@ -29,8 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import gram_norm
-from model import ModelArgs, Transformer, init_parameter, swiglu_down
+from model import ModelArgs, Transformer, init_parameter
 
 # Which dimension of each weight is split across the tp group (nn.Linear stores [out, in]).
 SPLIT_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embeddings": 0, "wo": 1, "w2": 1}
@@ -172,12 +171,11 @@ class ColumnParallelLinear(nn.Module):
         self.group, self.copy_input = grid.tp_group, copy_input
         self.weight = nn.Parameter(torch.empty(out_features // grid.tp, in_features, device=device))
         self.weight.tensor_parallel_dim = 0
-        self.gram_norm = False  # as model.Linear's
 
     def forward(self, x):
         if self.copy_input:
             x = copy_to_tp(x, self.group)
-        return gram_norm.linear(x, self.weight, self.gram_norm)  # output features stay split
+        return F.linear(x, self.weight)  # output features stay split
 
 
 class RowParallelLinear(nn.Module):
@@ -186,20 +184,9 @@ class RowParallelLinear(nn.Module):
         self.group = grid.tp_group
         self.weight = nn.Parameter(torch.empty(out_features, in_features // grid.tp, device=device))
         self.weight.tensor_parallel_dim = 1
-        self.gram_norm = False  # as model.Linear's
 
     def forward(self, x):  # x arrives split along its features (the heads / the FFN columns)
-        return reduce_from_tp(gram_norm.linear(x, self.weight, self.gram_norm), self.group)
-
-
-class RowParallelSwiGLUDown(RowParallelLinear):
-    """w2 under tp: model.SwiGLUDown on this rank's FFN columns (gate and up arrive split), then the sum."""
-
-    def forward(self, gate, up, checkpointed: bool = False, output_unread: bool = False):
-        partial = swiglu_down(gate, up, self.weight, checkpointed, self.gram_norm, output_unread)
-        # An unread output (offload.py's recomputation) is a stand-in: no sum to make, and g's backward is the
-        # identity, so leaving g out changes no gradient. One all-reduce fewer per block and pass.
-        return partial if output_unread else reduce_from_tp(partial, self.group)
+        return reduce_from_tp(F.linear(x, self.weight), self.group)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -273,7 +260,7 @@ def parallelize(model: Transformer, grid: Grid) -> Transformer:
         attention.wo = RowParallelLinear(attention.wo.in_features, attention.wo.out_features, grid, device)
         ffn.w1 = ColumnParallelLinear(args.dim, args.ffn_hidden_dim, grid, device, copy_input=False)
         ffn.w3 = ColumnParallelLinear(args.dim, args.ffn_hidden_dim, grid, device, copy_input=False)
-        ffn.w2 = RowParallelSwiGLUDown(args.ffn_hidden_dim, args.dim, grid, device)
+        ffn.w2 = RowParallelLinear(args.ffn_hidden_dim, args.dim, grid, device)
     model.tok_embeddings = VocabParallelEmbedding(args.vocab_size, args.dim, grid, device)
     model.output = ColumnParallelLinear(args.dim, args.vocab_size, grid, device, copy_input=False)
     if args.tie_embeddings:

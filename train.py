@@ -29,11 +29,11 @@ from data import (ShuffledSampler, Tokenizer, cached_tokenizer, check_token_ids,
                   split_train_val)
 from evaluate import multiple_choice_accuracy, validation_loss
 from generate import generate
-from lomo import LOMO, learning_rate
 from losses import model_loss
-from model import LLAMA_SIZES, compile_blocks, model_args
+from model import LLAMA_SIZES, model_args
 from shard import (build_model, check_tensor_parallel, destroy_distributed, gather_from_tp, init_distributed,
                    padded_vocab_size)
+import speedups
 import training_state
 
 BUNDLED_CORPUS = Path(__file__).parent / "data" / "botchan.txt"
@@ -166,8 +166,8 @@ def require_finite_weights(model, step):
             f"--no-finite-checks, with --clip-grad-norm, or with a lower --lr")
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def check_flags(args) -> torch.dtype:
+    """Refuse bad flags before anything is built, each with the value and the fix; returns the dtype."""
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
@@ -182,9 +182,7 @@ def main(argv=None):
     if args.offload_checkpoints and not args.activation_checkpointing:
         raise ValueError("--offload-checkpoints moves the block inputs that checkpointing saves: add "
                          "--activation-checkpointing")
-    if not (math.isfinite(args.branch_grads_gpu_gib) and args.branch_grads_gpu_gib >= 0):
-        raise ValueError(f"--branch-grads-gpu-gib={args.branch_grads_gpu_gib} must be a number >= 0 (0: keep the "
-                         f"saved gradients in host memory only)")
+    speedups.check_budget(args.branch_grads_gpu_gib)
     if args.save_every < 0:
         raise ValueError(f"--save-every={args.save_every} must be >= 0 (0: never save)")
     if not 0 <= args.min_lr_ratio <= 1:
@@ -193,12 +191,15 @@ def main(argv=None):
         raise ValueError(f"--export-hf {args.export_hf}: " + ("the folder exists; choose a new one (nothing is "
                          "overwritten)" if not args.eval_only else "export with `python checkpoint.py convert` instead "
                          "of --eval-only"))
-    dtype = resolve_dtype(args.dtype)
-    if args.cuda_graph and args.dtype != "bf16":  # (the rest of what a graph cannot hold: when LOMO is built)
-        raise ValueError(f"--cuda-graph with --dtype {args.dtype}: the graphed step's kernel updates bf16 weights "
-                         f"(and fp16's loss scale changes between steps): add --dtype bf16")
-    if resolve_device(args.device).type != "cuda" and args.cuda_graph:  # (an unknown device is refused first)
-        raise ValueError("--cuda-graph replays CUDA graphs: it needs a GPU (--device cuda)")
+    dtype, device = resolve_dtype(args.dtype), resolve_device(args.device)
+    if args.cuda_graph:  # (the rest of what a graph cannot hold: when LOMO is built)
+        speedups.check_cuda_graph(args.dtype, device, args.offload_checkpoints)
+    return dtype
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dtype = check_flags(args)
     grid = init_distributed(args.tp, args.device, args.backend)
     try:
         return train(args, grid, dtype)
@@ -209,23 +210,29 @@ def main(argv=None):
         destroy_distributed()
 
 
-def train(args, grid, dtype):
-    run_started = time.perf_counter()
-    device = grid.device
-    print0 = print if grid.is_main else (lambda *a, **k: None)
-    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    print0(f"processes: {grid.world_size} = dp {grid.dp} x tp {grid.tp}, device {device}{name}, "
-           f"torch {torch.__version__}")
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    if grid.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+def learning_rate(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, schedule: str = "constant",
+                  min_lr_ratio: float = 0.0) -> float:
+    """The learning rate of step `step` (1-based): linear warmup from base_lr / warmup_steps up to base_lr
+    over `warmup_steps` steps, then constant, or a linear or cosine decay to min_lr_ratio * base_lr at
+    `total_steps`. LOMO applies it inside backward, so it is computed before the step and passed in."""
+    if schedule not in ("constant", "linear", "cosine"):
+        raise ValueError(f"unknown schedule {schedule!r}: use constant, linear or cosine")
+    if step <= warmup_steps:
+        return base_lr * step / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return base_lr
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * decay)
 
-    # -------------------------------------------------------------------------------- tokenizer
+
+def tokenizer_and_config(args, grid, print0):
+    """The tokenizer and the model's ModelArgs: a Meta or HF checkpoint brings both; else a named size, with a
+    tokenizer trained on the text data (once, by rank 0) or given."""
     cache = Path(__file__).parent / "data" / ".cache"
     tokenizer_corpus = args.data if Path(args.data).suffix == ".txt" else BUNDLED_CORPUS
     layout = checkpoint_formats.detect_format(args.ckpt) if args.ckpt else None
-    if layout in ("meta", "hf"):  # a Meta or HF checkpoint brings its config and its tokenizer
+    if layout in ("meta", "hf"):
         if not args.tokenizer and not (Path(args.ckpt) / "tokenizer.model").is_file():
             raise ValueError(f"{args.ckpt} has no tokenizer.model: pass --tokenizer PATH to the SentencePiece "
                              f"tokenizer.model that belongs to this checkpoint")
@@ -260,8 +267,11 @@ def train(args, grid, dtype):
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the {model_name} model only "
                          f"{margs.vocab_size}: use a matching tokenizer or model")
     check_tensor_parallel(margs, grid.tp)
+    return tokenizer, margs, model_name
 
-    # -------------------------------------------------------------------------------- data
+
+def datasets(args, tokenizer, margs, print0):
+    """The training and validation sets: --val-data, or 10% of --data held out."""
     def load(path):
         return load_dataset(path, args.format, tokenizer, args.seq_len, args.train_on_prompt, args.long_examples)
 
@@ -279,52 +289,140 @@ def train(args, grid, dtype):
         print0(f"loss on: {masking}")
     print0(f"data: {len(train_set.items):,} training and {len(val_set.items):,} validation sequences"
            f"{', packed' if train_set.packed else ''}; vocabulary {tokenizer.vocab_size} ({tokenizer.path.name})")
+    return train_set, val_set
 
-    # -------------------------------------------------------------------------------- model
+
+def evaluation(args, model, val_set, tokenizer, grid):
+    """Validation loss, multiple-choice accuracy when the data has choices, and a sample (printed)."""
+    val_loss, val_ppl = validation_loss(model, val_set.items, args.batch_size, grid.device, args.eval_batches, grid)
+    result = dict(val_loss=val_loss, val_ppl=val_ppl)
+    line = f"val loss {val_loss:.4f}, val ppl {val_ppl:.1f}"
+    if val_set.choices:
+        result.update(multiple_choice_accuracy(model, val_set.choices[:args.eval_examples], tokenizer,
+                                               args.seq_len, grid.device, grid))
+        line += (f", acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f} (n={result['n']}"
+                 + (f", {result['truncated']} candidates truncated to --seq-len" if result["truncated"] else "") + ")")
+    prompt = val_set.choices[0].prompt if val_set.choices else "I"
+    # Every rank samples (the tp ranks must, in step); padded or unused vocabulary rows are cut off.
+    sample = generate(model, tokenizer.encode(prompt), args.sample_tokens, eos_id=tokenizer.eos_id,
+                      generator=torch.Generator(device=grid.device).manual_seed(args.seed),
+                      gather_logits=lambda logits: gather_from_tp(logits, grid)[..., :tokenizer.vocab_size])
+    return result, f"{line}\n  sample: {prompt!r} -> {tokenizer.decode(sample)!r}"
+
+
+def resume(args, out, model, lomo, sampler, grid, print0):
+    """(first step, evaluations, skipped steps) of a run resumed from the newest complete training state in
+    <out>/checkpoints, with the weights, RNG states, LOMO's and the sampler's state restored; or of a new run."""
+    saves = out / "checkpoints"
+    latest = training_state.find_latest_checkpoint(saves) if args.resume else None
+    if latest is None:
+        if args.resume:
+            print0(f"--resume: no complete training state in {saves}; starting at step 1")
+        return 1, [], 0
+    state = training_state.load_training_state(latest, model, grid)
+    lomo.load_state_dict(state["lomo"])
+    sampler.load_state_dict(state["sampler"])
+    if grid.is_main and (out / "metrics.jsonl").is_file():
+        # Rows logged after that save (a crash between saves) belong to a run that is being replayed.
+        kept = [line for line in (out / "metrics.jsonl").read_text().splitlines()
+                if not json.loads(line).get("summary") and json.loads(line).get("step", 0) <= state["step"]]
+        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    changed = {k: (v, vars(args)[k]) for k, v in state["config"].items() if k in vars(args) and vars(args)[k] != v
+               and k not in ("resume", "steps", "eval_only", "export_hf")}
+    print0(f"resuming from {latest} at step {state['step'] + 1}" + (f"; flags changed since: {changed}" if changed else ""))
+    return state["step"] + 1, state["evaluations"], state["skipped_steps"]
+
+
+class Metrics:
+    """<out>/metrics.jsonl (rank 0): one row per step, evaluation results in theirs, a summary last; and the
+    totals the summary reports."""
+
+    def __init__(self, path, append: bool, grid, skipped_steps: int):
+        self.file = open(path, "a" if append else "w") if grid.is_main else None
+        self.grid, self.skipped_steps, self.tokens, self.seconds = grid, skipped_steps, 0, 0.0
+
+    def log(self, row):
+        if self.file:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def step_row(self, step, lr, result, tokens, peak, seconds):
+        self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+        self.skipped_steps += result.skipped
+        row = dict(step=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, skipped=result.skipped,
+                   skipped_steps=self.skipped_steps, loss_scale=result.loss_scale, tokens_per_s=tokens / seconds,
+                   tokens_per_gpu_per_s=tokens / seconds / self.grid.world_size)
+        if peak is not None:
+            row["peak_memory_gib"] = peak
+        return row
+
+    def summary(self, args, evaluations, seconds, choices: bool):
+        best = min(evaluations, key=lambda e: e["val_loss"])
+        tokens_per_s = self.tokens / max(self.seconds, 1e-9)
+        summary = dict(summary=True, step=args.steps, time_s=seconds, tokens_per_s=tokens_per_s,
+                       tokens_per_gpu_per_s=tokens_per_s / self.grid.world_size, skipped_steps=self.skipped_steps,
+                       best_val_loss=best["val_loss"], best_val_loss_step=best["step"],
+                       val_loss=evaluations[-1]["val_loss"], val_ppl=evaluations[-1]["val_ppl"])
+        if choices:
+            best_acc = max(evaluations, key=lambda e: e["acc"])
+            summary.update(best_acc=best_acc["acc"], best_acc_step=best_acc["step"], acc=evaluations[-1]["acc"],
+                           acc_norm=evaluations[-1]["acc_norm"])
+        if self.grid.device.type == "cuda":
+            summary["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.log(summary)
+        if self.file:
+            self.file.close()
+        return summary
+
+
+def on_device(tensors, device):
+    """The batch on the device; on a GPU through pinned memory, so that the copy queues behind the work."""
+    return [t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device) for t in tensors]
+
+
+def summary_line(evaluations, summary, out) -> str:
+    accuracy = f", accuracy {evaluations[0]['acc']:.3f} -> {summary['acc']:.3f}" if "acc" in summary else ""
+    return (f"validation loss {evaluations[0]['val_loss']:.4f} -> {summary['val_loss']:.4f} (best "
+            f"{summary['best_val_loss']:.4f} at step {summary['best_val_loss_step']}){accuracy}\n"
+            f"{summary['time_s']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s; metrics in {out / 'metrics.jsonl'}")
+
+
+def train(args, grid, dtype):
+    run_started = time.perf_counter()
+    device = grid.device
+    print0 = print if grid.is_main else (lambda *a, **k: None)
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print0(f"processes: {grid.world_size} = dp {grid.dp} x tp {grid.tp}, device {device}{name}, "
+           f"torch {torch.__version__}")
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    if grid.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    tokenizer, margs, model_name = tokenizer_and_config(args, grid, print0)
+    train_set, val_set = datasets(args, tokenizer, margs, print0)
+
+    # -------------------------------------------------------------------------------- model and LOMO
     # Built on the meta device; each rank allocates only its shards, the slices of the seed's full init.
     model = build_model(margs, grid, args.seed, dtype, init=not args.ckpt)
     if args.ckpt:
         checkpoint.load_checkpoint(args.ckpt, model, grid)  # each rank reads only its own slices
-    model.activation_checkpointing = args.activation_checkpointing
-    model.offload_checkpoints = args.offload_checkpoints
-    n_params = sum(p.numel() for p in model.parameters())
-    print0(f"model: {model_name} {margs}\n  {n_params:,} parameters per rank, {dtype}")
-
-    # -------------------------------------------------------------------------------- LOMO
-    lomo = LOMO(model, lr=args.lr, weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm,
-                clip_grad_value=args.clip_grad_value, tp_group=grid.tp_group, dp_group=grid.dp_group,
-                check_finite=not args.no_finite_checks, fused_kernel=not args.no_fused_kernel,
-                branch_grads_gpu_gib=args.branch_grads_gpu_gib)
+    print0(f"model: {model_name} {margs}\n  {sum(p.numel() for p in model.parameters()):,} parameters per rank, "
+           f"{dtype}")
+    # Every acceleration that applies (speedups.py); the same step as lomo.LOMO(model, ...), faster.
+    lomo = speedups.apply(
+        model, lr=args.lr, weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm,
+        clip_grad_value=args.clip_grad_value, tp_group=grid.tp_group, dp_group=grid.dp_group,
+        activation_checkpointing=args.activation_checkpointing, offload_checkpoints=args.offload_checkpoints,
+        compile=args.compile, branch_grads_gpu_gib=args.branch_grads_gpu_gib, fused_kernel=not args.no_fused_kernel,
+        check_finite=not args.no_finite_checks)
     print0(f"LOMO: lr {args.lr} ({args.schedule}, warmup {args.warmup_steps}), weight decay {args.weight_decay}, "
            f"clip norm {args.clip_grad_norm}, clip value {args.clip_grad_value}, "
            f"{'two backward passes' if lomo.needs_norm_pass else 'one backward pass'}"
            f"{', dynamic loss scaling' if lomo.loss_scaler else ''}")
-    if args.compile:  # after LOMO, which says whether backward runs twice over one graph
-        compile_blocks(model, backward_twice=lomo.needs_norm_pass)
     # Refuses what a graph cannot hold (fp16, weight decay, ...) now, before any step runs.
     graphed = GraphedStep(model, lomo, lambda i, t: model_loss(model, i, t, grid)) if args.cuda_graph else None
     if graphed is not None:
         print0("CUDA graphs: step 1 eager, then each step replayed (cuda_graph.py); batches padded to --seq-len")
-
-    # -------------------------------------------------------------------------------- evaluation
-    def evaluate(step):
-        """Validation loss, multiple-choice accuracy when the data has choices, and a sample."""
-        val_loss, val_ppl = validation_loss(model, val_set.items, args.batch_size, device, args.eval_batches, grid)
-        result = dict(val_loss=val_loss, val_ppl=val_ppl)
-        line = f"step {step}: val loss {val_loss:.4f}, val ppl {val_ppl:.1f}"
-        if val_set.choices:
-            result.update(multiple_choice_accuracy(model, val_set.choices[:args.eval_examples], tokenizer,
-                                                   args.seq_len, device, grid))
-            line += (f", acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f} (n={result['n']}"
-                     + (f", {result['truncated']} candidates truncated to --seq-len" if result["truncated"] else "") + ")")
-        prompt = val_set.choices[0].prompt if val_set.choices else "I"
-        # Every rank samples (the tp ranks must, in step); padded or unused vocabulary rows are cut off.
-        sample = generate(model, tokenizer.encode(prompt), args.sample_tokens, eos_id=tokenizer.eos_id,
-                          generator=torch.Generator(device=device).manual_seed(args.seed),
-                          gather_logits=lambda logits: gather_from_tp(logits, grid)[..., :tokenizer.vocab_size])
-        if grid.is_main:
-            tqdm.write(f"{line}\n  sample: {prompt!r} -> {tokenizer.decode(sample)!r}")
-        return result
 
     # -------------------------------------------------------------------------------- resume or start
     # Every rank draws the same global batch of dp x batch-size sequences and keeps its dp slice: the ranks
@@ -332,57 +430,36 @@ def train(args, grid, dtype):
     # sees the whole global batch (exactly so when every rank has the same number of target tokens).
     sampler = ShuffledSampler(len(train_set.items), args.seed)
     rows = slice(grid.dp_rank * args.batch_size, (grid.dp_rank + 1) * args.batch_size)
-    saves = out / "checkpoints"
-    first_step, evaluations, skipped_steps, trained_tokens, train_time = 1, [], 0, 0, 0.0
-    latest = training_state.find_latest_checkpoint(saves) if args.resume else None
-    if latest is not None:
-        # Weights (at this run's tp), RNG states, LOMO's step count and loss scale, the sampler's position:
-        # everything the next step depends on, so that resuming is exact.
-        state = training_state.load_training_state(latest, model, grid)
-        lomo.load_state_dict(state["lomo"])
-        sampler.load_state_dict(state["sampler"])
-        first_step, evaluations, skipped_steps = state["step"] + 1, state["evaluations"], state["skipped_steps"]
-        if grid.is_main and (out / "metrics.jsonl").is_file():
-            # Rows logged after that save (a crash between saves) belong to a run that is being replayed.
-            kept = [line for line in (out / "metrics.jsonl").read_text().splitlines()
-                    if not json.loads(line).get("summary") and json.loads(line).get("step", 0) <= state["step"]]
-            (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
-        changed = {k: (v, vars(args)[k]) for k, v in state["config"].items() if k in vars(args) and vars(args)[k] != v
-                   and k not in ("resume", "steps", "eval_only", "export_hf")}
-        print0(f"resuming from {latest} at step {first_step}" + (f"; flags changed since: {changed}" if changed else ""))
-    elif args.resume:
-        print0(f"--resume: no complete training state in {saves}; starting at step 1")
-    metrics = open(out / "metrics.jsonl", "a" if latest is not None else "w") if grid.is_main else None
+    first_step, evaluations, skipped_steps = resume(args, out, model, lomo, sampler, grid, print0)
+    metrics = Metrics(out / "metrics.jsonl", first_step > 1, grid, skipped_steps)
 
-    def log(row):
-        if metrics:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+    def evaluate(step):
+        result, text = evaluation(args, model, val_set, tokenizer, grid)
+        if grid.is_main:
+            tqdm.write(f"step {step}: {text}")
+        return dict(step=step, **result)
 
     if args.eval_only:
-        result = dict(step=first_step - 1, eval_only=True, **evaluate(first_step - 1))
-        log(result)
+        result = dict(eval_only=True, **evaluate(first_step - 1))
+        metrics.log(result)
         return result
     if not evaluations:
-        evaluations = [dict(step=0, **evaluate(0))]
-        log(evaluations[-1])
+        evaluations = [evaluate(0)]
+        metrics.log(evaluations[-1])
 
     # -------------------------------------------------------------------------------- loop
     # Everything alive now (torch's modules, the model, the data) lives as long as the run. Freezing it
-    # keeps the garbage collector's full collections from scanning it again: on a 7B step one took
-    # 183 ms; frozen, 1-2 ms (results/gc/). Cycles made from here on are still collected; unfrozen after
-    # the loop, so that a caller running main() again can collect this run's objects.
+    # keeps the garbage collector's full collections from scanning it again (on a 7B step one took 183 ms;
+    # frozen, 1-2 ms). Cycles made from here on are still collected; unfrozen after the loop.
     gc.collect()  # what is already garbage goes now: frozen, it would stay for the whole run
     gc.freeze()
-    unchecked = not lomo.check_finite and not lomo.needs_norm_pass  # --no-finite-checks (a norm pass checks anyway)
+    unchecked = not lomo.guard.checks and not lomo.needs_norm_pass  # --no-finite-checks (a norm pass checks anyway)
     clock = StepClock(device)
 
     def finish(step, lr, result, tokens, peak, seconds, evaluate_now):
         """Write the row of a step that has run: by then its loss and norm are on the host, or nearly."""
-        nonlocal trained_tokens, train_time, skipped_steps
         lomo.check_previous_step()  # a one-pass step with a non-finite gradient norm stops training here
-        trained_tokens, train_time = trained_tokens + tokens, train_time + seconds
-        skipped_steps += result.skipped
+        row = metrics.step_row(step, lr, result, tokens, peak, seconds)
         if unchecked and not math.isfinite(result.loss):
             raise FloatingPointError(
                 f"step {step}: loss {result.loss} with --no-finite-checks, so its gradients have reached the "
@@ -391,15 +468,10 @@ def train(args, grid, dtype):
         bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.3g}", tok_s=f"{tokens / seconds:,.0f}")
         if result.reason and grid.is_main:
             tqdm.write(f"step {step}: skipped: {result.reason}")
-        row = dict(step=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, skipped=result.skipped,
-                   skipped_steps=skipped_steps, loss_scale=result.loss_scale, tokens_per_s=tokens / seconds,
-                   tokens_per_gpu_per_s=tokens / seconds / grid.world_size)
-        if peak is not None:
-            row["peak_memory_gib"] = peak
         if evaluate_now:
-            evaluations.append(dict(step=step, **evaluate(step)))
+            evaluations.append(evaluate(step))
             row.update(evaluations[-1])
-        log(row)
+        metrics.log(row)
 
     try:
         bar = tqdm(range(first_step, args.steps + 1), desc="train", dynamic_ncols=True, file=sys.stdout,
@@ -411,9 +483,7 @@ def train(args, grid, dtype):
         previous = None  # (step, lr, result, tokens, peak memory, clock mark at its start): row not yet written
         for step in bar:
             batch = [train_set.items[i] for i in sampler.next(args.batch_size * grid.dp)[rows]]
-            # Pinned host memory, so that the copy runs behind the queued work instead of waiting for it.
-            inputs, targets = (t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-                               for t in collate(batch, length=args.seq_len + 1 if graphed else None))
+            inputs, targets = on_device(collate(batch, length=args.seq_len + 1 if graphed else None), device)
             lr = learning_rate(step, args.lr, args.steps, args.warmup_steps, args.schedule, args.min_lr_ratio)
             step_mark = clock.mark()
             loss = graphed.forward(inputs, targets) if graphed else model_loss(model, inputs, targets, grid)
@@ -430,9 +500,9 @@ def train(args, grid, dtype):
             if save_now:
                 if unchecked:
                     require_finite_weights(model, step)
-                training_state.save_training_state(saves, step, model, grid, dict(
+                training_state.save_training_state(out / "checkpoints", step, model, grid, dict(
                     step=step, lomo=lomo.state_dict(), sampler=sampler.state_dict(), evaluations=evaluations,
-                    skipped_steps=skipped_steps, config=vars(args)), keep=args.keep)
+                    skipped_steps=metrics.skipped_steps, config=vars(args)), keep=args.keep)
         bar.close()
         if graphed is not None:
             print0(f"CUDA graphs: {graphed.replays} steps replayed, {graphed.eager_steps} eager")
@@ -443,27 +513,8 @@ def train(args, grid, dtype):
             require_finite_weights(model, args.steps)
         checkpoint.save_hf(model, args.export_hf, grid, tokenizer_path=tokenizer.path)
         print0(f"weights exported to {args.export_hf} (Hugging Face format)")
-
-    # -------------------------------------------------------------------------------- summary
-    best = min(evaluations, key=lambda e: e["val_loss"])
-    summary = dict(summary=True, step=args.steps, time_s=time.perf_counter() - run_started,
-                   tokens_per_s=trained_tokens / max(train_time, 1e-9),
-                   tokens_per_gpu_per_s=trained_tokens / max(train_time, 1e-9) / grid.world_size, skipped_steps=skipped_steps, best_val_loss=best["val_loss"],
-                   best_val_loss_step=best["step"], val_loss=evaluations[-1]["val_loss"],
-                   val_ppl=evaluations[-1]["val_ppl"])
-    if val_set.choices:
-        best_acc = max(evaluations, key=lambda e: e["acc"])
-        summary.update(best_acc=best_acc["acc"], best_acc_step=best_acc["step"], acc=evaluations[-1]["acc"],
-                       acc_norm=evaluations[-1]["acc_norm"])
-    if device.type == "cuda":
-        summary["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    log(summary)
-    if metrics:
-        metrics.close()
-    print0(f"validation loss {evaluations[0]['val_loss']:.4f} -> {summary['val_loss']:.4f} "
-           f"(best {summary['best_val_loss']:.4f} at step {summary['best_val_loss_step']})"
-           + (f", accuracy {evaluations[0]['acc']:.3f} -> {summary['acc']:.3f}" if val_set.choices else ""))
-    print0(f"{summary['time_s']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s; metrics in {out / 'metrics.jsonl'}")
+    summary = metrics.summary(args, evaluations, time.perf_counter() - run_started, bool(val_set.choices))
+    print0(summary_line(evaluations, summary, out))
     return dict(first_val_loss=evaluations[0]["val_loss"], **summary)
 
 

@@ -1,7 +1,8 @@
 """cuda_graph.py: a LOMO step captured as CUDA graphs trains exactly as the eager step.
 
-On the CPU: LOMO's side of it (begin_graphed_step, device_pass, after_graphed_norm_pass, end_graphed_step, run
-eagerly with the kernel's contract in PyTorch ops) against LOMO.step, one-pass and clipped, and every refusal.
+On the CPU: the host's parts and the device passes of a graphed step (begin_replayed_step, device_pass under
+capturing, decide_replayed, end_replayed_one_pass), run eagerly with the kernel's contract in PyTorch ops,
+against LOMO.step, one-pass and clipped, and every refusal.
 On a GPU: the graphs themselves, replayed, against eager steps bit for bit, with a batch and an lr that change
 each step, clipping, a non-finite loss, a batch of another shape, settings changed after the capture, graphs
 released and captured again; on two GPUs, tp = 2 and dp = 2 through train.py, and graphed tp = 2 runs that end
@@ -19,9 +20,14 @@ import torch
 
 import fused_update
 from conftest import VOCAB, inject, loss_of, tiny_model
-from cuda_graph import GraphedStep, obstacle
+import cuda_graph
+import gram_norm
+import offload
+import speedups
+from cuda_graph import GraphedStep, capturing, device_pass, obstacle
 from distributed import run_ranks
-from lomo import LOMO, learning_rate
+from lomo import LOMO
+from train import learning_rate
 from model import cross_entropy_loss
 from test_fused_update import reference_kernel as kernel_contract
 
@@ -52,35 +58,40 @@ def batches(steps, device="cpu"):
     return [(t[:, :-1], t[:, 1:]) for t in tokens]
 
 
-def pair(dtype=torch.bfloat16, vectors="trained", checkpointing=False, device="cpu"):
+def pair(dtype=torch.bfloat16, vectors="trained", device="cpu"):
     models = [tiny_model(dtype=dtype).to(device) for _ in range(2)]
     for model in models:
-        model.activation_checkpointing = checkpointing
         for p in model.parameters():
             p.requires_grad_(p.dim() > 1 or vectors == "trained")
     return models
 
 
+def fast(model, lr, checkpointing=False, **options):
+    """LOMO with every acceleration that applies (speedups.apply), as train.py and bench.py make it."""
+    return speedups.apply(model, lr=lr, activation_checkpointing=checkpointing, **options)
+
+
 def graphed_step_on_the_cpu(lomo, model, batch, lr, loss_fn=loss_of):
     """What GraphedStep's replays do, run eagerly: the host's part and the device passes between."""
-    result = lomo.begin_graphed_step(torch.device("cpu"), lr)
+    result = cuda_graph.begin_replayed_step(lomo, lr)
     loss = loss_fn(model, batch)
-    if not lomo.needs_norm_pass:
-        return lomo.end_graphed_step(result, *lomo.device_pass(loss))
-    mean_loss, norm = lomo.device_pass(loss, "norm")
-    saved = lomo.graph_saved_bytes()
-    if lomo.after_graphed_norm_pass(result, mean_loss, norm):
-        lomo.device_pass(loss, "update")
-        assert lomo.graph_saved_bytes() == 0  # the update pass took every saved gradient
-    lomo.release_graph_saved()
+    with capturing(lomo):
+        if not lomo.needs_norm_pass:
+            return cuda_graph.end_replayed_one_pass(lomo, result, *device_pass(lomo, loss))
+        mean_loss, norm = device_pass(lomo, loss, "norm")
+        saved = cuda_graph.saved_bytes(lomo)
+        if cuda_graph.decide_replayed(lomo, result, mean_loss, norm):
+            device_pass(lomo, loss, "update")
+            assert cuda_graph.saved_bytes(lomo) == 0  # the update pass took every saved gradient
+        cuda_graph.release_saved(lomo)
     result.saved_bytes = saved
-    return lomo.end_graphed_step(result) if not result.skipped else result
+    return lomo.end_step(result) if not result.skipped else result
 
 
 @pytest.mark.parametrize("vectors", ["frozen", "trained"])
 def test_the_one_pass_device_pass_trains_as_step(kernel_on_the_cpu, vectors):
     models = pair(vectors=vectors)
-    eager, graphed = (LOMO(m, lr=0.3) for m in models)
+    eager, graphed = (fast(m, lr=0.3) for m in models)
     assert obstacle(models[1], graphed) is None
     trained = sum(1 for p in models[1].parameters() if p.requires_grad)
     for lr, batch in zip(lrs(4), batches(4)):
@@ -103,13 +114,14 @@ def test_the_one_pass_device_pass_trains_as_step(kernel_on_the_cpu, vectors):
 def test_the_clipped_device_passes_train_as_step(kernel_on_the_cpu, checkpointing, saved, clip):
     # fp32, so that the eager update (the clip factor on the gradient, then -lr) and the kernel's (alpha = -lr times
     # the clip factor) differ only by rounding; the norm and the decision are the same computation.
-    models = pair(dtype=torch.float32, checkpointing=checkpointing)
-    eager, graphed = (LOMO(m, lr=0.3, clip_grad_norm=clip, saved_branch_grads=saved) for m in models)
+    models = pair(dtype=torch.float32)
+    eager, graphed = (fast(m, lr=0.3, clip_grad_norm=clip, checkpointing=checkpointing, saved_branch_grads=saved)
+                      for m in models)
     assert obstacle(models[1], graphed) is None
     trained = sum(1 for p in models[1].parameters() if p.requires_grad)
     grams = []
-    keep_gram_norm = graphed._keep_gram_norm
-    graphed._keep_gram_norm = lambda weight, norm: grams.append(weight) or keep_gram_norm(weight, norm)
+    add = graphed.grad_norm.add
+    graphed.grad_norm.add = lambda norm, sharded: grams.append(norm) or add(norm, sharded)
     for step, (lr, batch) in enumerate(zip(lrs(3), batches(3))):
         a = eager.step(loss_of(models[0], batch), lr)
         reference_kernel.calls, grams[:] = 0, []
@@ -121,8 +133,10 @@ def test_the_clipped_device_passes_train_as_step(kernel_on_the_cpu, checkpointin
         assert b.loss == a.loss if step == 0 else b.loss == pytest.approx(a.loss, rel=1e-6)
         assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
         assert (b.grad_norm > clip) == (clip < 1)
-        # The norm pass takes the linear layers' norms from Grams (7 a block and the head), as step() does.
-        assert len(grams) == sum(getattr(m, "gram_norm", False) for m in models[1].modules()) == 7 * 2 + 1
+        # The norm pass takes the linear layers' norms from Grams (7 a block and the head), as step() does; the
+        # rest: the embedding's from its gradient, the 5 norm weights' (batched), the update pass's kernel slots.
+        gram_layers = next(e for e in graphed.extensions if isinstance(e, gram_norm.GramNorms)).layers
+        assert len(gram_layers) == 7 * 2 + 1 and len(grams) == len(gram_layers) + 1 + (2 * 2 + 1) + 1
         # With checkpointed blocks the norm pass keeps both branch gradients of each block, all on the device.
         assert b.saved_bytes == (2 * 2 * 2 * 16 * models[1].args.dim * 4 if checkpointing and saved else 0)
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
@@ -142,10 +156,8 @@ def parallel_worker(tp, clip):
     reference_kernel.calls = 0
     args = model_args("tiny", vocab_size=VOCAB, n_layers=2, max_seq_len=64, n_heads=8, n_kv_heads=4)
     models = [shard.build_model(args, grid, seed=0) for _ in range(2)]
-    for model in models:
-        model.activation_checkpointing = True
-    eager, graphed = (LOMO(m, lr=0.3, clip_grad_norm=clip, tp_group=grid.tp_group, dp_group=grid.dp_group)
-                      for m in models)
+    eager, graphed = (fast(m, lr=0.3, clip_grad_norm=clip, checkpointing=True, tp_group=grid.tp_group,
+                           dp_group=grid.dp_group) for m in models)
     make = torch.Generator().manual_seed(3)
     rows = slice(grid.dp_rank * 4 // grid.dp, (grid.dp_rank + 1) * 4 // grid.dp)
     reported = []
@@ -182,7 +194,7 @@ def test_in_parallel_the_graphed_step_s_parts_train_as_step(tp, clip):
 
 def test_a_clipped_step_with_a_nonfinite_norm_is_skipped_before_its_update_pass(batch, kernel_on_the_cpu):
     model = tiny_model(dtype=torch.bfloat16)
-    lomo = LOMO(model, lr=0.3, clip_grad_norm=1.0)
+    lomo = fast(model, lr=0.3, clip_grad_norm=1.0)
     before = [p.detach().clone() for p in model.parameters()]
     with inject(model, math.inf):
         result = graphed_step_on_the_cpu(lomo, model, batch, None)
@@ -193,7 +205,7 @@ def test_a_clipped_step_with_a_nonfinite_norm_is_skipped_before_its_update_pass(
 def test_clipped_skips_are_counted_as_by_step(kernel_on_the_cpu):
     # bad, good, bad, good: never two bad steps in a row, so neither way may stop; a good step resets the count.
     models = pair(dtype=torch.float32)
-    eager, graphed = (LOMO(m, lr=0.3, clip_grad_norm=1.0, max_consecutive_skips=2) for m in models)
+    eager, graphed = (fast(m, lr=0.3, clip_grad_norm=1.0, max_consecutive_skips=2) for m in models)
     for number, batch in enumerate(batches(4)):
         bad = number % 2 == 0
         with inject(models[0], math.inf) if bad else contextlib.nullcontext():
@@ -208,53 +220,58 @@ def test_clipped_skips_are_counted_as_by_step(kernel_on_the_cpu):
 def test_a_change_the_replays_would_not_follow_is_refused(kernel_on_the_cpu):
     # The check GraphedStep makes before each replay, with the capture's snapshot taken here on the CPU.
     model = tiny_model(dtype=torch.bfloat16)
-    lomo = LOMO(model, lr=0.3, clip_grad_norm=1.0)
+    lomo = fast(model, lr=0.3, clip_grad_norm=1.0, checkpointing=True)
     graphed = GraphedStep(model, lomo, None)
-    lomo.begin_graphed_step(torch.device("cpu"))
-    graphed._captured_settings, graphed._alpha = graphed._settings(), lomo._alpha
+    kernel = next(path for path in lomo.fast_paths if isinstance(path, fused_update.TritonAxpy))
+    saved = next(e for e in lomo.extensions if isinstance(e, offload.SavedBranchGrads))
+    cuda_graph.begin_replayed_step(lomo)
+    graphed._captured_settings, graphed._alpha = graphed._settings(), kernel.alpha
     lomo.clip_grad_norm, lomo.lr = 0.5, 0.1  # read on the host each step: followed
     graphed.check_unchanged()
-    changes = [lambda: setattr(lomo, "clip_grad_norm", None), lambda: setattr(lomo, "saved_branch_grads", False),
-               lambda: setattr(lomo, "branch_grads_gpu_gib", 0.5), lomo.remove_hooks,
+    changes = [lambda: setattr(lomo, "clip_grad_norm", None), lambda: setattr(saved, "gpu_gib", 0.5),
+               lambda: lomo.extensions.remove(saved), lomo.remove_hooks,
                lambda: setattr(model.output.weight, "data", model.output.weight.data.clone()),
-               lambda: setattr(lomo, "_alpha", torch.zeros(()))]
+               lambda: setattr(kernel, "alpha", torch.zeros(()))]
     for change in changes:
         change()
         with pytest.raises(RuntimeError, match="make a new GraphedStep"):
             graphed.check_unchanged()
-        graphed._captured_settings, graphed._alpha = graphed._settings(), lomo._alpha  # as if captured anew
+        graphed._captured_settings, graphed._alpha = graphed._settings(), kernel.alpha  # as if captured anew
 
 
 def test_a_one_pass_device_pass_with_a_nonfinite_loss_moves_nothing_and_is_counted(batch, kernel_on_the_cpu):
     model = tiny_model(dtype=torch.bfloat16)
-    lomo = LOMO(model, lr=0.3, max_consecutive_skips=2)
+    lomo = fast(model, lr=0.3, max_consecutive_skips=2)
     before = [p.detach().clone() for p in model.parameters()]
-    result = lomo.begin_graphed_step(torch.device("cpu"))
-    result = lomo.end_graphed_step(result, *lomo.device_pass(loss_of(model, batch) * math.nan))
+    result = cuda_graph.begin_replayed_step(lomo)
+    with capturing(lomo):
+        passed = device_pass(lomo, loss_of(model, batch) * math.nan)
+    result = cuda_graph.end_replayed_one_pass(lomo, result, *passed)
     assert result.skipped and "non-finite loss" in result.reason
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
-    lomo.begin_graphed_step(torch.device("cpu"))  # counts the skip first (as step() does)
+    cuda_graph.begin_replayed_step(lomo)  # counts the skip first (as step() does)
     assert lomo.consecutive_skips == 1
 
 
 def test_a_one_pass_device_pass_with_a_nonfinite_gradient_stops_the_next_step(batch, kernel_on_the_cpu):
     model = tiny_model(dtype=torch.bfloat16)
-    lomo = LOMO(model, lr=0.3)
+    lomo = fast(model, lr=0.3)
     with inject(model, math.inf):
         graphed_step_on_the_cpu(lomo, model, batch, None)
     with pytest.raises(FloatingPointError, match="gradient norm (inf|nan) with a finite loss"):
-        lomo.begin_graphed_step(torch.device("cpu"))  # before anything of the next step is replayed
+        cuda_graph.begin_replayed_step(lomo)  # before anything of the next step is replayed
 
 
 def test_a_weight_the_kernel_cannot_take_stops_the_capture(batch, kernel_on_the_cpu, monkeypatch):
     model = tiny_model(dtype=torch.bfloat16)
-    lomo = LOMO(model, lr=0.3)
+    lomo = fast(model, lr=0.3)
     odd = model.layers[1].feed_forward.w2.weight
     monkeypatch.setattr(fused_update, "available", lambda param, grad: param is not odd)
     assert "layers.1.feed_forward.w2.weight" in obstacle(model, lomo)
-    lomo.begin_graphed_step(torch.device("cpu"))
+    cuda_graph.begin_replayed_step(lomo)
     with pytest.raises(RuntimeError, match="layers.1.feed_forward.w2.weight cannot be updated by the kernel"):
-        lomo.device_pass(loss_of(model, batch))  # (GraphedStep refuses it before: obstacle)
+        with capturing(lomo):  # (GraphedStep refuses it before: obstacle)
+            device_pass(lomo, loss_of(model, batch))
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -265,21 +282,24 @@ def test_a_weight_the_kernel_cannot_take_stops_the_capture(batch, kernel_on_the_
     ("fp16", "bf16 weights: fp16's loss scale"),
     ("offload", "offload-checkpoints"),
     ("cpu", "GPU with Triton"),
+    ("reference", "DeferredGuard"),
 ])
 def test_what_a_graph_cannot_hold_is_refused_with_the_way_around(monkeypatch, setting, message):
     if setting != "cpu":
         monkeypatch.setattr(fused_update, "available", lambda param, grad: True)
     model = tiny_model(dtype=torch.float16 if setting == "fp16" else torch.bfloat16)
-    if setting == "offload":
-        model.activation_checkpointing = model.offload_checkpoints = True
-    lomo = LOMO(model, lr=0.1, **(setting if isinstance(setting, dict) else {}))
+    if setting == "reference":  # a bare LOMO reads its loss on the host
+        lomo = LOMO(model, lr=0.1, fast_paths=[fused_update.TritonAxpy()])
+    else:
+        options = dict(checkpointing=True, offload_checkpoints=True) if setting == "offload" else {}
+        lomo = fast(model, lr=0.1, **(setting if isinstance(setting, dict) else options))
     with pytest.raises(ValueError, match=message):
         GraphedStep(model, lomo, lambda inputs, targets: None)
 
 
 def test_forward_and_step_must_alternate_and_an_eager_loss_lets_go_of_its_graph(batch, kernel_on_the_cpu):
     model = tiny_model(dtype=torch.bfloat16)
-    graphed = GraphedStep(model, LOMO(model, lr=0.1), lambda i, t: cross_entropy_loss(model(i), t), warmup_steps=3)
+    graphed = GraphedStep(model, fast(model, lr=0.1), lambda i, t: cross_entropy_loss(model(i), t), warmup_steps=3)
     with pytest.raises(RuntimeError, match="without forward"):
         graphed.step(loss_of(model, batch))
     loss = graphed.forward(*batch)  # (eager: the warm-up)
@@ -287,7 +307,7 @@ def test_forward_and_step_must_alternate_and_an_eager_loss_lets_go_of_its_graph(
         graphed.forward(*batch)
     assert not graphed.step(loss).skipped and graphed.eager_steps == 1
     assert loss.grad_fn is None  # its graph let go: a capture must not meet the eager step's autograd nodes
-    viewed = GraphedStep(model, LOMO(model, lr=0.1), lambda i, t: cross_entropy_loss(model(i), t).view(1)[0])
+    viewed = GraphedStep(model, fast(model, lr=0.1), lambda i, t: cross_entropy_loss(model(i), t).view(1)[0])
     with pytest.raises(ValueError, match="returned a view"):
         viewed.forward(*batch)
 
@@ -295,7 +315,7 @@ def test_forward_and_step_must_alternate_and_an_eager_loss_lets_go_of_its_graph(
 def test_the_capture_needs_an_eager_step_before_it(kernel_on_the_cpu):
     model = tiny_model(dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="warmup_steps=0"):
-        GraphedStep(model, LOMO(model, lr=0.1), None, warmup_steps=0)
+        GraphedStep(model, fast(model, lr=0.1), None, warmup_steps=0)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -311,8 +331,8 @@ def gpu_graphed(model, lomo, factor=None):
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("clip", [None, 0.05])
 def test_replays_train_bit_for_bit_as_eager_steps(checkpointing, clip):
-    models = pair(checkpointing=checkpointing, device="cuda")
-    eager, lomo = LOMO(models[0], lr=0.3, clip_grad_norm=clip), LOMO(models[1], lr=0.3, clip_grad_norm=clip)
+    models = pair(device="cuda")
+    eager, lomo = (fast(m, lr=0.3, clip_grad_norm=clip, checkpointing=checkpointing) for m in models)
     graphed = gpu_graphed(models[1], lomo)
     for lr, batch in zip(lrs(5), batches(5, "cuda")):  # batch and lr change each step: read by the graphs
         a = eager.step(loss_of(models[0], batch), lr)
@@ -330,7 +350,7 @@ def test_replays_train_bit_for_bit_as_eager_steps(checkpointing, clip):
 def test_a_replay_with_a_nonfinite_loss_moves_nothing_and_is_counted(clip):
     (model,) = pair(device="cuda")[:1]
     factor = torch.ones((), device="cuda")  # read by the graph from its address: nan makes the loss nan
-    lomo = LOMO(model, lr=0.3, clip_grad_norm=clip, max_consecutive_skips=2)
+    lomo = fast(model, lr=0.3, clip_grad_norm=clip, max_consecutive_skips=2)
     graphed = gpu_graphed(model, lomo, factor)
     batch = batches(1, "cuda")[0]
     for _ in range(2):  # eager, then captured and replayed
@@ -348,7 +368,7 @@ def test_a_replay_with_a_nonfinite_loss_moves_nothing_and_is_counted(clip):
 @needs_graphs
 def test_a_batch_of_another_shape_runs_eagerly_and_trains_the_same():
     models = pair(device="cuda")
-    eager, lomo = LOMO(models[0], lr=0.3), LOMO(models[1], lr=0.3)
+    eager, lomo = fast(models[0], lr=0.3), fast(models[1], lr=0.3)
     graphed = gpu_graphed(models[1], lomo)
     steps = batches(4, "cuda")
     steps[2] = (steps[2][0][:, :8], steps[2][1][:, :8])
@@ -367,7 +387,7 @@ def test_a_batch_of_another_shape_runs_eagerly_and_trains_the_same():
 @needs_graphs
 def test_a_new_clip_threshold_is_followed_and_clipping_turned_off_is_refused():
     models = pair(device="cuda")
-    eager, lomo = (LOMO(m, lr=0.3, clip_grad_norm=1.0) for m in models)
+    eager, lomo = (fast(m, lr=0.3, clip_grad_norm=1.0) for m in models)
     graphed = gpu_graphed(models[1], lomo)
     for number, batch in enumerate(batches(4, "cuda")):
         if number == 2:
@@ -383,9 +403,9 @@ def test_a_new_clip_threshold_is_followed_and_clipping_turned_off_is_refused():
 
 @needs_graphs
 def test_saved_branch_gradients_beyond_the_budget_are_refused_and_the_next_step_captures_again():
-    models = pair(checkpointing=True, device="cuda")
-    eager = LOMO(models[0], lr=0.3, clip_grad_norm=1.0)
-    lomo = LOMO(models[1], lr=0.3, clip_grad_norm=1.0, branch_grads_gpu_gib=0)
+    models = pair(device="cuda")
+    eager = fast(models[0], lr=0.3, clip_grad_norm=1.0, checkpointing=True)
+    lomo = fast(models[1], lr=0.3, clip_grad_norm=1.0, checkpointing=True, branch_grads_gpu_gib=0)
     graphed = gpu_graphed(models[1], lomo)
     first, refused, *later = batches(4, "cuda")
     eager.step(loss_of(models[0], first))
@@ -394,7 +414,7 @@ def test_saved_branch_gradients_beyond_the_budget_are_refused_and_the_next_step_
     with pytest.raises(ValueError, match="raise it \\(--branch-grads-gpu-gib\\)"):
         graphed.step(graphed.forward(*refused))
     assert all(torch.equal(p, q) for p, q in zip(models[1].parameters(), before)) and lomo.step_count == 1
-    lomo.branch_grads_gpu_gib = 1.0  # enough now: the next step captures again, from its own forward
+    next(e for e in lomo.extensions if isinstance(e, offload.SavedBranchGrads)).gpu_gib = 1.0  # enough now: the next step captures again, from its own forward
     for batch in later:
         eager.step(loss_of(models[0], batch))
         graphed.step(graphed.forward(*batch))
@@ -447,7 +467,7 @@ def test_released_graphs_are_freed_and_the_next_step_captures_again():
 
     import cuda_graph
     models = pair(checkpointing=True, device="cuda")
-    eager, lomo = LOMO(models[0], lr=0.3), LOMO(models[1], lr=0.3)
+    eager, lomo = fast(models[0], lr=0.3), fast(models[1], lr=0.3)
     graphed = gpu_graphed(models[1], lomo)
     for number, (lr, batch) in enumerate(zip(lrs(6), batches(6, "cuda"))):
         if number == 3:

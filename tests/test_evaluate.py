@@ -13,7 +13,7 @@ from data import MultipleChoice, cached_tokenizer
 from distributed import run_ranks
 from evaluate import candidate_losses, multiple_choice_accuracy, validation_loss
 from generate import generate
-from lomo import learning_rate
+from train import learning_rate
 from model import KVCache, model_args, token_losses
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "botchan.txt"

@@ -9,7 +9,19 @@ import torch
 
 import fused_update
 from conftest import inject, loss_of, tiny_model
-from lomo import LOMO
+from fused_update import TorchAxpy, TritonAxpy, VectorGroup
+from lomo import LOMO, SGD
+from step_result import DeferredGuard
+
+
+def fast(model, lr, fused_kernel=True, **options):
+    """LOMO with the fast paths and the deferred guard, as speedups.apply attaches them (without the layers)."""
+    paths = [VectorGroup()] + ([TritonAxpy()] if fused_kernel else []) + [TorchAxpy()]
+    return LOMO(model, lr, guard=DeferredGuard(), fast_paths=paths, **options)
+
+
+def uses_kernel(lomo):
+    return any(isinstance(path, TritonAxpy) and path.claim(lomo) for path in lomo.fast_paths)
 
 needs_kernel = pytest.mark.skipif(not (torch.cuda.is_available() and fused_update.triton is not None),
                                   reason="the kernel needs a GPU and Triton")
@@ -19,7 +31,7 @@ def test_without_a_gpu_lomo_takes_the_pytorch_ops(batch):
     model = tiny_model(dtype=torch.bfloat16)
     weight = model.layers[0].attention.wq.weight
     assert not fused_update.available(weight, weight)
-    assert not LOMO(model, lr=0.1).uses_fused_kernel
+    assert not uses_kernel(fast(model, lr=0.1))
 
 
 @pytest.mark.parametrize("change", ["numel", "grad dtype", "slots", "flag"])
@@ -66,10 +78,10 @@ def kernel_on_the_cpu(monkeypatch):
 def test_with_the_kernel_a_nonfinite_loss_moves_nothing_and_is_counted_when_read(batch, kernel_on_the_cpu):
     kernel_on_the_cpu(lambda param: True)
     models = [frozen_vectors_model() for _ in range(2)]
-    fused, plain = LOMO(models[0], lr=0.37, max_consecutive_skips=2), LOMO(models[1], lr=0.37, fused_kernel=False)
-    assert fused.uses_fused_kernel and not plain.uses_fused_kernel
+    fused, plain = fast(models[0], lr=0.37, max_consecutive_skips=2), fast(models[1], lr=0.37, fused_kernel=False)
+    assert uses_kernel(fused) and not uses_kernel(plain)
     a, b = fused.step(loss_of(models[0], batch)), plain.step(loss_of(models[1], batch))
-    assert a._loss_decides and not b._loss_decides  # the step never read its loss: the flag guarded each update
+    assert a.loss_decides and not b.loss_decides  # the step never read its loss: the flag guarded each update
     assert not a.skipped and a.loss == b.loss and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
     assert all(torch.equal(p, q) for p, q in zip(models[0].parameters(), models[1].parameters()))
     before = [p.detach().clone() for p in models[0].parameters()]
@@ -92,9 +104,9 @@ def test_with_the_kernel_on_some_matrices_the_others_still_wait_for_the_loss(bat
     kernel_on_the_cpu(lambda param: param.shape[0] == param.shape[1])  # the square ones only
     model = frozen_vectors_model()
     before = [p.detach().clone() for p in model.parameters()]
-    lomo = LOMO(model, lr=0.1)
+    lomo = fast(model, lr=0.1)
     result = lomo.step(loss_of(model, batch) * float("nan"))
-    assert not result._loss_decides and result.skipped  # read by the first unguarded update
+    assert not result.loss_decides and result.skipped  # read by the first unguarded update
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     result = lomo.step(loss_of(model, batch))
     assert not result.skipped and lomo.consecutive_skips == 0
@@ -105,7 +117,7 @@ def test_with_the_kernel_a_nonfinite_gradient_still_stops_training(batch, kernel
     kernel_on_the_cpu(lambda param: True)
     model = frozen_vectors_model()
     inject(model, float("inf"))
-    lomo = LOMO(model, lr=0.1)
+    lomo = fast(model, lr=0.1)
     result = lomo.step(loss_of(model, batch))
     assert not result.skipped and math.isfinite(result.loss) and not math.isfinite(result.grad_norm)
     with pytest.raises(FloatingPointError, match="step 1: gradient norm"):
@@ -121,13 +133,13 @@ def test_a_kernel_that_fails_names_the_way_around_it(batch, kernel_on_the_cpu):
     fused_update.update_and_sum_squares = broken  # (monkeypatch restores the module's function afterwards)
     model = frozen_vectors_model()
     with pytest.raises(RuntimeError, match="no build for this GPU.*--no-fused-kernel"):
-        LOMO(model, lr=0.1).step(loss_of(model, batch))
+        fast(model, lr=0.1).step(loss_of(model, batch))
 
 
 def test_a_restored_state_does_not_count_a_step_of_before(batch, kernel_on_the_cpu):
     kernel_on_the_cpu(lambda param: True)
     model = frozen_vectors_model()
-    lomo = LOMO(model, lr=0.1)
+    lomo = fast(model, lr=0.1)
     lomo.step(loss_of(model, batch))
     state = lomo.state_dict()
     lomo.step(loss_of(model, batch) * float("nan"))  # unchecked when the state is restored
@@ -189,8 +201,9 @@ def test_tensors_the_kernel_does_not_take_go_to_the_pytorch_ops():
 def test_lomo_trains_with_the_kernel_exactly_as_without_it(batch, weight_decay):
     batch = tuple(t.cuda() for t in batch)
     models = [tiny_model(dtype=torch.bfloat16).cuda() for _ in range(2)]
-    fused, plain = (LOMO(m, lr=0.37, weight_decay=weight_decay, fused_kernel=f) for m, f in zip(models, (True, False)))
-    assert fused.uses_fused_kernel == (weight_decay == 0.0) and not plain.uses_fused_kernel
+    fused, plain = (fast(m, lr=0.37, rule=SGD(weight_decay=weight_decay), fused_kernel=f)
+                    for m, f in zip(models, (True, False)))
+    assert uses_kernel(fused) == (weight_decay == 0.0) and not uses_kernel(plain)
     for _ in range(3):
         a, b = fused.step(loss_of(models[0], batch)), plain.step(loss_of(models[1], batch))
         assert a.loss == b.loss and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
@@ -205,9 +218,9 @@ def test_a_nonfinite_loss_is_caught_on_the_device_and_counted_when_read(batch):
     model = tiny_model(dtype=torch.bfloat16).cuda()
     batch = tuple(t.cuda() for t in batch)
     before = [p.detach().clone() for p in model.parameters()]
-    lomo = LOMO(model, lr=0.1, max_consecutive_skips=2)
+    lomo = fast(model, lr=0.1, max_consecutive_skips=2)
     result = lomo.step(loss_of(model, batch) * float("nan"))
-    assert result._loss_decides and isinstance(result._loss, tuple)  # not read by the step
+    assert result.loss_decides and isinstance(result._loss, tuple)  # not read by the step
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert result.grad_norm is None and result.skipped and "non-finite loss" in result.reason
     lomo.check_previous_step()  # one skip: counted, no error
@@ -222,8 +235,8 @@ def test_a_nonfinite_loss_is_caught_on_the_device_and_counted_when_read(batch):
 def test_the_kernel_s_norm_still_stops_training_on_a_nonfinite_gradient(batch, value):
     model = tiny_model(dtype=torch.bfloat16).cuda()
     inject(model, value)
-    lomo = LOMO(model, lr=0.1)
-    assert lomo.uses_fused_kernel
+    lomo = fast(model, lr=0.1)
+    assert uses_kernel(lomo)
     result = lomo.step(loss_of(model, tuple(t.cuda() for t in batch)))
     assert math.isfinite(result.loss) and not math.isfinite(result.grad_norm)
     with pytest.raises(FloatingPointError, match="step 1: gradient norm"):

@@ -6,8 +6,13 @@ import math
 import pytest
 import torch
 
+import gram_norm
+import speedups
+
 from conftest import inject, loss_of, sgd_reference, tiny_model
-from lomo import LOMO, DynamicLossScaler
+from lomo import LOMO, SGD, DynamicLossScaler
+from fused_update import TorchAxpy, VectorGroup
+from step_result import DeferredGuard, Unchecked
 
 
 def weights(model):
@@ -35,7 +40,7 @@ def test_a_bad_learning_rate_at_step_time_is_refused(batch):
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_fp32_step_equals_torch_sgd_bit_for_bit(batch, weight_decay):
     model, reference = tiny_model(), tiny_model()
-    lomo = LOMO(model, lr=0.3, weight_decay=weight_decay)
+    lomo = LOMO(model, lr=0.3, rule=SGD(weight_decay=weight_decay))
     for _ in range(3):
         result = lomo.step(loss_of(model, batch))
         assert not result.skipped and result.grad_norm > 0
@@ -56,7 +61,7 @@ def test_tied_embeddings_are_updated_once_like_sgd(batch):
 
 def test_global_norm_clipping_matches_clip_grad_norm(batch):
     model, reference = tiny_model(), tiny_model()
-    lomo = LOMO(model, lr=0.3, weight_decay=0.01, clip_grad_norm=0.5)
+    lomo = LOMO(model, lr=0.3, rule=SGD(weight_decay=0.01), clip_grad_norm=0.5)
     reported = [lomo.step(loss_of(model, batch)).grad_norm for _ in range(2)]
     expected = sgd_reference(reference, batch, lr=0.3, weight_decay=0.01, clip_norm=0.5, steps=2)
     assert all(n > 0.5 for n in expected)  # clipping was active, so the test can tell
@@ -73,8 +78,9 @@ def test_value_clipping_matches_clip_grad_value(batch):
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("attached", [False, True])
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_only_one_gradient_is_alive_during_backward(batch, clip):
+def test_only_one_gradient_is_alive_during_backward(batch, clip, attached):
     model = tiny_model()
     params = list(model.parameters())
     matrices, vectors = [p for p in params if p.dim() > 1], [p for p in params if p.dim() == 1]
@@ -86,22 +92,27 @@ def test_only_one_gradient_is_alive_during_backward(batch, clip):
 
     for p in matrices:  # registered before LOMO's hooks, so each runs just before LOMO frees the gradient
         p.register_post_accumulate_grad_hook(count_alive)
-    lomo = LOMO(model, lr=0.1, clip_grad_norm=clip)
+    lomo = (speedups.apply if attached else LOMO)(model, lr=0.1, clip_grad_norm=clip)
     lomo.step(loss_of(model, batch))
-    # Every matrix's hook runs once per pass. In the norm pass the linear layers give their norm from
-    # Grams (gram_norm.py) and have no gradient at all; every other hook sees exactly one matrix gradient
-    # alive. The vectors (norm weights) have no hook: theirs wait for the end of the pass, so at most the
-    # largest matrix's gradient and all the vectors' are alive together.
-    gram_layers = sum(m.gram_norm for m in model.modules() if hasattr(m, "gram_norm"))
-    assert gram_layers == (2 * 7 + 1 if clip else 0)  # 7 per block and the head (whose forward is used here)
     passes = 2 if clip else 1
+    assert len(vectors) == 2 * 2 + 1 and all(p.grad is None for p in params)
+    if not attached:  # the reference: every parameter has a hook, and each hook sees one gradient alive
+        assert alive == [1] * (passes * len(matrices))
+        assert max(alive_numel) <= max(p.numel() for p in matrices)
+        return
+    # Attached: in the norm pass the linear layers give their norm from Grams (gram_norm.py) and have no
+    # gradient at all; every other hook sees exactly one matrix gradient alive. The vectors have no hook
+    # (fused_update.VectorGroup): theirs wait for the end of the pass, so at most the largest matrix's gradient
+    # and all the vectors' are alive together.
+    grams = [e for e in lomo.extensions if isinstance(e, gram_norm.GramNorms)]
+    gram_layers = len(grams[0].layers) if grams else 0
+    assert gram_layers == (2 * 7 + 1 if clip else 0)  # 7 per block and the head (whose forward is used here)
     if not clip:
         assert alive == [1] * len(matrices)
     else:
         assert sorted(alive) == [0] * gram_layers + [1] * (2 * len(matrices) - gram_layers)
     assert max(alive_numel) <= max(p.numel() for p in matrices) + sum(p.numel() for p in vectors)
-    assert len(vectors) == 2 * 2 + 1 and len(alive) == passes * len(matrices)
-    assert all(p.grad is None for p in params)
+    assert len(alive) == passes * len(matrices)
 
 
 def test_backward_outside_step_leaves_weights_and_grads_to_the_caller(batch):
@@ -190,10 +201,15 @@ def test_nonfinite_gradient_is_skipped_with_clipping_and_stops_training_without(
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     # One pass: the norm is known only after the update, so training stops, saying how to go on: when asked
     # (train.py asks after every step), or else when the next step begins, before any of its weights moves.
-    for ask in (True, False):
+    # The reference guard reads the norm at the end of the step and raises there.
+    model = tiny_model(dtype=dtype)
+    inject(model, value)
+    with pytest.raises(FloatingPointError, match="step 1: gradient norm .* with a finite loss .*--clip-grad-norm"):
+        LOMO(model, lr=0.1, rule=SGD(weight_decay=0.1)).step(loss_of(model, batch))
+    for ask in (True, False):  # the deferred guard: when asked, or when the next step begins
         model = tiny_model(dtype=dtype)
         inject(model, value)
-        lomo = LOMO(model, lr=0.1, weight_decay=0.1)
+        lomo = LOMO(model, lr=0.1, rule=SGD(weight_decay=0.1), guard=DeferredGuard())
         result = lomo.step(loss_of(model, batch))
         assert not result.skipped and not math.isfinite(result.grad_norm) and math.isfinite(result.loss)
         after_step_1 = weights(model)
@@ -208,7 +224,7 @@ def test_nonfinite_gradient_is_skipped_with_clipping_and_stops_training_without(
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_without_checks_the_step_is_sgd_and_the_loss_is_read_only_when_asked(batch, weight_decay):
     model, reference = tiny_model(), tiny_model()
-    lomo = LOMO(model, lr=0.3, weight_decay=weight_decay, check_finite=False)
+    lomo = LOMO(model, lr=0.3, rule=SGD(weight_decay=weight_decay), guard=Unchecked())
     for step in range(3):
         with torch.no_grad():
             expected_loss = float(loss_of(model, batch))
@@ -224,13 +240,13 @@ def test_without_checks_the_step_is_sgd_and_the_loss_is_read_only_when_asked(bat
 def test_without_checks_a_nan_loss_reaches_the_weights_and_a_norm_pass_still_checks(batch):
     # What check_finite=False gives up (train.py stops on such a loss, after this step).
     model = tiny_model()
-    result = LOMO(model, lr=0.1, check_finite=False).step(loss_of(model, batch) * float("nan"))
+    result = LOMO(model, lr=0.1, guard=Unchecked()).step(loss_of(model, batch) * float("nan"))
     assert not result.skipped and result.loss != result.loss
     assert not all(p.isfinite().all() for p in model.parameters())
     # With clipping by norm the norm pass is the check, whatever check_finite says.
     model = tiny_model()
     before = weights(model)
-    result = LOMO(model, lr=0.1, clip_grad_norm=1.0, check_finite=False).step(loss_of(model, batch) * float("nan"))
+    result = LOMO(model, lr=0.1, clip_grad_norm=1.0, guard=Unchecked()).step(loss_of(model, batch) * float("nan"))
     assert result.skipped and "non-finite loss" in result.reason
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
@@ -245,6 +261,9 @@ def test_one_pass_step_reports_the_gradient_norm_of_clip_grad_norm_(batch, clip_
     expected = float(torch.nn.utils.get_total_norm(grads)) if hasattr(torch.nn.utils, "get_total_norm") else \
         float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
     result = LOMO(model, lr=0.1, clip_grad_value=clip_value).step(loss_of(model, batch))
+    assert result.grad_norm == pytest.approx(expected, rel=1e-5)  # the reference guard read it
+    model = tiny_model()
+    result = LOMO(model, lr=0.1, clip_grad_value=clip_value, guard=DeferredGuard()).step(loss_of(model, batch))
     assert isinstance(result._grad_norm, tuple)  # still a copy on its way: the step did not wait for it
     assert result.grad_norm == pytest.approx(expected, rel=1e-5)
 
@@ -257,7 +276,7 @@ def test_a_one_pass_step_on_a_gpu_never_waits_for_the_whole_gpu(batch, check_fin
     # reading a step's loss and norm once the next step is queued (as train.py does) waits for copies only.
     model = tiny_model(dtype=torch.bfloat16).cuda()
     batch = tuple(t.cuda() for t in batch)
-    lomo = LOMO(model, lr=0.1, check_finite=check_finite)
+    lomo = speedups.apply(model, lr=0.1, check_finite=check_finite)
     lomo.step(loss_of(model, batch))  # the first step, with its one-time allocations, outside the check
     read = []
     torch.cuda.set_sync_debug_mode("error")
@@ -288,17 +307,20 @@ def test_many_bad_steps_in_a_row_stop_training_naming_the_step(batch, device):
         lomo.check_previous_step()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(lr=-1.0), "lr=-1.0"),
-    (dict(lr=0.1, weight_decay=float("nan")), "weight_decay=nan"),
-    (dict(lr=0.1, clip_grad_norm=0.0), "clip_grad_norm=0.0"),
-    (dict(lr=0.1, clip_grad_value=-2.0), "clip_grad_value=-2.0"),
-    (dict(lr=0.1, clip_grad_norm=1.0, branch_grads_gpu_gib=-1.0), "branch_grads_gpu_gib=-1.0"),
-    (dict(lr=0.1, clip_grad_norm=1.0, branch_grads_gpu_gib=float("inf")), "branch_grads_gpu_gib=inf"),
+@pytest.mark.parametrize("make, message", [
+    (lambda: LOMO(tiny_model(), lr=-1.0), "lr=-1.0"),
+    (lambda: LOMO(tiny_model(), lr=0.1, rule=SGD(weight_decay=float("nan"))), "weight_decay=nan"),
+    (lambda: LOMO(tiny_model(), lr=0.1, clip_grad_norm=0.0), "clip_grad_norm=0.0"),
+    (lambda: LOMO(tiny_model(), lr=0.1, clip_grad_value=-2.0), "clip_grad_value=-2.0"),
+    (lambda: speedups.apply(tiny_model(), lr=0.1, clip_grad_norm=1.0, branch_grads_gpu_gib=-1.0),
+     "branch-grads-gpu-gib=-1.0"),
+    (lambda: speedups.apply(tiny_model(), lr=0.1, clip_grad_norm=1.0, branch_grads_gpu_gib=float("inf"),
+                            activation_checkpointing=True), "branch-grads-gpu-gib=inf"),
+    (lambda: speedups.apply(tiny_model(), lr=0.1, weight_decay=0.1, rule=SGD()), "weight decay is a rule's"),
 ])
-def test_bad_arguments_are_refused(kwargs, message):
+def test_bad_arguments_are_refused(make, message):
     with pytest.raises(ValueError, match=message):
-        LOMO(tiny_model(), **kwargs)
+        make()
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -306,11 +328,13 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_update_is_fp32_maths_rounded_once(batch, dtype, device):
-    """w_new = dtype(fp32(w) - lr * fp32(g)), bit for bit, the gradient being plain autograd's."""
+@pytest.mark.parametrize("path", ["reference", "torch-axpy"])
+def test_low_precision_update_is_fp32_maths_rounded_once(batch, dtype, device, path):
+    """w_new = dtype(fp32(w) - lr * fp32(g)), bit for bit, the gradient being plain autograd's. The reference
+    unscales the fp32 gradient first; fused_update.TorchAxpy folds 1 / scale into alpha (one rounding fewer)."""
     model, reference = tiny_model(dtype=dtype).to(device), tiny_model(dtype=dtype).to(device)
     batch = tuple(t.to(device) for t in batch)
-    lomo = LOMO(model, lr=0.37, loss_scaler=None) if dtype == torch.bfloat16 else LOMO(model, lr=0.37)
+    lomo = LOMO(model, lr=0.37, fast_paths=[TorchAxpy()] if path == "torch-axpy" else ())
     scale = lomo.loss_scaler.scale if lomo.loss_scaler else 1.0
     lomo.step(loss_of(model, batch))
     (loss_of(reference, batch) * scale).backward()
@@ -332,17 +356,16 @@ def test_compiled_blocks_train_like_eager_ones(batch, clip, backend, device, rto
     # --compile: the same LOMO steps (hooks, checkpointing, the retained graph of the clipping pass)
     # through torch.compile'd blocks. aot_eager runs the compiled forward and backward graphs without
     # generating kernels, so this checks the wiring on the CPU in seconds; on a GPU, inductor's CUDA kernels
-    # (the recomputation traces model._SwiGLUDown, whose backward writes into the tensors it saved), in fp32:
+    # (the recomputation traces fast_layers' SwiGLU Function, whose backward writes into the tensors it saved), in fp32:
     # equal up to the rounding of fused kernels.
-    from model import compile_blocks
     batch = tuple(t.to(device) for t in batch)
-    eager = tiny_model().to(device)
-    compiled = compile_blocks(tiny_model().to(device), backend=backend, backward_twice=clip is not None)
+    eager, compiled = tiny_model().to(device), tiny_model().to(device)
     norms = []
     for model in (eager, compiled):
-        model.activation_checkpointing = True
-        lomo = LOMO(model, lr=0.3, clip_grad_norm=clip)
+        lomo = speedups.apply(model, lr=0.3, clip_grad_norm=clip, activation_checkpointing=True,
+                              compile=model is compiled, compile_backend=backend)
         norms.append([lomo.step(loss_of(model, batch)).grad_norm for _ in range(2)])
+    assert all(block._compiled_call_impl is not None for block in compiled.layers)
     assert norms[1] == pytest.approx(norms[0], rel=rtol)
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
@@ -385,3 +408,36 @@ def test_an_error_inside_backward_leaves_no_gradient_for_the_next_step(batch):
     assert all(p.grad is None for p in model.parameters())
     handle.remove()
     assert not lomo.step(loss_of(model, batch)).skipped  # no "already has a .grad" refusal
+
+
+ATTACHMENTS = {  # each of lomo.py's attachments that runs on the CPU, alone
+    "vector-group": dict(fast_paths=[VectorGroup()]),
+    "torch-axpy": dict(fast_paths=[TorchAxpy()]),
+    "deferred-guard": dict(guard=DeferredGuard()),
+}
+
+
+@pytest.mark.parametrize("attachment", list(ATTACHMENTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_an_attachment_on_and_off_trains_the_same_weights(batch, attachment, dtype, clip):
+    # Bit for bit where both run the same operations: every attachment without clipping (the vectors' updates
+    # are the same ops after backward as in a hook; TorchAxpy's alpha is -lr, whose product with an exact fp32
+    # copy of the gradient is the reference's; the deferred guard only reads later). With clipping the vectors'
+    # norms join the global norm in another order and TorchAxpy folds the clip factor into alpha: the clip
+    # factors differ in the last fp32 bits, and a weight by at most one ulp of its dtype after rounding.
+    models = [tiny_model(dtype=dtype) for _ in range(2)]
+    plain = LOMO(models[0], lr=0.3, clip_grad_norm=clip)
+    attached = LOMO(models[1], lr=0.3, clip_grad_norm=clip, **ATTACHMENTS[attachment])
+    for step in range(3):
+        tokens = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(step))
+        a = plain.step(loss_of(models[0], (tokens[:, :-1], tokens[:, 1:])))
+        b = attached.step(loss_of(models[1], (tokens[:, :-1], tokens[:, 1:])))
+        assert not a.skipped and not b.skipped and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-5)
+    exact = clip is None or attachment == "deferred-guard" or (attachment == "torch-axpy" and dtype == torch.float32)
+    ulp = torch.finfo(dtype).eps
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        if exact:
+            assert torch.equal(p, q), name
+        else:
+            torch.testing.assert_close(q, p, rtol=2 * ulp, atol=1e-6, msg=lambda m: f"{name}: {m}")

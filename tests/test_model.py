@@ -1,11 +1,16 @@
 """The LLaMA model: shapes of the real sizes, and properties checked against independent computations
-(Meta's complex-number rotary, multi-head attention with repeated kv weights, float64 formulas)."""
+(Meta's complex-number rotary, multi-head attention with repeated kv weights, float64 formulas). And
+fast_layers.py against it: each autograd Function bit for bit against autograd through model.py's expression,
+and a whole model with fast layers on against one with them off."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import VOCAB, tiny_model
-from model import (LLAMA_SIZES, _apply_rotary_real, ModelArgs, RMSNorm, Transformer, apply_rotary, cross_entropy_loss, init_parameter,
+import fast_layers
+import offload
+from conftest import VOCAB, loss_of, tiny_model
+from fast_layers import complex_rotary, swiglu_down
+from model import (LLAMA_SIZES, ModelArgs, RMSNorm, Transformer, apply_rotary, cross_entropy_loss, init_parameter,
                    init_weights, model_args, rotary_cos_sin)
 
 
@@ -62,19 +67,19 @@ def test_rotary_is_metas_complex_rotation_of_adjacent_pairs():
     expected = torch.view_as_real(torch.view_as_complex(x.double().reshape(2, 6, 3, 4, 2))
                                   * torch.polar(torch.ones_like(angles), angles)[None, :, None, :]).flatten(-2)
     torch.testing.assert_close(apply_rotary(x, cos, sin).double(), expected, rtol=1e-5, atol=1e-6)
-    # The real-arithmetic form that torch.compile traces is the same rotation.
-    torch.testing.assert_close(_apply_rotary_real(x, cos, sin).double(), expected, rtol=1e-5, atol=1e-6)
+    # fast_layers.py's complex form is the same rotation.
+    torch.testing.assert_close(complex_rotary(x, cos, sin).double(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_rotary_backward_saves_only_the_angles_and_equals_autograd(dtype):
-    # apply_rotary's hand-written backward (rotate the gradient back) against autograd through the
-    # real-number form, on a non-contiguous gradient as attention's transpose produces.
+    # fast_layers.complex_rotary's hand-written backward (rotate the gradient back) against autograd through
+    # model.apply_rotary, on a non-contiguous gradient as attention's transpose produces.
     x = torch.randn(2, 6, 4, 8, dtype=torch.float64).to(dtype)
     cos, sin = rotary_cos_sin(8, 6, theta=10000.0)
     upstream = torch.randn(2, 4, 6, 8, dtype=torch.float64).to(dtype).transpose(1, 2)
     grads = []
-    for rotate in (apply_rotary, _apply_rotary_real):
+    for rotate in (complex_rotary, apply_rotary):
         leaf = x.clone().requires_grad_()
         rotate(leaf * 1, cos, sin).backward(upstream)
         grads.append(leaf.grad)
@@ -83,7 +88,7 @@ def test_rotary_backward_saves_only_the_angles_and_equals_autograd(dtype):
     # What autograd keeps for backward: nothing the size of x (only the complex angles, seq x head_dim/2).
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        apply_rotary(x.clone().requires_grad_(), cos, sin)
+        complex_rotary(x.clone().requires_grad_(), cos, sin)
     assert saved and max(saved) == 6 * 4
 
 
@@ -115,15 +120,19 @@ def test_rmsnorm_matches_float64_formula_and_keeps_dtype():
     assert norm.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
 
 
-def test_checkpointed_and_plain_blocks_give_identical_gradients():
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast-layers"])
+@pytest.mark.parametrize("host", [False, True], ids=["device", "host"])
+def test_checkpointed_and_plain_blocks_give_identical_gradients(fast, host):
+    # Checkpointing on and off (offload.py), with the inputs on the device and in host memory, bit for bit.
     tokens = torch.randint(0, VOCAB, (2, 12))
     grads = []
     for checkpointing in (False, True):
-        model = tiny_model()
-        model.activation_checkpointing = checkpointing
+        model = fast_layers.apply(tiny_model()) if fast else tiny_model()
+        if checkpointing:
+            offload.apply_checkpointing(model, host=host)
         loss = cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
-        # Twice over the retained graph, as LOMO's clipping pass does: a checkpointed block's backward
-        # overwrites what it unpacked (model.swiglu_down), which the second pass must recompute anew.
+        # Twice over the retained graph, as LOMO's clipping pass does: a recomputed block's backward
+        # overwrites what it unpacked (fast_layers.swiglu_down), which the second pass must recompute anew.
         loss.backward(retain_graph=True)
         first = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()
@@ -132,6 +141,47 @@ def test_checkpointed_and_plain_blocks_give_identical_gradients():
         grads.append(first)
     for plain, recomputed in zip(*grads):
         assert torch.equal(plain, recomputed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fast_layers_on_and_off_give_the_same_loss_and_gradients(batch, dtype):
+    # The loss bit for bit; the gradients equal up to the order in which autograd adds a tensor's gradient
+    # terms (a norm's Function sums its own two before the residual's, plain autograd in another order).
+    results = []
+    for fast in (False, True):
+        model = fast_layers.apply(tiny_model(dtype=dtype)) if fast else tiny_model(dtype=dtype)
+        loss = loss_of(model, batch)
+        loss.backward()
+        results.append((loss.detach(), dict(model.named_parameters())))
+    (plain_loss, plain), (fast_loss, fast) = results
+    assert torch.equal(plain_loss, fast_loss)
+    tolerance = dict(rtol=1e-12, atol=1e-14) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    if dtype == torch.bfloat16:
+        tolerance = dict(rtol=1e-2, atol=1e-3)
+    for name, p in plain.items():
+        torch.testing.assert_close(fast[name].grad, p.grad, **tolerance, msg=lambda m: f"{name}: {m}")
+
+
+def test_fast_layers_swap_classes_in_place_with_names_unchanged_and_twice_is_once():
+    model = tiny_model()
+    names = [name for name, _ in model.named_parameters()]
+    params = list(model.parameters())
+    fast_layers.apply(model)
+    block = model.layers[0]
+    assert type(block.attention_norm) is fast_layers.FastRMSNorm and type(model.norm) is fast_layers.FastRMSNorm
+    assert type(block.attention) is fast_layers.FastAttention
+    assert type(block.feed_forward) is fast_layers.FusedFeedForward
+    assert type(block.feed_forward.w2) is fast_layers.SwiGLUDown
+    assert [name for name, _ in model.named_parameters()] == names
+    assert all(p is q for p, q in zip(model.parameters(), params))
+    before = [type(m) for m in model.modules()]
+    fast_layers.apply(model)
+    assert [type(m) for m in model.modules()] == before
+    # A w2 that is neither nn.Linear nor shard's row-parallel layer (another attachment's) is refused.
+    other = tiny_model()
+    other.layers[0].feed_forward.w2.__class__ = type("OtherLinear", (torch.nn.Linear,), {})
+    with pytest.raises(TypeError, match="apply fast_layers after shard.parallelize and before gram_norm.GramNorms"):
+        fast_layers.apply(other)
 
 
 def test_init_is_deterministic_and_depends_only_on_seed_and_name():
@@ -180,15 +230,15 @@ def _swiglu_down_inputs(dtype, hidden=40, dim=24):
     return gate, up, weight, grad
 
 
-@pytest.mark.parametrize("checkpointed", [False, True])
+@pytest.mark.parametrize("overwrite", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_swiglu_down_gradients_are_autograds_bit_for_bit(dtype, checkpointed):
-    from model import swiglu_down
+def test_swiglu_down_gradients_are_autograds_bit_for_bit(dtype, overwrite):
     gate, up, weight, grad = _swiglu_down_inputs(dtype)
     results = []
-    for fn in (lambda a, b, w: swiglu_down(a, b, w, checkpointed), lambda a, b, w: F.linear(F.silu(a) * b, w)):
+    for fn in (lambda a, b, w: swiglu_down(a, b, w, overwrite_saved=overwrite),
+               lambda a, b, w: F.linear(F.silu(a) * b, w)):
         a, b, w = gate.clone().requires_grad_(), up.clone().requires_grad_(), weight.clone().requires_grad_()
-        # Through one more op each, as w1/w3's outputs are: with checkpointed=True backward overwrites
+        # Through one more op each, as w1/w3's outputs are: with overwrite_saved=True backward overwrites
         # what it saved, which must not be the leaves whose .grad is compared.
         out = fn(a * 1, b * 1, w)
         out.backward(grad)
@@ -199,28 +249,26 @@ def test_swiglu_down_gradients_are_autograds_bit_for_bit(dtype, checkpointed):
     a, b, w = gate.clone().requires_grad_(), up.clone().requires_grad_(), weight.clone().requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        swiglu_down(a, b, w, checkpointed)
+        swiglu_down(a, b, w, overwrite_saved=overwrite)
     assert len(saved) == 3 and saved[0] is a and saved[1] is b and saved[2] is w
 
 
-def test_swiglu_down_checkpointed_writes_the_gate_gradient_into_the_saved_up():
-    from model import swiglu_down
+def test_swiglu_down_overwriting_saved_writes_the_gate_gradient_into_the_saved_up():
     gate, up, weight, grad = _swiglu_down_inputs(torch.float32)
-    for checkpointed in (True, False):
+    for overwrite in (True, False):
         a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
         g, u = a * 1, b * 1
         arrived = []
         g.register_hook(arrived.append)
-        swiglu_down(g, u, weight, checkpointed).backward(grad)
-        # checkpointed: no new tensor for gate's gradient; otherwise up is left as it was
-        assert (arrived[0].data_ptr() == u.data_ptr()) == checkpointed
-        assert torch.equal(u, up) != checkpointed
+        swiglu_down(g, u, weight, overwrite_saved=overwrite).backward(grad)
+        # overwrite_saved: no new tensor for gate's gradient; otherwise up is left as it was
+        assert (arrived[0].data_ptr() == u.data_ptr()) == overwrite
+        assert torch.equal(u, up) != overwrite
 
 
 def test_swiglu_down_without_checkpointing_survives_a_second_backward():
     # LOMO's clipping pass backwards twice over a retained graph: without checkpointing the saved gate and
     # up are read again, so they must come out of the first backward untouched.
-    from model import swiglu_down
     gate, up, weight, grad = _swiglu_down_inputs(torch.float64)
     a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
     out = swiglu_down(a * 1, b * 1, weight)
@@ -230,7 +278,6 @@ def test_swiglu_down_without_checkpointing_survives_a_second_backward():
 
 
 def test_swiglu_down_without_grad_is_the_same_product_in_place():
-    from model import swiglu_down
     gate, up, weight, _ = _swiglu_down_inputs(torch.bfloat16)
     expected = F.linear(F.silu(gate) * up, weight)
     with torch.no_grad():
@@ -240,7 +287,7 @@ def test_swiglu_down_without_grad_is_the_same_product_in_place():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_rmsnorm_gradients_are_autograds_bit_for_bit_and_only_x_is_saved(dtype):
-    norm = RMSNorm(40, eps=1e-5).to(dtype)
+    norm = fast_layers.apply(RMSNorm(40, eps=1e-5).to(dtype))
     with torch.no_grad():
         norm.weight.copy_(torch.randn(40))
     x, grad = (torch.randn(3, 5, 40, dtype=dtype, generator=torch.Generator().manual_seed(i)) for i in range(2))

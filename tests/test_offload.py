@@ -1,6 +1,6 @@
 """The blocks' activation checkpointing (offload.py), with the inputs on the device and in host memory,
-against plain autograd, torch's own checkpoint, torch.optim.SGD and clip_grad_norm_; and the host buffers'
-reuse from step to step."""
+against plain autograd, torch's own checkpoint, torch.optim.SGD and clip_grad_norm_; the recomputation that
+skips w2 (fast_layers.py) against the same forward without it; and the host buffers' reuse from step to step."""
 import weakref
 
 import pytest
@@ -9,25 +9,29 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
+import fast_layers
+import offload
 from conftest import loss_of, sgd_reference, tiny_model
 from lomo import LOMO
 from model import cross_entropy_loss, rotary_cos_sin
 
 
 def offloaded(model):
-    model.activation_checkpointing = model.offload_checkpoints = True
-    return model
+    return checkpointed(model, host=True)
 
 
-def checkpointed(model, offload):
-    model.activation_checkpointing, model.offload_checkpoints = True, offload
-    return model
+def checkpointed(model, host):
+    """The model as train.py runs it: fast layers (whose recomputation skips w2), each block checkpointed."""
+    return offload.apply_checkpointing(fast_layers.apply(model), host=host)
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_gradients_equal_plain_autograd_in_float64(batch, offload):
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast-layers"])
+@pytest.mark.parametrize("host", [False, True], ids=["device", "host"])
+def test_gradients_equal_plain_autograd_in_float64(batch, host, fast):
     plain = tiny_model(dtype=torch.float64, n_layers=3)
-    recomputed = checkpointed(tiny_model(dtype=torch.float64, n_layers=3), offload)
+    recomputed = offload.apply_checkpointing(tiny_model(dtype=torch.float64, n_layers=3), host=host)
+    if fast:
+        fast_layers.apply(recomputed)
     for model in (plain, recomputed):
         loss_of(model, batch).backward()
     for (name, p), q in zip(plain.named_parameters(), recomputed.parameters()):
@@ -36,20 +40,20 @@ def test_gradients_equal_plain_autograd_in_float64(batch, offload):
 
 
 def torch_checkpoint_loss(model, batch):
-    """The model's loss with each block under torch.utils.checkpoint (non-reentrant), what the model used
-    before offload.py's Function took its place for every checkpointed run."""
+    """The model's loss with each block under torch.utils.checkpoint (non-reentrant), which offload.py's
+    Function replaces."""
     inputs, targets = batch
     cos, sin = rotary_cos_sin(model.args.head_dim, inputs.shape[1], model.args.rope_theta)
     h = model.tok_embeddings(inputs)
     for layer in model.layers:
-        h = checkpoint(layer, h, cos, sin, use_reentrant=False, checkpointed=True)
+        h = checkpoint(layer, h, cos, sin, use_reentrant=False)
     return cross_entropy_loss(model.output(model.norm(h)), targets)
 
 
 def test_the_recomputation_skips_only_the_feed_forwards_last_matmul(batch):
     """The recomputed block's output only marks where its backward starts, so w2's forward matmul (2 x tokens x
     hidden x dim FLOPs) is not done again; everything else of the block's forward is."""
-    plain, recomputed = tiny_model(n_layers=3), checkpointed(tiny_model(n_layers=3), False)
+    plain, recomputed = fast_layers.apply(tiny_model(n_layers=3)), checkpointed(tiny_model(n_layers=3), False)
     backward_flops = []
     for model in (plain, recomputed):
         loss = loss_of(model, batch)
@@ -64,11 +68,49 @@ def test_the_recomputation_skips_only_the_feed_forwards_last_matmul(batch):
     assert backward_flops[1] - backward_flops[0] == args.n_layers * (flops.get_total_flops() - w2_forward)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_forward_inside_recomputing_skips_w2_and_changes_no_gradient(dtype):
+    """The skip on and off: one fast block's forward and backward, inside offload.recomputing() and outside, from
+    the same input and output gradient. Inside, w2's matmul is not done, the output is h + 0 instead of the
+    block's output, and every gradient is the same bit for bit."""
+    block = fast_layers.apply(tiny_model(dtype=dtype, n_layers=1)).layers[0]
+    args = tiny_model(n_layers=1).args
+    cos, sin = rotary_cos_sin(args.head_dim, 8, args.rope_theta)
+    x = torch.randn(2, 8, args.dim, generator=torch.Generator().manual_seed(0)).to(dtype)
+    upstream = torch.randn(2, 8, args.dim, generator=torch.Generator().manual_seed(1)).to(dtype)
+    results = []
+    for inside in (False, True):
+        block.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_()
+        with offload.recomputing() if inside else torch.enable_grad(), FlopCounterMode(display=False) as flops:
+            out = block(leaf * 1, cos, sin)
+        assert offload.is_recomputing() is False
+        out.backward(upstream)
+        results.append((flops.get_total_flops(), leaf.grad, [p.grad for p in block.parameters()], out.detach()))
+    (flops_outside, x_grad, grads, out), (flops_inside, x_grad_inside, grads_inside, out_inside) = results
+    assert flops_outside - flops_inside == 2 * 2 * 8 * args.ffn_hidden_dim * args.dim  # w2's forward only
+    assert torch.equal(x_grad, x_grad_inside) and all(torch.equal(a, b) for a, b in zip(grads, grads_inside))
+    assert not torch.equal(out, out_inside)  # the stand-in: the value is h, not the block's output
+
+
+def test_checkpointing_is_attached_and_removed_with_names_unchanged(batch):
+    model = tiny_model()
+    names = [name for name, _ in model.named_parameters()]
+    assert offload.checkpointing_of(model) is None
+    assert offload.checkpointing_of(offload.apply_checkpointing(model)) == "device"
+    assert offload.checkpointing_of(offload.apply_checkpointing(model, host=True)) == "host"  # the latest holds
+    assert [name for name, _ in model.named_parameters()] == names and "run_blocks" not in model.state_dict()
+    loss = loss_of(model, batch)
+    assert len(block_nodes(loss)) == len(model.layers)
+    offload.remove_checkpointing(model)
+    assert offload.checkpointing_of(model) is None and not block_nodes(loss_of(model, batch))
+
+
 @pytest.mark.parametrize("frozen", [("feed_forward.w2",), ("feed_forward",), ("feed_forward", "ffn_norm")])
 def test_gradients_with_frozen_feed_forward_parts_equal_plain_autograd_bit_for_bit(batch, frozen):
     """The recomputation stands a zero in for w2's output: with w2, or the whole feed-forward, frozen, the gradients
     of everything else still come out as without checkpointing."""
-    models = [tiny_model(), checkpointed(tiny_model(), False)]
+    models = [fast_layers.apply(tiny_model()), checkpointed(tiny_model(), False)]
     for model in models:
         for name, p in model.named_parameters():
             p.requires_grad_(not any(f".{part}." in name for part in frozen))
@@ -92,7 +134,8 @@ def test_a_compiled_recomputation_skips_w2s_matmul_too(batch):
 
     torch._dynamo.reset()
     reference, model = checkpointed(tiny_model(n_layers=1), False), checkpointed(tiny_model(n_layers=1), False)
-    model.layers[0].compile(backend=aot_autograd(fw_compiler=count_forward, bw_compiler=lambda gm, _: make_boxed_func(gm)))
+    backend = aot_autograd(fw_compiler=count_forward, bw_compiler=lambda gm, _: make_boxed_func(gm))
+    model.layers[0].compile(backend=backend)
     for m in (reference, model):
         loss_of(m, batch).backward()
     torch._dynamo.reset()
@@ -104,13 +147,13 @@ def test_a_compiled_recomputation_skips_w2s_matmul_too(batch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gradients_equal_torch_checkpoint_bit_for_bit(batch, dtype):
-    reference = tiny_model(dtype=dtype)
+    reference = fast_layers.apply(tiny_model(dtype=dtype))
     torch_checkpoint_loss(reference, batch).backward()
-    for offload in (False, True):
-        model = checkpointed(tiny_model(dtype=dtype), offload)
+    for host in (False, True):
+        model = checkpointed(tiny_model(dtype=dtype), host)
         loss_of(model, batch).backward()
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-            assert torch.equal(p.grad, q.grad), (name, offload)
+            assert torch.equal(p.grad, q.grad), (name, host)
 
 
 def block_nodes(loss):
@@ -128,7 +171,7 @@ def block_nodes(loss):
 def test_on_the_device_the_saved_input_is_the_block_input_itself(batch):
     # No copy is made: the node of the last block keeps the tensor the block was called with, and backward
     # recomputes from it; autograd's version counter guards it (overwritten after forward, backward refuses).
-    model = checkpointed(tiny_model(), offload=False)
+    model = checkpointed(tiny_model(), host=False)
     inputs = []
     model.layers[-1].register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
     loss = loss_of(model, batch)
@@ -141,12 +184,12 @@ def test_on_the_device_the_saved_input_is_the_block_input_itself(batch):
         loss.backward()
 
 
-@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("host", [False, True])
 @pytest.mark.parametrize("clip", [None, 0.05])
-def test_lomo_steps_equal_sgd_with_clipping(batch, clip, offload):
+def test_lomo_steps_equal_sgd_with_clipping(batch, clip, host):
     # Two steps: the second reuses the host buffers of the first. With clipping, backward runs twice over
     # one graph and each pass recomputes (and fetches) every input again.
-    model, reference = checkpointed(tiny_model(), offload), tiny_model()
+    model, reference = checkpointed(tiny_model(), host), tiny_model()
     lomo = LOMO(model, lr=0.3, clip_grad_norm=clip)
     norms = [lomo.step(loss_of(model, batch)).grad_norm for _ in range(2)]
     expected = sgd_reference(reference, batch, lr=0.3, clip_norm=clip or float("inf"), steps=2)
@@ -163,12 +206,13 @@ def test_host_buffers_are_reused_and_returned_when_the_graph_goes(batch):
     for _ in range(3):
         lomo.step(loss_of(model, batch))
     # One buffer per block input, all back in the stash once each step's graph was freed.
-    (buffers,) = model._host_stash.free.values()
+    stash = model.run_blocks.stash
+    (buffers,) = stash.free.values()
     assert len(buffers) == 3 and len({b.data_ptr() for b in buffers}) == 3
     loss = loss_of(model, batch)  # a graph alive: its inputs are held, not free
-    assert len(model._host_stash.free[next(iter(model._host_stash.free))]) == 0
+    assert len(stash.free[next(iter(stash.free))]) == 0
     del loss
-    assert len(model._host_stash.free[next(iter(model._host_stash.free))]) == 3
+    assert len(stash.free[next(iter(stash.free))]) == 3
 
 
 def test_saved_inputs_live_in_the_stash_not_in_the_graph(batch):
@@ -183,12 +227,12 @@ def test_saved_inputs_live_in_the_stash_not_in_the_graph(batch):
     assert not torch.allclose(last_w2.grad, reference)
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_frozen_embedding_still_trains_the_blocks_and_nothing_else(batch, offload):
-    reference = tiny_model()
+@pytest.mark.parametrize("host", [False, True])
+def test_frozen_embedding_still_trains_the_blocks_and_nothing_else(batch, host):
+    reference = fast_layers.apply(tiny_model())
     reference.tok_embeddings.weight.requires_grad_(False)
     torch_checkpoint_loss(reference, batch).backward()
-    model = checkpointed(tiny_model(), offload)
+    model = checkpointed(tiny_model(), host)
     model.tok_embeddings.weight.requires_grad_(False)
     loss = loss_of(model, batch)
     nodes = block_nodes(loss)
@@ -202,7 +246,7 @@ def test_frozen_embedding_still_trains_the_blocks_and_nothing_else(batch, offloa
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph")  # torch's own, about .grad cycles
 def test_backward_that_is_not_over_the_whole_graph_raises(batch):
     # The blocks' inner backward would fill every weight's .grad whatever the outer call asked for: refused.
-    model = checkpointed(tiny_model(), offload=False)
+    model = checkpointed(tiny_model(), host=False)
     embedding = model.tok_embeddings.weight
     for backward in (lambda loss: torch.autograd.grad(loss, embedding),
                      lambda loss: loss.backward(inputs=[embedding]),
@@ -235,14 +279,14 @@ class _Alive(TorchDispatchMode):
         return sum(storages.values())
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_after_forward_only_the_block_inputs_are_kept(batch, offload):
+@pytest.mark.parametrize("host", [False, True])
+def test_after_forward_only_the_block_inputs_are_kept(batch, host):
     # The point of checkpointing: between forward and backward a block keeps its input and nothing else.
     # Without checkpointing every block keeps its activations.
     n_layers = 4
     sizes = {}
     for name, model in (("plain", tiny_model(n_layers=n_layers)),
-                        ("checkpointed", checkpointed(tiny_model(n_layers=n_layers), offload))):
+                        ("checkpointed", checkpointed(tiny_model(n_layers=n_layers), host))):
         with _Alive() as alive:
             loss = loss_of(model, batch)
             sizes[name] = alive.bytes(model)
@@ -260,13 +304,12 @@ def test_evaluation_and_generation_do_not_offload(batch):
     model = offloaded(tiny_model())
     with torch.no_grad():
         loss_of(model, batch)
-    assert model._host_stash is None
+    assert model.run_blocks.stash is None
 
 
 def test_previous_input_is_prefetched_between_the_feed_forward_and_the_attention_backward(batch, monkeypatch):
     # The prefetched input would add to the feed-forward's backward, the peak of the step: it must start
     # once the gradient reaches the attention's output, i.e. after w2's gradient and before wq's.
-    import offload
     model = offloaded(tiny_model(n_layers=3))
     events = []
     original_prefetch = offload.HostCopy.prefetch

@@ -1,31 +1,35 @@
 """LOMO's clipping with checkpointed blocks: the update pass takes each block's input-gradient chain from the
-norm pass (offload.py, `saved_branch_grads`). Against the same step computing everything twice (bit for bit),
-torch.optim.SGD after clip_grad_norm_, the FLOPs it must save, the gradients kept on the device (up to
-`branch_grads_gpu_gib`) and the host buffers it must give back."""
-import gc
+norm pass (the extension offload.SavedBranchGrads). With it on against off, the same step computing everything
+twice (bit for bit), torch.optim.SGD after clip_grad_norm_, the FLOPs it must save, the gradients kept on the
+device (up to `gpu_gib`) and the host buffers it must give back."""
 import weakref
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import fast_layers
 import losses
 import offload
 import shard
 from conftest import inject, loss_of, sgd_reference, tiny_model
 from distributed import run_ranks
+from gram_norm import GramNorms
 from lomo import LOMO
 from model import model_args
+from offload import SavedBranchGrads
 
 
 def checkpointed(model, offload_inputs):
-    model.activation_checkpointing, model.offload_checkpoints = True, offload_inputs
-    return model
+    """As train.py runs it: fast layers, each block checkpointed, its input on the device or in host memory."""
+    return offload.apply_checkpointing(fast_layers.apply(model), host=offload_inputs)
 
 
-def clipped_steps(model, batch, steps=2, loss_fn=loss_of, **lomo_kwargs):
-    """(the norms, the weights after `steps` clipped LOMO steps, the FLOPs they took)."""
-    lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05, **lomo_kwargs)
+def clipped_steps(model, batch, steps=2, loss_fn=loss_of, reuse=True, gpu_gib=1.0, **lomo_kwargs):
+    """(the norms, the weights after `steps` clipped LOMO steps, the FLOPs they took), with Gram norms as train.py
+    takes them, and with the saved branch gradients (reuse) or without."""
+    extensions = [GramNorms(model)] + ([SavedBranchGrads(gpu_gib)] if reuse else [])
+    lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05, extensions=extensions, **lomo_kwargs)
     with FlopCounterMode(display=False) as flops:
         norms = [lomo.step(loss_fn(model, batch)).grad_norm for _ in range(steps)]
     return norms, [p.detach().clone() for p in model.parameters()], flops.get_total_flops()
@@ -38,7 +42,7 @@ def branch_input_grad_flops(args, tokens):
 
 
 def gib_of_gradients(count, batch, dtype):
-    """branch_grads_gpu_gib that keeps exactly `count` of the tiny model's saved gradients on the device."""
+    """gpu_gib that keeps exactly `count` of the tiny model's saved gradients on the device."""
     return count * batch[0].numel() * tiny_model(n_layers=1).args.dim * dtype.itemsize / 2**30
 
 
@@ -61,10 +65,10 @@ PLACEMENTS = {"device": (None, 0), "host": (0, 6), "split": (4, 2)}
 def test_reusing_the_norm_pass_gradients_changes_no_bit_and_saves_their_flops(batch, dtype, offload_inputs,
                                                                               placement, fresh_stash):
     kept, copied = PLACEMENTS[placement]
-    budget = {} if kept is None else {"branch_grads_gpu_gib": gib_of_gradients(kept, batch, dtype)}
+    budget = {} if kept is None else {"gpu_gib": gib_of_gradients(kept, batch, dtype)}
     reused = clipped_steps(checkpointed(tiny_model(dtype=dtype, n_layers=3), offload_inputs), batch, **budget)
     recomputed = clipped_steps(checkpointed(tiny_model(dtype=dtype, n_layers=3), offload_inputs), batch,
-                               saved_branch_grads=False)
+                               reuse=False)
     assert reused[0] == recomputed[0]
     assert all(torch.equal(a, b) for a, b in zip(reused[1], recomputed[1]))
     # Exactly the five branch layers' input gradients, once per step (in the update pass), are not computed.
@@ -85,7 +89,7 @@ def test_clipped_steps_equal_sgd_after_clip_grad_norm_in_float64(batch):
         torch.testing.assert_close(q, p.detach(), rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("budget", [{}, {"branch_grads_gpu_gib": 0}], ids=["on-device", "host"])
+@pytest.mark.parametrize("budget", [{}, {"gpu_gib": 0}], ids=["on-device", "host"])
 @pytest.mark.parametrize("frozen", [
     ("tok_embeddings",),  # the first block's input takes no gradient
     ("attention_norm",),  # every block's first branch input takes its gradient through the block input alone
@@ -101,7 +105,7 @@ def test_frozen_parameters_change_no_bit(batch, frozen, budget):
         for name, p in model.named_parameters():
             if any(name.startswith(f) or (f == "attention_norm" and f in name) for f in frozen):
                 p.requires_grad_(False)
-        results.append(clipped_steps(model, batch, saved_branch_grads=reuse, **budget))
+        results.append(clipped_steps(model, batch, reuse=reuse, **budget))
     assert results[0][0] == results[1][0]
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
     assert results[0][2] < results[1][2]
@@ -113,20 +117,20 @@ def test_a_branch_input_that_runs_twice_is_refused(batch):
     block = model.layers[0]
     plain = type(block).forward
 
-    def forward_with_a_second_use(x, cos, sin, cache=None, checkpointed=False, output_unread=False):
-        return plain(block, x, cos, sin, cache, checkpointed, output_unread) + 0.5 * block.attention_norm(x)
+    def forward_with_a_second_use(x, cos, sin, cache=None):
+        return plain(block, x, cos, sin, cache) + 0.5 * block.attention_norm(x)
 
     block.forward = forward_with_a_second_use
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(RuntimeError, match=r"branch_inputs\(\)\[0\] ran twice"):
-        LOMO(model, lr=0.3, clip_grad_norm=0.05).step(loss_of(model, batch))
+    with pytest.raises(RuntimeError, match=r"attention_norm ran twice .* drop offload.SavedBranchGrads"):
+        LOMO(model, lr=0.3, clip_grad_norm=0.05, extensions=[SavedBranchGrads()]).step(loss_of(model, batch))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
 
 
 def test_host_buffers_go_back_after_each_step_and_after_a_skipped_one(batch, fresh_stash):
     n_layers = 3
     model = checkpointed(tiny_model(n_layers=n_layers), offload_inputs=False)
-    lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05, branch_grads_gpu_gib=0)
+    lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05, extensions=[SavedBranchGrads(gpu_gib=0)])
     key = ((*batch[0].shape, model.args.dim), torch.float32, torch.device("cpu"))
     for _ in range(2):
         lomo.step(loss_of(model, batch))
@@ -140,35 +144,66 @@ def test_host_buffers_go_back_after_each_step_and_after_a_skipped_one(batch, fre
     handle.remove()
 
 
-def test_gradients_kept_on_the_device_are_let_go_once_used_and_after_a_skipped_step(batch, monkeypatch):
+def test_gradients_kept_on_the_device_are_let_go_once_used_and_after_a_skipped_step(batch):
     alive, at_first_block = [], []
 
-    class Watched(offload._KeptOnDevice):
-        def __init__(self, grad):
-            super().__init__(grad)
-            alive.append(weakref.ref(grad))
+    class Watched(SavedBranchGrads):
+        """Weak references to the saved gradients once the norm pass has made them all."""
 
-    monkeypatch.setattr(offload, "_KeptOnDevice", Watched)
+        def watch(self):
+            if not alive:
+                alive.extend(weakref.ref(copy.grad) for record in self.records for copy in record.copies.values())
+
+        def during(self, kind, lomo):
+            if kind == "update":
+                self.watch()
+            return super().during(kind, lomo)
+
+        def end_step(self):
+            self.watch()  # a skipped step: no update pass
+            super().end_step()
+
     model = checkpointed(tiny_model(n_layers=3), offload_inputs=False)
 
     def first_block_recomputed(module, inputs, output):
-        if len(alive) == 2 * 3:  # the update pass (in the norm pass block 0 has saved nothing yet)
+        if alive:  # the update pass
             at_first_block.append([ref() is not None for ref in alive])
 
     model.layers[0].register_forward_hook(first_block_recomputed)
-    lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05)
+    saved = Watched()
+    lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05, extensions=[saved])
     loss = loss_of(model, batch)
     lomo.step(loss)
     # Saved from the last block down; by the time the update pass reaches block 0, blocks 2 and 1 have used
     # theirs and let them go.
-    assert at_first_block == [[False] * 4 + [True] * 2]
+    assert len(alive) == 2 * 3 and at_first_block == [[False] * 4 + [True] * 2]
     assert not any(ref() is not None for ref in alive)  # all gone, though the caller still holds the loss
+    assert saved.records == [] and saved.saved_bytes() == 0
     alive.clear()
     handle = inject(model, float("inf"))  # no update pass takes them: they are let go all the same
     loss = loss_of(model, batch)
     assert lomo.step(loss).skipped
     assert len(alive) == 2 * 3 and not any(ref() is not None for ref in alive)
     handle.remove()
+
+
+def test_saved_bytes_counts_the_gradients_kept_on_the_device(batch):
+    # What a captured norm pass keeps until the update pass (cuda_graph.py reads it): here after the norm pass of
+    # a step whose update pass never comes (a non-finite norm), before end_step lets them go.
+    counted = []
+
+    class Counted(SavedBranchGrads):
+        def end_step(self):
+            counted.append(self.saved_bytes())
+            super().end_step()
+
+    model = checkpointed(tiny_model(n_layers=3), offload_inputs=False)
+    lomo = LOMO(model, lr=0.3, clip_grad_norm=0.05, extensions=[Counted(gpu_gib=gib_of_gradients(4, batch,
+                                                                                              torch.float32))])
+    handle = inject(model, float("inf"))
+    assert lomo.step(loss_of(model, batch)).skipped
+    handle.remove()
+    assert counted == [4 * batch[0].numel() * model.args.dim * 4]  # 4 of 6 on the device, 2 in host memory
 
 
 def test_a_kept_gradient_changed_in_place_is_refused(batch):
@@ -190,10 +225,10 @@ def test_a_kept_gradient_changed_in_place_is_refused(batch):
             norm = block.attention_norm
             norm.forward = lambda x, plain=norm.forward: ScaleInPlace.apply(plain(x))
         if budget:
-            with pytest.raises(RuntimeError, match="changed in place after it was saved"):
-                clipped_steps(model, batch, steps=1, branch_grads_gpu_gib=budget)
+            with pytest.raises(RuntimeError, match="changed in place after it was saved.*gpu_gib=0"):
+                clipped_steps(model, batch, steps=1, gpu_gib=budget)
         else:
-            results = clipped_steps(model, batch, steps=1, branch_grads_gpu_gib=budget)
+            results = clipped_steps(model, batch, steps=1, gpu_gib=budget)
     assert results and results[0][0] > 0
 
 
@@ -201,7 +236,7 @@ def test_buffers_are_kept_for_the_latest_batch_shape_only(fresh_stash):
     # Batches padded to their longest sequence change shape from step to step: pinned buffers of every shape
     # seen would pile up in host memory.
     model = checkpointed(tiny_model(n_layers=2), offload_inputs=False)
-    lomo = LOMO(model, lr=0.01, clip_grad_norm=0.05, branch_grads_gpu_gib=0)
+    lomo = LOMO(model, lr=0.01, clip_grad_norm=0.05, extensions=[SavedBranchGrads(gpu_gib=0)])
     for length in (8, 12, 16, 12):
         tokens = torch.randint(0, 320, (2, length + 1), generator=torch.Generator().manual_seed(length))
         lomo.step(loss_of(model, (tokens[:, :-1], tokens[:, 1:])))
@@ -212,19 +247,21 @@ def test_buffers_are_kept_for_the_latest_batch_shape_only(fresh_stash):
 def test_outside_lomo_backward_neither_saves_nor_reuses(batch):
     model = checkpointed(tiny_model(), offload_inputs=False)
     loss = loss_of(model, batch)
-    with pytest.raises(ValueError, match="phase='keep'"):
-        with offload.branch_gradients("keep"):
-            pass
     loss.backward(retain_graph=True)
     first = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    with offload.branch_gradients("reuse"):  # nothing was saved: the block backward computes everything
-        with offload.branch_gradients(None):
-            assert offload._branch_phase is None
-        assert offload._branch_phase == "reuse"  # an inner context restores the outer one
+    saved = SavedBranchGrads()
+    with saved.during("update", None):  # nothing was saved: the block backward computes everything
         loss.backward()
-    assert offload._branch_phase is None
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), first))
+
+
+@pytest.mark.parametrize("gpu_gib", [-1.0, float("nan"), float("inf")])
+def test_a_budget_that_is_not_a_finite_number_of_gib_is_refused(gpu_gib):
+    with pytest.raises(ValueError, match=rf"SavedBranchGrads\(gpu_gib={gpu_gib}\): give a finite number"):
+        SavedBranchGrads(gpu_gib)
+    with pytest.raises(ValueError, match="kind='keep'"):
+        SavedBranchGrads().during("keep", None)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, from importing its compiler
@@ -252,12 +289,12 @@ def tensor_parallel_worker(offload_inputs):
     shard.all_reduce = counting
     results = []
     # With the block inputs in host memory the saved gradients go there too; else they stay on the device.
-    budget = {"branch_grads_gpu_gib": 0} if offload_inputs else {}
+    budget = {"gpu_gib": 0} if offload_inputs else {}
     for reuse in (True, False):
         model = checkpointed(shard.build_model(args, grid, seed=0), offload_inputs)
         all_reduces.clear()
         norms, _, _ = clipped_steps(model, batch, steps=1, loss_fn=lambda m, b: losses.model_loss(m, *b, grid),
-                                    tp_group=grid.tp_group, saved_branch_grads=reuse, **budget)
+                                    tp_group=grid.tp_group, reuse=reuse, **budget)
         results.append((norms, [shard.gather_full(p, grid) for p in model.parameters()], len(all_reduces)))
     return results
 
@@ -280,9 +317,9 @@ def test_on_a_gpu_the_steps_change_no_bit(batch, offload_inputs, placement, fres
     # prefetch; Gram norms.
     batch = tuple(t.cuda() for t in batch)
     kept, copied = PLACEMENTS[placement]
-    budget = {} if kept is None else {"branch_grads_gpu_gib": gib_of_gradients(kept, batch, torch.bfloat16)}
+    budget = {} if kept is None else {"gpu_gib": gib_of_gradients(kept, batch, torch.bfloat16)}
     results = [clipped_steps(checkpointed(tiny_model(dtype=torch.bfloat16, n_layers=3).cuda(), offload_inputs),
-                             batch, steps=3, saved_branch_grads=reuse, **budget) for reuse in (True, False, False)]
+                             batch, steps=3, reuse=reuse, **budget) for reuse in (True, False, False)]
     assert results[1][0] == results[2][0]  # the kernels are deterministic here: otherwise no bit can be asked
     assert results[0][0] == results[1][0]
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))

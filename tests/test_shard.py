@@ -1,16 +1,18 @@
 """Tensor and data parallelism on the CPU (gloo, spawned processes with a hard timeout), each piece
 against the unsharded computation in the same process, and the whole model against one process."""
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fast_layers
 import losses
+import offload
 import shard
 from conftest import VOCAB, tiny_model
 from distributed import run_ranks
-from lomo import LOMO
+from gram_norm import GramNorms
+from lomo import LOMO, SGD
 from model import cross_entropy_loss, init_weights, model_args, Transformer
 from offload import run_blocks_checkpointed
 
@@ -89,7 +91,7 @@ def batch_for(step, batch_size):
 
 
 def train_steps(model, loss_fn, steps, batch_size, rows, clip, **lomo_kwargs):
-    lomo = LOMO(model, lr=0.1, weight_decay=0.01, clip_grad_norm=clip, **lomo_kwargs)
+    lomo = LOMO(model, lr=0.1, clip_grad_norm=clip, rule=SGD(weight_decay=0.01), **lomo_kwargs)
     step_losses, norms = [], []
     for step in range(steps):
         inputs, targets = batch_for(step, batch_size)
@@ -109,9 +111,17 @@ def run_args(tie=False):
 def parallel_run_worker(tp, clip, steps, checkpointing=False, tie=False):
     grid = shard.init_distributed(tp=tp)
     args = run_args(tie)
-    model = shard.build_model(args, grid, seed=0)
-    model.activation_checkpointing = bool(checkpointing)
-    model.offload_checkpoints = checkpointing == "offload"  # block inputs in host memory (offload.py)
+    # The sharded model as train.py runs it, against the plain one-process reference: fast layers (the row-parallel
+    # fused w2), checkpointing (its inputs in host memory with "offload"), and with clipping the norm pass's
+    # extensions: Gram norms (not under dp) and, with checkpointing, the saved branch gradients.
+    model = fast_layers.apply(shard.build_model(args, grid, seed=0))
+    if checkpointing:
+        offload.apply_checkpointing(model, host=checkpointing == "offload")
+    extensions = []
+    if clip and grid.dp == 1:
+        extensions.append(GramNorms(model))
+    if clip and checkpointing:
+        extensions.append(offload.SavedBranchGrads())
     inputs, targets = batch_for(0, 4)
     logits = shard.gather_from_tp(model(inputs).detach(), grid)
     per_rank = 4 // grid.dp
@@ -123,7 +133,7 @@ def parallel_run_worker(tp, clip, steps, checkpointing=False, tie=False):
         return losses.model_loss(model, inputs, labels, grid)
 
     step_losses, norms = train_steps(model, loss_fn, steps, 4, rows, clip,
-                                     tp_group=grid.tp_group, dp_group=grid.dp_group)
+                                     tp_group=grid.tp_group, dp_group=grid.dp_group, extensions=extensions)
     weights = {name: shard.gather_full(p, grid) for name, p in model.named_parameters()}
     return dict(logits=logits, losses=step_losses, norms=norms, weights=weights)
 
@@ -228,9 +238,11 @@ def test_sharded_init_is_exactly_the_slices_of_the_unsharded_init():
 # Communication pattern
 
 
-def collective_count_worker(checkpointing=False):
+def collective_count_worker(checkpointing=False, fast=True):
     grid = shard.init_distributed(tp=2)
     model = shard.build_model(model_args("tiny", vocab_size=VOCAB, n_layers=1, max_seq_len=64), grid, seed=0)
+    if fast:
+        fast_layers.apply(model)
     block = model.layers[0]
     calls = []
     original = shard.all_reduce
@@ -250,17 +262,21 @@ def collective_count_worker(checkpointing=False):
     return forward, backward
 
 
-def test_each_block_does_two_all_reduces_forward_and_two_backward():
-    for forward, backward in run_ranks(collective_count_worker, 2):
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast-layers"])
+def test_each_block_does_two_all_reduces_forward_and_two_backward(fast):
+    for forward, backward in run_ranks(collective_count_worker, 2, False, fast):
         assert forward == [(2, 8, 128)] * 2  # after wo and after w2
         assert backward == [(2, 8, 128)] * 2  # before wq/wk/wv and before w1/w3
 
 
-def test_a_checkpointed_blocks_recomputation_does_only_the_attentions_all_reduce():
-    # The recomputed output is never read (offload.py), so w2's matmul and its all-reduce are not done again.
-    for forward, backward in run_ranks(collective_count_worker, 2, True):
+@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast-layers"])
+def test_a_checkpointed_blocks_recomputation_skips_w2s_all_reduce_with_fast_layers(fast):
+    # With fast layers the recomputed output is never read (offload.py, fast_layers.py), so w2's matmul and its
+    # all-reduce are not done again; the plain model recomputes the whole block.
+    for forward, backward in run_ranks(collective_count_worker, 2, True, fast):
         assert forward == [(2, 8, 128)] * 2
-        assert backward == [(2, 8, 128)] * 3  # after wo in the recomputation; then the two of backward
+        # after wo (and w2, plain) in the recomputation; then the two of backward
+        assert backward == [(2, 8, 128)] * (3 if fast else 4)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -156,14 +156,14 @@ def test_a_non_finite_gradient_norm_stops_training_at_its_step_before_it_is_logg
     # The one-pass step leaves its norm on the GPU; train.py asks for it before it writes the step's row,
     # which a step that saves does at once: the bad step is neither logged nor saved.
     import lomo
-    real_norm, norms = lomo.LOMO._global_norm, []
+    real_norm, norms = lomo.LOMO.norm, []
 
     def second_norm_nan(self):
         norms.append(1)
         norm = real_norm(self)
         return norm * float("nan") if len(norms) == 2 else norm
 
-    monkeypatch.setattr(lomo.LOMO, "_global_norm", second_norm_nan)
+    monkeypatch.setattr(lomo.LOMO, "norm", second_norm_nan)
     quick = [flag for flag in QUICK_UNCHECKED if flag != "--no-finite-checks"]
     with pytest.raises(FloatingPointError, match=r"step 2: gradient norm nan with a finite loss"):
         run(tmp_path, *quick, "--steps", "3", "--save-every", "1")
@@ -180,17 +180,18 @@ def test_a_non_finite_gradient_norm_stops_training_at_its_step_before_it_is_logg
 
 def test_the_saved_gradients_budget_reaches_lomo(tmp_path, monkeypatch):
     # --clip-grad-norm with checkpointed blocks saves branch gradients (offload.py): the flag decides where.
+    import offload
     made = []
 
-    class Recorded(train.LOMO):
+    class Recorded(offload.SavedBranchGrads):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(train, "LOMO", Recorded)
+    monkeypatch.setattr(offload, "SavedBranchGrads", Recorded)
     run(tmp_path, "--steps", "2", "--eval-every", "2", "--clip-grad-norm", "1.0", "--activation-checkpointing",
         "--branch-grads-gpu-gib", "0.25")
-    assert [lomo.branch_grads_gpu_gib for lomo in made] == [0.25]
+    assert [extension.gpu_gib for extension in made] == [0.25]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
