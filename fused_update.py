@@ -174,9 +174,8 @@ def _direct_launcher(device_index, dtype):
 # ----------------------------------------------------------------------------------------------------
 # The fast paths (lomo.py's seam): faster ways to apply a rule that declares itself an axpy, w += alpha * g.
 # Each claims its parameters once (`claim`), says per pass whether it updates them (`begin_pass`), updates one
-# (`update`; `sums_squares`: it adds the gradient's norm to the pass's norm itself; `guarded`: it holds the
-# update back on the device for a non-finite loss, so the guard need not read the loss first), and may work
-# after the pass (`end_pass`; `batched`: its parameters get no hook and are all updated there).
+# from LOMO's hook (`update`: it guards, averages over dp, sums the norm and updates, in its own way), and may
+# work after the pass (`end_pass`; `batched`: its parameters get no hook and are all updated there).
 
 def _is_axpy(lomo) -> bool:
     return lomo.rule.axpy_alpha(1.0) is not None and lomo.clip_grad_value is None
@@ -186,12 +185,37 @@ def _sharded(param) -> bool:
     return hasattr(param, "tensor_parallel_dim")
 
 
+def _loss_flag(guard, device):
+    """1 where the step's loss is finite, on the device: a guard that reads the loss before backward has none."""
+    if hasattr(guard, "device_flag"):
+        return guard.device_flag(device)
+    return torch.ones((), dtype=torch.uint8, device=device)
+
+
+def sums_norms(lomo) -> bool:
+    """Whether this pass sums its gradients' norms as it updates: a checked one-pass step."""
+    return lomo.pass_kind == "one-pass" and lomo.guard.checks
+
+
+def _unread_flag(guard):
+    """That flag while the loss is still unread on the host (the update waits for nothing else), else None."""
+    return guard.unread_flag() if hasattr(guard, "unread_flag") else None
+
+
+def axpy(param, grad, alpha: float):
+    """w = fp32(w) + alpha * g, rounded back once. On CUDA `param.add_(grad, alpha)` computes exactly that in
+    one kernel; on the CPU (whose bf16 add_ would round alpha to bf16) it goes through fp32 chunks."""
+    if param.is_cuda:
+        param.add_(grad, alpha=alpha)
+        return
+    for p_piece, g_piece in zip(param.view(-1).split(2**24), grad.view(-1).split(2**24)):
+        p_piece.copy_(p_piece.float().add_(g_piece, alpha=alpha))
+
+
 class TorchAxpy:
-    """A bf16/fp16 axpy in one PyTorch op: w32 = fp32(w) + alpha * g, rounded back once, alpha with the clip
-    factor and the unscaling folded in. On CUDA `param.add_(grad, alpha)` computes exactly that in one kernel;
-    on the CPU (whose bf16 add_ would round alpha to bf16) it goes through fp32 chunks, one temporary each.
+    """A bf16/fp16 axpy in one PyTorch op (`axpy`), alpha with the clip factor and the unscaling folded in.
     Equal to lomo.LOMO.update bit for bit without clipping or loss scaling (tests/test_fused_update.py)."""
-    batched, sums_squares, guarded = False, False, False
+    batched = False
 
     def claim(self, lomo):
         return [p for p in lomo.params if p.dtype in (torch.bfloat16, torch.float16) and _is_axpy(lomo)]
@@ -200,12 +224,12 @@ class TorchAxpy:
         return kind != "norm"
 
     def update(self, param, grad, lomo):
-        alpha = lomo.axpy_alpha()
-        if param.is_cuda:
-            param.add_(grad, alpha=alpha)
+        if lomo.discarding or not lomo.guard.before_update(lomo):
             return
-        for p_piece, g_piece in zip(param.view(-1).split(2**24), grad.view(-1).split(2**24)):
-            p_piece.copy_(p_piece.float().add_(g_piece, alpha=alpha))
+        grad = lomo.average(grad)
+        if sums_norms(lomo):
+            lomo.record_norm(param, grad)
+        axpy(param, grad, lomo.axpy_alpha())
 
     def end_pass(self, kind, lomo):
         pass
@@ -213,10 +237,11 @@ class TorchAxpy:
 
 class TritonAxpy:
     """The Triton kernel above for a checked one-pass step's bf16 matrices: the update and the gradient's sum of
-    squares in one read, held back on the device by the guard's flag (whether the loss is finite). alpha is
-    read from a 0-dim tensor on the device, so that a CUDA graph of the step (cuda_graph.py, which sets
-    `capturing`) takes each step's value from the address it captured: `set_alpha` fills it."""
-    batched, sums_squares, guarded = False, True, True
+    squares in one read, held back on the device by the guard's flag (whether the loss is finite), so that the
+    guard need not read the loss first. alpha is read from a 0-dim tensor on the device, so that a CUDA graph
+    of the step (cuda_graph.py, which sets `capturing`) takes each step's value from the address it captured:
+    `set_alpha` fills it."""
+    batched = False
 
     def __init__(self):
         self.alpha, self.slots, self.active, self.capturing = None, {}, False, False
@@ -238,11 +263,14 @@ class TritonAxpy:
         self.alpha.fill_(alpha)  # a kernel with the value as its argument: no host sync
 
     def update(self, param, grad, lomo):
+        if lomo.discarding:
+            return
+        grad = lomo.average(grad)
         group = _sharded(param)
         if group not in self.slots:
             self.slots[group] = new_slots(param.device)
         try:
-            update_and_sum_squares(param, grad, self.alpha, self.slots[group], lomo.guard.device_flag(param.device))
+            update_and_sum_squares(param, grad, self.alpha, self.slots[group], _loss_flag(lomo.guard, param.device))
         except Exception as error:  # a Triton that cannot build for this GPU, say
             raise RuntimeError(f"fused_update.py's Triton kernel failed on {lomo.name_of(param)} "
                                f"({type(error).__name__}: {error}); use the PyTorch ops instead: train.py/bench.py "
@@ -250,18 +278,18 @@ class TritonAxpy:
 
     def end_pass(self, kind, lomo):
         for sharded, slots in self.slots.items():  # the kernel's gradients, as one norm per group
-            lomo.grad_norm.add(slots.sum().sqrt(), sharded)
+            lomo.add_norm(slots.sum().sqrt(), sharded)
         self.slots = {}
 
 
 class VectorGroup:
     """The vectors (1-D parameters: the RMSNorm weights, 65 in 7B, 0.5 MiB in bf16) without hooks: their
     gradients accumulate during backward and are applied together after it with multi-tensor kernels, instead
-    of a Python hook, a norm and an update launch each (CPU time, in an eager step that is partly launch-bound:
-    PERFORMANCE.md, 'Vectors after backward'). Alive beyond the largest gradient: (2 L + 1) d elements. Under
-    a CUDA graph's capture (`kernel` set by cuda_graph.py) each goes through TritonAxpy instead, which reads
-    alpha on the device (a multi-tensor add takes it as a number that the graph would keep)."""
-    batched, sums_squares, guarded = True, False, False
+    of a Python hook, a norm and an update launch each (CPU time, in an eager step that is partly launch-bound).
+    Alive beyond the largest gradient: (2 L + 1) d elements. Under a CUDA graph's capture (`kernel` set by
+    cuda_graph.py) each goes through TritonAxpy instead, which reads alpha on the device (a multi-tensor add
+    takes it as a number that the graph would keep)."""
+    batched = True
 
     def __init__(self):
         self.params, self.kernel = [], None
@@ -274,7 +302,7 @@ class VectorGroup:
         return True
 
     def update(self, param, grad, lomo):  # (batched: never called from a hook)
-        lomo.apply_update(param, grad)
+        raise RuntimeError("VectorGroup updates its parameters after backward, not from a hook")
 
     @torch.no_grad()  # outside backward, unlike the hooks: the in-place updates must not be recorded
     def end_pass(self, kind, lomo):
@@ -285,11 +313,11 @@ class VectorGroup:
         for p in params:
             p.grad = None
         same_dtype = len({g.dtype for g in grads}) == 1
-        multi_tensor = (same_dtype and params[0].is_cuda and params[0].dtype in (torch.bfloat16, torch.float16)
-                        and _is_axpy(lomo))
+        low_precision_axpy = params[0].dtype in (torch.bfloat16, torch.float16) and _is_axpy(lomo)
+        multi_tensor = same_dtype and params[0].is_cuda and low_precision_axpy
         # The loss may still be unread (the kernel guarded every matrix): the multi-tensor add can guard itself
         # with the same flag; anything else waits for the guard.
-        flag = lomo.guard.unread_flag() if multi_tensor else None
+        flag = _unread_flag(lomo.guard) if multi_tensor else None
         if lomo.discarding or (kind != "norm" and flag is None and not lomo.guard.before_update(lomo)):
             return
         if lomo.dp_group is not None:
@@ -298,11 +326,11 @@ class VectorGroup:
             for p, g in zip(params, grads):
                 self.kernel.update(p, g, lomo)
             return
-        if kind == "norm" or (kind == "one-pass" and lomo.guard.checks):
+        if kind == "norm" or sums_norms(lomo):
             if lomo.clip_grad_value is None and same_dtype:
                 norms = torch._foreach_norm(grads, 2, dtype=torch.promote_types(grads[0].dtype, torch.float32))
                 for p, norm in zip(params, norms):
-                    lomo.grad_norm.add(norm, _sharded(p))
+                    lomo.add_norm(norm, _sharded(p))
             else:
                 for p, g in zip(params, grads):
                     lomo.record_norm(p, g)
@@ -314,8 +342,11 @@ class VectorGroup:
                 grads = [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)]
             torch._foreach_add_(params, grads, alpha=lomo.axpy_alpha())
             return
-        for p, g in zip(params, grads):
-            lomo.apply_update(p, g)
+        for p, g in zip(params, grads):  # as TorchAxpy where it would have claimed p, else the reference
+            if p.dtype in (torch.bfloat16, torch.float16) and _is_axpy(lomo):
+                axpy(p, g, lomo.axpy_alpha())
+            else:
+                lomo.update(p, g)
 
 
 def average_flat(grads, dp_size, group):

@@ -220,7 +220,7 @@ class GramNorms:
                 f"gradient norm cannot come from Gram matrices; no weight has moved. Construct LOMO without "
                 f"gram_norm.GramNorms (bench.py --no-gram-norms)")
         self._seen.add(id(weight))
-        lomo.grad_norm.add(norm, sharded=hasattr(weight, "tensor_parallel_dim"))
+        lomo.add_norm(norm, sharded=hasattr(weight, "tensor_parallel_dim"))
 
     def end_step(self):
         self._seen = set()

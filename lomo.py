@@ -1,29 +1,24 @@
 """LOMO: SGD fused into the backward pass, so that at most one parameter gradient is alive at a time.
 
 Lv et al., "Full Parameter Fine-tuning for Large Language Models with Limited Resources" (2023). This file is
-the reference, plain PyTorch and correct on every device; faster ways to run the same step are attached from
-outside (speedups.py) through the four seams below, and tests hold them equal to this.
+the reference: plain PyTorch, correct on every device. Faster ways to run the same step attach from outside
+(speedups.py) through four seams, and tests hold them equal to this file.
 - Each trained parameter gets a post-accumulate-grad hook: the moment its gradient is complete, the hook takes
   it out of `.grad`, updates the parameter in fp32 maths (rounded back once into its dtype) and lets it go.
   There is no `optimizer.step()`: `LOMO.step(loss, lr)` runs backward and is the step.
 - Clipping by global norm needs every gradient's norm before any update, so it runs backward twice: the norm
-  pass only sums squared norms on the device; one host read decides the clip factor (clip_grad_norm_'s
-  formula); the update pass runs backward again over the retained graph. Clipping by value needs one pass.
-- fp16 needs loss scaling and must know of an overflow before any weight moves, so it always takes the norm
-  pass: a non-finite norm skips the step and halves the scale, which doubles after `growth_interval` clean
-  steps (the official code never grows it back).
-- One pass (bf16, fp32): the loss is read before backward (a non-finite one skips the step) and each gradient's
-  norm is summed as it goes by; a non-finite norm with a finite loss comes too late (weights moved) and stops
-  training with an error that says how to resume.
-- A parameter with `tensor_parallel_dim` is a tp shard (shard.py): its squared norm is summed over the tp
-  group, replicated ones count once. Each gradient is averaged over the dp group in its hook.
-Seams: `rule` (the maths of one update, fp32, in `rule.update` only: SGD here; a rule that is exactly
-w += alpha * g says so in `axpy_alpha`), `fast_paths` (fused_update.py: faster ways to apply such a rule),
-`extensions` (work around a pass: gram_norm.py, offload.py), `guard` (when a one-pass step reads its loss and
-norm: SyncGuard here, step_result.py's DeferredGuard without host syncs).
+  pass sums squared norms on the device, one host read sets clip_grad_norm_'s factor, the update pass runs
+  backward again over the retained graph. fp16 always takes the norm pass, so that an overflow skips the step
+  (and halves the loss scale) before any weight moves. Clipping by value needs one pass.
+- One pass (bf16, fp32): the loss is read before backward (a non-finite one skips the step); a non-finite
+  gradient norm with a finite loss comes too late (weights moved) and stops training, saying how to resume.
+- tp shards (a `tensor_parallel_dim` attribute, shard.py) sum their squared norms over the tp group; each
+  gradient is averaged over the dp group in its hook.
+Seams: `rule` (one update's maths, in `rule.update` only; a rule that is exactly w += alpha * g says so in
+`axpy_alpha`), `fast_paths` (fused_update.py: faster ways to apply such a rule), `extensions` (work around a
+pass: gram_norm.py, offload.py) and `guard` (when a one-pass step reads its loss: step_result.py's without syncs).
 Left out: momentum (state, which LOMO exists to avoid), fp32 master weights (each step rounds back to the
-parameter's dtype, as in the paper), gradient accumulation (an update inside backward cannot wait for later
-micro-batches). Weight decay is SGD's: L2 added to the gradient, as torch.optim.SGD's `weight_decay`.
+parameter's dtype, as the paper does), gradient accumulation (an update inside backward cannot wait).
 """
 import contextlib
 import math
@@ -39,34 +34,32 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class DynamicLossScaler:
-    """Loss scaling for fp16: start at `init_scale`, halve on overflow (the step is skipped), double after
+    """fp16 loss scaling: start at `init_scale`, halve on an overflow (the step is skipped), double after
     `growth_interval` clean steps. An overflow at `min_scale` is an error: no scale can help."""
 
     def __init__(self, init_scale=2.0**16, growth_interval=1000, min_scale=1.0):
         if init_scale < min_scale:
             raise ValueError(f"init_scale={init_scale} is below min_scale={min_scale}")
-        self.scale, self.growth_interval, self.min_scale, self.clean_steps = float(init_scale), growth_interval, \
-            float(min_scale), 0
+        self.scale, self.growth_interval, self.min_scale = float(init_scale), int(growth_interval), float(min_scale)
+        self.clean_steps = 0
 
     def update(self, overflow: bool, step: int):
+        if overflow and self.scale <= self.min_scale:
+            raise FloatingPointError(
+                f"step {step}: fp16 gradients overflow even at the minimum loss scale {self.min_scale}; "
+                f"train in bf16 (--dtype bf16), lower the learning rate, or clip gradients")
+        self.clean_steps = 0 if overflow else self.clean_steps + 1
         if overflow:
-            if self.scale <= self.min_scale:
-                raise FloatingPointError(
-                    f"step {step}: fp16 gradients overflow even at the minimum loss scale {self.min_scale}; "
-                    f"train in bf16 (--dtype bf16), lower the learning rate, or clip gradients")
-            self.scale, self.clean_steps = max(self.scale / 2, self.min_scale), 0
-        else:
-            self.clean_steps += 1
-            if self.clean_steps == self.growth_interval:
-                self.scale, self.clean_steps = self.scale * 2, 0
+            self.scale = max(self.scale / 2, self.min_scale)
+        elif self.clean_steps == self.growth_interval:
+            self.scale, self.clean_steps = self.scale * 2, 0
 
     def state_dict(self):
-        return dict(scale=self.scale, clean_steps=self.clean_steps,
-                    growth_interval=self.growth_interval, min_scale=self.min_scale)
+        return dict(vars(self))  # scale, growth_interval, min_scale, clean_steps
 
     def load_state_dict(self, state):
-        self.scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
-        self.growth_interval, self.min_scale = int(state["growth_interval"]), float(state["min_scale"])
+        self.__init__(state["scale"], state["growth_interval"], state["min_scale"])
+        self.clean_steps = int(state["clean_steps"])
 
 
 class SGD:
@@ -122,7 +115,7 @@ def non_finite_norm_error(step, grad_norm, loss) -> FloatingPointError:
 class SyncGuard:
     """The reference guard: a one-pass step reads its loss before backward (a non-finite loss skips it) and its
     gradient norm after, a host sync each (with a norm pass, `LOMO.decide` reads both at once). A guard has
-    these members; fast paths that hold updates back on the device read `device_flag` (the loss is finite)."""
+    these members."""
     checks, result_class = True, StepResult  # checks: a one-pass step sums its gradients' norms
 
     def begin(self, lomo, result, mean_loss) -> bool:  # False: skip the step before backward
@@ -132,12 +125,6 @@ class SyncGuard:
 
     def before_update(self, lomo) -> bool:  # False: discard the rest of the pass (set lomo.discarding)
         return True
-
-    def device_flag(self, device):
-        return torch.ones((), dtype=torch.uint8, device=device)
-
-    def unread_flag(self):  # that flag while the loss is still unread on the host: never, here
-        return None
 
     def end(self, lomo, result, grad_norm) -> bool:  # after a one-pass step; False: the next step settles it
         result.grad_norm = float(grad_norm)
@@ -150,29 +137,6 @@ class SyncGuard:
 
     def reset(self):
         pass
-
-
-class GradNorm:
-    """The global gradient norm of one pass, summed on the device from each gradient's norm."""
-
-    def __init__(self, tp_group=None):
-        self.tp_group = tp_group
-        self.reset(None)
-
-    def reset(self, device):
-        self.sharded, self.replicated, self.device = [], [], device
-
-    def add(self, norm, sharded: bool):  # norm: a 0-dim tensor, not squared
-        (self.sharded if sharded else self.replicated).append(norm)
-
-    def total(self, unscale: float = 1.0):
-        def sum_of_squares(norms):
-            return (torch.stack(norms) * unscale).square().sum() if norms else torch.zeros((), device=self.device)
-
-        sharded = sum_of_squares(self.sharded)
-        if self.tp_group is not None:
-            dist.all_reduce(sharded, group=self.tp_group)  # each tp rank holds a different slice
-        return (sharded + sum_of_squares(self.replicated)).sqrt()
 
 
 class LOMO:
@@ -190,7 +154,7 @@ class LOMO:
         if not self.params:
             raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
         self.names = {p: name for name, p in model.named_parameters()}
-        if any(p.dtype == torch.float16 for p in self.params) and loss_scaler is None:
+        if loss_scaler is None and any(p.dtype == torch.float16 for p in self.params):
             loss_scaler = DynamicLossScaler()  # fp16 without loss scaling underflows; never run it bare
         self.lr, self.clip_grad_norm, self.clip_grad_value = lr, clip_grad_norm, clip_grad_value
         self.loss_scaler, self.max_consecutive_skips = loss_scaler, max_consecutive_skips
@@ -198,11 +162,12 @@ class LOMO:
         self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         self.rule, self.guard = rule or SGD(), guard or SyncGuard()
         self.fast_paths, self.extensions = list(fast_paths), list(extensions)
-        self.grad_norm, self.step_count, self.consecutive_skips = GradNorm(tp_group), 0, 0
+        self.step_count, self.consecutive_skips = 0, 0
         # The pass running now: its kind ("norm", "update" after a norm pass, "one-pass"; None outside step(),
         # where hooks leave .grad to the caller), whether it discards every gradient (the guard found the loss
-        # non-finite), and the numbers its updates use.
+        # non-finite), the numbers its updates use, and its gradients' norms (tp-sharded ones apart).
         self.pass_kind, self.discarding, self.lr_now, self.clip_coef, self.inv_scale = None, False, lr, 1.0, 1.0
+        self.norms, self.device = {True: [], False: []}, None
         # Each fast path claims its parameters once; a batched one updates them after backward (no hook).
         self._claims = [(path, dict.fromkeys(path.claim(self), path)) for path in self.fast_paths]
         batched = {p for path, claimed in self._claims if path.batched for p in claimed}
@@ -227,19 +192,21 @@ class LOMO:
             return  # no gradient (an extension gave its norm instead), or a backward outside step()
         param.grad = None  # free it now: this is where LOMO's memory saving comes from
         path = self._route.get(param)
-        if self.discarding or not ((path is not None and path.guarded) or self.guard.before_update(self)):
+        if path is not None:  # a fast path guards, averages, sums and updates in its own way
+            return path.update(param, grad, self)
+        if self.discarding or not self.guard.before_update(self):
             return
-        if self.dp_group is not None:
-            grad.div_(self.dp_size)  # divide first: in fp16 the sum of scaled gradients could overflow
-            dist.all_reduce(grad, group=self.dp_group)
-        if self.pass_kind == "norm":
+        grad = self.average(grad)
+        if self.pass_kind == "norm" or (self.pass_kind == "one-pass" and self.guard.checks):
             self.record_norm(param, grad)
-        elif path is not None and path.sums_squares:
-            path.update(param, grad, self)
-        else:
-            if self.pass_kind == "one-pass" and self.guard.checks:
-                self.record_norm(param, grad)
-            self.apply_update(param, grad)
+        if self.pass_kind != "norm":
+            self.update(param, grad)
+
+    def average(self, grad):
+        """The gradient's mean over the dp group (divided first: a sum of scaled fp16 gradients may overflow)."""
+        if self.dp_group is not None:
+            dist.all_reduce(grad.div_(self.dp_size), group=self.dp_group)
+        return grad
 
     def record_norm(self, param, grad):
         """This gradient's norm into the pass's global norm (on the device: no host sync)."""
@@ -252,15 +219,10 @@ class LOMO:
                 for chunk in grad.view(-1).split(UPDATE_CHUNK_NUMEL)).sqrt()
             if self.loss_scaler is not None:  # clamping turns an overflow into clip_value: keep it non-finite
                 norm = norm + 0.0 * torch.linalg.vector_norm(grad, dtype=torch.float32)
-        self.grad_norm.add(norm, sharded=hasattr(param, "tensor_parallel_dim"))
+        self.add_norm(norm, sharded=hasattr(param, "tensor_parallel_dim"))
 
-    def apply_update(self, param, grad):
-        """The update of one parameter: by the fast path that claimed it for this pass, else the reference."""
-        path = self._route.get(param)
-        if path is not None:
-            path.update(param, grad, self)
-        else:
-            self.update(param, grad)
+    def add_norm(self, norm, sharded: bool):  # norm: a 0-dim tensor, not squared
+        self.norms[sharded].append(norm)
 
     def update(self, param, grad):
         """The reference update: the gradient unscaled, value-clipped and scaled by the clip factor, then the
@@ -320,16 +282,15 @@ class LOMO:
         check_lr(lr, f"learning rate {lr}")
         stale = next((p for p in self.params if p.grad is not None), None)
         if stale is not None:
-            raise ValueError(f"{self.name_of(stale)} already has a .grad (from a backward run outside LOMO.step), "
-                             f"which this step would add to its gradient: clear it first with "
-                             f"model.zero_grad(set_to_none=True)")
+            raise ValueError(f"{self.name_of(stale)} has a .grad from a backward outside LOMO.step, which this "
+                             f"step would add to: clear it first with model.zero_grad(set_to_none=True)")
         self.step_count, scale = self.step_count + 1, self.loss_scaler.scale if self.loss_scaler else None
         self.lr_now, self.clip_coef, self.inv_scale, self.discarding = lr, 1.0, 1 / scale if scale else 1.0, False
         return self.guard.result_class(step=self.step_count, lr=lr, loss_scale=scale)
 
     def mean_loss(self, loss):
-        """The loss, averaged over dp replicas: the report, and one decision that every replica takes alike (a
-        replica that skipped alone would hang the next collective)."""
+        """The loss averaged over dp replicas: the report, and a decision that every replica takes alike (one
+        that skipped alone would hang the next collective)."""
         mean_loss = loss.detach().clone()
         if self.dp_group is not None:
             dist.all_reduce(mean_loss, group=self.dp_group)
@@ -338,9 +299,7 @@ class LOMO:
 
     def backward_pass(self, kind: str, loss, retain_graph: bool = False):
         """One backward pass, whose hooks sum norms ("norm") or update ("update", "one-pass")."""
-        self.pass_kind = kind
-        self.grad_norm.reset(loss.device)
-        self._route = {}
+        self.pass_kind, self.norms, self.device, self._route = kind, {True: [], False: []}, loss.device, {}
         for path, claimed in reversed(self._claims):  # the first path listed wins a parameter
             if path.begin_pass(kind, self) and not path.batched:
                 self._route.update(claimed)
@@ -353,7 +312,12 @@ class LOMO:
 
     def norm(self):
         """The global gradient norm of the last pass, on the device (value clipping unscaled it already)."""
-        return self.grad_norm.total(self.inv_scale if self.clip_grad_value is None else 1.0)
+        unscale = self.inv_scale if self.clip_grad_value is None else 1.0
+        sharded, replicated = ((torch.stack(norms) * unscale).square().sum() if norms else
+                               torch.zeros((), device=self.device) for norms in (self.norms[True], self.norms[False]))
+        if self.tp_group is not None:
+            dist.all_reduce(sharded, group=self.tp_group)  # each tp rank holds a different slice
+        return (sharded + replicated).sqrt()
 
     def decide(self, result: StepResult, mean_loss, grad_norm) -> bool:
         """Between the passes: the norm and the loss read (one host sync); False: the step is skipped, else the
@@ -375,9 +339,7 @@ class LOMO:
         return True
 
     def end_step(self, result: StepResult) -> StepResult:
-        settled = True
-        if not self.needs_norm_pass:
-            settled = self.guard.end(self, result, self.norm() if self.guard.checks else None)
+        settled = self.needs_norm_pass or self.guard.end(self, result, self.norm() if self.guard.checks else None)
         if self.discarding:  # the guard found the loss non-finite during the pass: no weight moved
             return self.skip(result, f"non-finite loss {result.loss}")
         if self.loss_scaler is not None:
@@ -387,8 +349,7 @@ class LOMO:
         return result
 
     def check_previous_step(self):
-        """Whatever the guard left of the last step to check (a deferred norm, a skip counted late). step()
-        calls it first; call it before saving weights or reading `consecutive_skips`."""
+        """What the guard left of the last step to check; call it before saving or reading consecutive_skips."""
         self.guard.check_previous_step(self)
 
     def skip(self, result: StepResult, reason: str) -> StepResult:
@@ -409,16 +370,15 @@ class LOMO:
     # State: the step counter, the loss scaler and the rule's state (SGD has none).
 
     def state_dict(self):
-        return dict(step_count=self.step_count, consecutive_skips=self.consecutive_skips,
-                    loss_scaler=self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
-                    rule=self.rule.state_dict())
+        return dict(step_count=self.step_count, consecutive_skips=self.consecutive_skips, rule=self.rule.state_dict(),
+                    loss_scaler=self.loss_scaler.state_dict() if self.loss_scaler is not None else None)
 
     def load_state_dict(self, state):
-        self.step_count, self.consecutive_skips = int(state["step_count"]), int(state["consecutive_skips"])
-        self.guard.reset()  # a step of before the restore is not this state's to count
         if (state["loss_scaler"] is None) != (self.loss_scaler is None):
             raise ValueError("the saved state and this LOMO disagree on loss scaling (fp16 vs bf16/fp32): "
                              "resume with the --dtype the run was started with")
+        self.step_count, self.consecutive_skips = int(state["step_count"]), int(state["consecutive_skips"])
+        self.guard.reset()  # a step of before the restore is not this state's to count
         if self.loss_scaler is not None:
             self.loss_scaler.load_state_dict(state["loss_scaler"])
         self.rule.load_state_dict(state.get("rule", {}))  # a state saved before rules had state: SGD's, none
