@@ -18,7 +18,8 @@ Modes, each measured in its own process so that one mode's peak never hides in a
 One JSON line per mode: peak allocated and reserved memory, parameter bytes, tokens/s (all GPUs; the mean
 over the timed steps, and from the median step, whose time CUDA events give) and tokens per GPU per
 second, model FLOPs utilization, the device, and a memory breakdown against LOMO's formula (parameters +
-checkpointed activations + the largest gradient): the paper's Table 1 from live numbers. FLOPs per token are counted as 6 N + 12 L S d for training (N parameters, L layers, S sequence
+checkpointed activations + the largest gradient): the paper's Table 1 from live numbers.
+FLOPs per token are counted as 6 N + 12 L S d for training (N parameters, L layers, S sequence
 length, d model width: the matmuls of forward and backward plus attention scores), 2 N + 4 L S d for
 inference; activation recomputation is not counted, so MFU is comparable with and without it.
 
@@ -67,7 +68,8 @@ def parse_args(argv=None):
                         "fused_update.py's one kernel (the A/B for it; only a GPU with Triton has the kernel)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="lomo, lomo-clip: after the warm-up's first step, each step is replayed from CUDA graphs "
-                        "(cuda_graph.py); the peaks then include the warm-up, whose capture allocates the graphs' memory")
+                        "(cuda_graph.py); the peaks then include the warm-up, whose capture allocates the graphs' "
+                        "memory")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps, after --warmup steps")
     p.add_argument("--warmup", type=int, default=2)
@@ -99,7 +101,7 @@ def run_mode(args, mode):
     from cuda_graph import GraphedStep, release_graphs
     from losses import model_loss
     import speedups
-    from model import cross_entropy_loss, model_args
+    from model import DTYPES, cross_entropy_loss, model_args
     from shard import destroy_distributed, gather_from_tp, init_distributed
     grid = init_distributed(args.tp, "cpu" if args.tiny else "cuda")
     try:
@@ -107,7 +109,7 @@ def run_mode(args, mode):
         if args.memory_cap_gb and device.type == "cuda":
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 2**30 / total), device)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        dtype = DTYPES[args.dtype]
         overrides = {"vocab_size": 512} if args.tiny else {}
         if args.n_layers:
             overrides["n_layers"] = args.n_layers
@@ -221,7 +223,8 @@ def measurements(args, mode, margs, model, grid, seconds, step_ms=()):
     checkpointed_bytes = kept_inputs * args.batch_size * args.seq_len * margs.dim * element
     n_params_full = sum(p.numel() * (grid.tp if hasattr(p, "tensor_parallel_dim") else 1) for p in model.parameters())
     attention = 12 * margs.n_layers * args.seq_len * margs.dim
-    flops_per_token = (2 * n_params_full + attention // 3) if mode.startswith("infer") else (6 * n_params_full + attention)
+    inference = mode.startswith("infer")
+    flops_per_token = (2 * n_params_full + attention // 3) if inference else (6 * n_params_full + attention)
     tokens_per_s = args.batch_size * grid.dp * args.seq_len / seconds
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
@@ -311,7 +314,8 @@ def main(argv=None):
     if args.cuda_graph and args.warmup < 2:
         raise SystemExit(f"--cuda-graph needs --warmup 2 or more (one eager step, then the capture): got {args.warmup}")
     if args.offload_checkpoints and not args.activation_checkpointing:
-        raise SystemExit("--offload-checkpoints moves the inputs that checkpointing saves: add --activation-checkpointing")
+        raise SystemExit("--offload-checkpoints moves the inputs that checkpointing saves: "
+                         "add --activation-checkpointing")
     unknown = set(modes) - set(MODES)
     if unknown:
         raise SystemExit(f"unknown modes {sorted(unknown)}: choose from {', '.join(MODES)}")

@@ -34,11 +34,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from checkpoint_formats import (IGNORED, MANIFEST, META_SPLIT_DIM, _read_args, _read_json, checkpoint_args,
+from checkpoint_formats import (IGNORED, MANIFEST, META_SPLIT_DIM, checkpoint_args, read_args, read_json,
                                 detect_format, from_hf_name, load_tokenizer, permute_for_hf, to_hf_name,
                                 unpermute_from_hf)
 from model import ModelArgs, Transformer
-from safetensors_io import _fsync_folder, _write_file, read_safetensors, write_safetensors
+from safetensors_io import fsync_folder, read_safetensors, write_file, write_safetensors
 from shard import Grid, gather_full, split_dim_of
 
 
@@ -80,7 +80,7 @@ def _hf_entries(folder) -> tuple:
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (folder / index_name).is_file():
-            where, weight_map = folder / index_name, _read_json(folder / index_name).get("weight_map", {})
+            where, weight_map = folder / index_name, read_json(folder / index_name).get("weight_map", {})
         elif (folder / single).is_file():
             where, weight_map = folder / single, None
         else:
@@ -102,7 +102,7 @@ def _hf_entries(folder) -> tuple:
 
 
 def _state_entries(folder) -> dict:
-    manifest = _read_json(folder / MANIFEST)
+    manifest = read_json(folder / MANIFEST)
     tp, split_dims = manifest["tp"], manifest["split_dims"]  # the layout it was saved with, not today's table
     opened = [read_safetensors(folder / f"model-tp{r:02d}-of-{tp:02d}.safetensors") for r in range(tp)]
     return {name: ([part[name] for part in opened], split_dims.get(name.split(".")[-2]) if tp > 1 else None)
@@ -150,7 +150,7 @@ def _config_fields(name: str, args: ModelArgs) -> str:
             "w1": width, "w2": width, "w3": width}.get(kind, "") + f", dim={args.dim}"
 
 
-def _model_params(model) -> dict:
+def model_params(model) -> dict:
     """The parameters a checkpoint holds. With tied embeddings output.weight is tok_embeddings.weight, and is left
     out even when the model object holds two tensors (a model materialized with to_empty loses the tie)."""
     params = dict(model.named_parameters())
@@ -164,7 +164,7 @@ def load_checkpoint(folder, model, grid: Optional[Grid] = None):
     """Fill the model's parameters (this rank's shards) from a Meta, Hugging Face or training-state folder, strictly."""
     grid, folder = grid or Grid(), Path(folder)
     layout, args = detect_format(folder), model.args
-    saved = _read_args(folder, layout)
+    saved = read_args(folder, layout)
     differ = [f"{field}: model {getattr(args, field)}, checkpoint {getattr(saved, field)}" for field in
               ("dim", "n_layers", "n_heads", "n_kv_heads", "norm_eps", "rope_theta", "tie_embeddings")
               if getattr(args, field) != getattr(saved, field)]  # head counts and eps do not show in the shapes
@@ -172,7 +172,7 @@ def load_checkpoint(folder, model, grid: Optional[Grid] = None):
         raise ValueError(f"{folder}: the model's config differs from the checkpoint's: {'; '.join(differ)}. Build the "
                          f"model from checkpoint_args({str(folder)!r})")
     entries, where = _open_entries(folder, layout, args)
-    params = _model_params(model)
+    params = model_params(model)
     if args.tie_embeddings:  # one tensor serves both; some files repeat it as the head
         entries.pop("output.weight", None)
     missing, unexpected = sorted(params.keys() - entries.keys()), sorted(entries.keys() - params.keys())
@@ -207,7 +207,7 @@ def load_checkpoint(folder, model, grid: Optional[Grid] = None):
 # Writing: Hugging Face and Meta folders
 
 
-def _barrier():
+def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -225,17 +225,17 @@ def _atomic_folder(folder, writer: bool):
         yield temporary
         if writer:
             os.replace(temporary, folder)
-            _fsync_folder(folder.parent)
+            fsync_folder(folder.parent)
     finally:
         if writer and temporary.exists():
             shutil.rmtree(temporary)
-    _barrier()  # nobody reads the folder before it exists
+    barrier()  # nobody reads the folder before it exists
 
 
 def _gathered(model, grid: Grid, names):
     """(name, full tensor on the host) for rank 0, one parameter at a time. The other ranks of its tp group take part
     in each gather (a collective) and get nothing; the other dp replicas hold the same values and skip it."""
-    params = _model_params(model)
+    params = model_params(model)
     for name in names:
         if grid.dp_rank == 0:
             full = gather_full(params[name], grid)
@@ -254,7 +254,7 @@ def save_hf(model, folder, grid: Optional[Grid] = None, tokenizer_path=None, max
     """Write a Hugging Face folder: config.json, model.safetensors (or shards of at most max_shard_bytes plus
     model.safetensors.index.json), tokenizer.model. Every rank calls it; rank 0 writes."""
     grid, args = grid or Grid(), model.args
-    params = _model_params(model)
+    params = model_params(model)
     files, size, total_size = [[]], 0, 0  # plan the files from the full shapes, before gathering anything
     for name, param in params.items():
         nbytes = param.numel() * param.element_size() * (grid.tp if split_dim_of(name, grid.tp) is not None else 1)
@@ -284,10 +284,10 @@ def save_hf(model, folder, grid: Optional[Grid] = None, tokenizer_path=None, max
                           max_position_embeddings=args.max_seq_len, tie_word_embeddings=args.tie_embeddings,
                           hidden_act="silu", rope_scaling=None, attention_bias=False, bos_token_id=1,
                           eos_token_id=2, torch_dtype=str(dtype).removeprefix("torch."))
-            _write_file(temporary / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
+            write_file(temporary / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
             if len(files) > 1:
                 index = dict(metadata=dict(total_size=total_size), weight_map=weight_map)
-                _write_file(temporary / "model.safetensors.index.json",
+                write_file(temporary / "model.safetensors.index.json",
                             lambda f: f.write(json.dumps(index, indent=2).encode()))
             _copy_tokenizer(tokenizer_path, temporary, args.vocab_size)
 
@@ -296,7 +296,7 @@ def save_meta(model, folder, grid: Optional[Grid] = None, shards: int = 1, token
     """Write a Meta folder: params.json, consolidated.00.pth .. (shards - 1) split Meta's way, tokenizer.model.
     Each shard is gathered anew (communication, not memory: rank 0 holds one shard at a time)."""
     grid, args = grid or Grid(), model.args
-    params = _model_params(model)
+    params = model_params(model)
     for count, what in ((args.n_heads, "n_heads"), (args.n_kv_heads, "n_kv_heads")):
         if count % shards:
             raise ValueError(f"shards={shards} does not divide {what}={count}: each Meta shard holds whole heads")
@@ -315,7 +315,7 @@ def save_meta(model, folder, grid: Optional[Grid] = None, shards: int = 1, token
                 shard[name] = full if dim is None else \
                     full.chunk(shards, dim)[k].clone(memory_format=torch.contiguous_format)
             if writer:
-                _write_file(temporary / f"consolidated.{k:02d}.pth", lambda f: torch.save(shard, f))
+                write_file(temporary / f"consolidated.{k:02d}.pth", lambda f: torch.save(shard, f))
         if writer:
             fields = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                           vocab_size=args.vocab_size, multiple_of=args.multiple_of, norm_eps=args.norm_eps,
@@ -324,7 +324,7 @@ def save_meta(model, folder, grid: Optional[Grid] = None, shards: int = 1, token
                 fields["ffn_dim_multiplier"] = args.ffn_dim_multiplier
             if args.tie_embeddings:  # not a Meta field; written only when it matters
                 fields["tie_embeddings"] = True
-            _write_file(temporary / "params.json", lambda f: f.write(json.dumps(fields, indent=2).encode()))
+            write_file(temporary / "params.json", lambda f: f.write(json.dumps(fields, indent=2).encode()))
             _copy_tokenizer(tokenizer_path, temporary, args.vocab_size)
 
 

@@ -79,7 +79,7 @@ def unpermute_from_hf(weight, n_heads: int):
 # Reading: format, config, tokenizer
 
 
-def _read_json(path):
+def read_json(path):
     try:
         return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -137,13 +137,13 @@ def _args_from_hf_config(config: dict, path) -> ModelArgs:
     return ModelArgs(multiple_of=multiple_of, **fields)
 
 
-def _read_args(folder, layout: str) -> ModelArgs:
+def read_args(folder, layout: str) -> ModelArgs:
     """The config of a checkpoint folder; vocab_size may be -1 (Meta: take it from the tokenizer)."""
     if layout == "hf":
-        return _args_from_hf_config(_read_json(folder / "config.json"), folder / "config.json")
+        return _args_from_hf_config(read_json(folder / "config.json"), folder / "config.json")
     if layout == "state":
-        return ModelArgs(**_read_json(folder / MANIFEST)["model_args"])
-    params = _read_json(folder / "params.json")
+        return ModelArgs(**read_json(folder / MANIFEST)["model_args"])
+    params = read_json(folder / "params.json")
     if params.pop("use_scaled_rope", False):
         raise ValueError(f"{folder / 'params.json'}: use_scaled_rope (Llama 3.1's RoPE frequency scaling) is not "
                          f"implemented in model.py")
@@ -157,7 +157,7 @@ def checkpoint_args(folder, tokenizer_path=None, **overrides) -> ModelArgs:
     """ModelArgs of a checkpoint folder; Meta's vocab_size -1 is taken from the tokenizer (tokenizer_path, else
     the folder's tokenizer.model). Overrides (e.g. max_seq_len, which params.json lacks) are applied last."""
     folder = Path(folder)
-    args = _read_args(folder, detect_format(folder))
+    args = read_args(folder, detect_format(folder))
     if args.vocab_size == -1:
         args.vocab_size = load_tokenizer(tokenizer_path or folder).vocab_size
     return dataclasses.replace(args, **overrides)

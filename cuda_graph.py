@@ -36,9 +36,9 @@ How a step goes: `loss = graphed.forward(inputs, targets)`, then `graphed.step(l
 Memory: the graphs share one private pool as large as the step's peak, for their whole life, beside the rest
 of the caching allocator's memory. A clipped step keeps all of its norm pass's saved branch gradients on the
 GPU there (a host copy would wait on events, which a capture cannot): offload.SavedBranchGrads' `gpu_gib`
-must cover them, else the capture is refused (raise --branch-grads-gpu-gib, or --no-saved-branch-grads). One batch shape is captured; a batch
-of another shape runs eagerly (with a warning the first time), in the other memory: keep the shape fixed
-(train.py pads every batch to --seq-len).
+must cover them, else the capture is refused (raise --branch-grads-gpu-gib, or --no-saved-branch-grads).
+One batch shape is captured; a batch of another shape runs eagerly (with a warning the first time), in the
+other memory: keep the shape fixed (train.py pads every batch to --seq-len).
 
 Before the process group goes: `release_graphs()` (train.py and bench.py call it just before
 `destroy_distributed()`, on error too). A captured all-reduce keeps its NCCL communicator in use for as long as
@@ -300,7 +300,8 @@ class GraphedStep:
 
     def check_unchanged(self):
         """Raise if LOMO changed since the capture in a way that the replays would not follow."""
-        if self._settings() != self._captured_settings or _path(self.lomo, fused_update.TritonAxpy).alpha is not self._alpha:
+        alpha = _path(self.lomo, fused_update.TritonAxpy).alpha
+        if self._settings() != self._captured_settings or alpha is not self._alpha:
             raise RuntimeError("LOMO's settings, its trained weights' tensors or its alpha buffer changed since the "
                                "CUDA graphs were captured, and the graphs would not follow: make a new GraphedStep "
                                "after such a change")

@@ -5,7 +5,8 @@ and a deterministic sampler whose position can be saved.
   with BOS (id 1) and optionally EOS (id 2), as LLaMA does. `train_tokenizer` reproduces LLaMA's
   settings (BPE, byte fallback, digits split, identity normalization); `cached_tokenizer` trains once per
   corpus and vocabulary size and keeps the file in a cache folder (rebuilt, never committed).
-- Formats (`load_dataset`): plain text (.txt), jsonl with a "text" field, Alpaca instruction data (.json
+- Formats (read by tasks.py's `load_dataset` from the records that this file parses): plain text
+  (.txt), jsonl with a "text" field, Alpaca instruction data (.json
   list or .jsonl with instruction/input/output), multiple-choice jsonl ({"prompt", "choices", "label"}),
   the SuperGLUE task files as distributed (tasks.py turns them into prompts and choices), and
   pre-tokenized ids (.npy of one token stream, or jsonl with "input_ids") for tokenizers we do not
@@ -28,9 +29,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import sentencepiece as spm
 import torch
+
+from model import IGNORE_INDEX  # the label of positions that carry no loss (prompt tokens, padding)
 
 # LLaMA-1/2's SentencePiece training settings (read off their tokenizer.model's trainer_spec).
 LLAMA_TOKENIZER_SETTINGS = dict(
@@ -39,7 +41,6 @@ LLAMA_TOKENIZER_SETTINGS = dict(
     character_coverage=0.99995, max_sentencepiece_length=16,
     unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
 )
-IGNORE = -100  # label of positions that carry no loss (prompt tokens, padding)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,10 +165,10 @@ def field_of(row: dict, name: str, path, kind=str):
 
 @dataclass
 class Sequences:
-    """Training or evaluation sequences: ids and labels of equal length (labels IGNORE where no loss),
+    """Training or evaluation sequences: ids and labels of equal length (labels IGNORE_INDEX where no loss),
     plus, for multiple-choice data, the examples to score."""
     items: list  # [(ids, labels)] as lists of ints
-    choices: list = field(default_factory=list)  # [MultipleChoice] aligned with items, empty unless the task has choices
+    choices: list = field(default_factory=list)  # [MultipleChoice] aligned with items; empty without choices
     truncated: int = 0
     dropped: int = 0
     packed: bool = False  # windows of one token stream (text), rather than one example each
@@ -193,7 +194,7 @@ def pack(token_stream: list, seq_len: int) -> list:
 
 def encode_prompt_answer(tokenizer, prompt: str, answer: str, seq_len: int, train_on_prompt: bool, long: str,
                          answer_eos: bool = True):
-    """BOS prompt answer EOS, labels IGNORE on the prompt unless train_on_prompt; None if dropped.
+    """BOS prompt answer EOS, labels IGNORE_INDEX on the prompt unless train_on_prompt; None if dropped.
 
     The answer is encoded on its own, so SentencePiece's dummy prefix gives it its leading space
     ("Answer:" + "yes" -> "Answer: yes"), and the prompt/answer boundary is exact in tokens.
@@ -208,7 +209,7 @@ def encode_prompt_answer(tokenizer, prompt: str, answer: str, seq_len: int, trai
         keep = limit - len(answer_ids)  # keep BOS and the end of the prompt, next to the answer
         prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - keep + 1:] if keep > 1 else prompt_ids[:1]
     ids = prompt_ids + answer_ids
-    labels = list(ids) if train_on_prompt else [IGNORE] * len(prompt_ids) + answer_ids
+    labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + answer_ids
     return (ids, labels), truncated
 
 
@@ -224,60 +225,6 @@ def prompt_answer_sequences(pairs, tokenizer, seq_len, train_on_prompt, long, ch
         if choices is not None:
             result.choices.append(choices[i])
     return result
-
-
-def load_dataset(path, fmt: str, tokenizer, seq_len: int, train_on_prompt: bool = False, long: str = "truncate"):
-    """Read a data file in one of the formats above and turn it into Sequences."""
-    from tasks import SUPERGLUE_TASKS, alpaca_prompt, superglue_examples  # tasks.py builds on this file
-    path = Path(path)
-    if long not in ("truncate", "drop"):
-        raise ValueError(f"unknown policy {long!r} for long examples: use truncate or drop")
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    if fmt == "text":
-        texts = [read_corpus(path)] if path.suffix == ".txt" else [field_of(r, "text", path) for r in read_jsonl(path)]
-        stream = [t for text in texts for t in tokenizer.encode(text, bos=True, eos=True)]
-        return Sequences(items=pack(stream, seq_len), packed=True)
-    if fmt == "ids":
-        if path.suffix == ".npy":
-            return Sequences(items=pack(np.load(path).astype(np.int64).reshape(-1).tolist(), seq_len), packed=True)
-        rows = []
-        for row in read_jsonl(path):
-            ids = field_of(row, "input_ids", path, list)
-            if len(ids) < 2 or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-                raise ValueError(f"{path}:{row['_line']}: input_ids must be a list of at least 2 token ids "
-                                 f"(non-negative integers)")
-            rows.append(ids)
-        too_long = sum(len(r) > seq_len + 1 for r in rows)
-        items = [(r[:seq_len + 1], list(r[:seq_len + 1])) for r in rows if long == "truncate" or len(r) <= seq_len + 1]
-        return Sequences(items=items, truncated=too_long if long == "truncate" else 0,
-                         dropped=too_long if long == "drop" else 0)
-    if fmt == "alpaca":
-        rows = read_jsonl(path)
-        pairs = [(alpaca_prompt(field_of(r, "instruction", path), r.get("input", "")), field_of(r, "output", path))
-                 for r in rows]
-        return prompt_answer_sequences(pairs, tokenizer, seq_len, train_on_prompt, long)
-    if fmt == "mc" or fmt in SUPERGLUE_TASKS:
-        examples = superglue_examples(fmt, read_jsonl(path), path)
-        pairs = [(e.prompt, e.choices[e.label]) for e in examples]
-        return prompt_answer_sequences(pairs, tokenizer, seq_len, train_on_prompt, long, choices=examples)
-    raise ValueError(f"unknown data format {fmt!r}: use auto, text, ids, alpaca, mc or one of {sorted(SUPERGLUE_TASKS)}")
-
-
-def detect_format(path: Path) -> str:
-    if path.suffix == ".txt":
-        return "text"
-    if path.suffix == ".npy":
-        return "ids"
-    if path.suffix not in (".json", ".jsonl"):
-        raise ValueError(f"cannot tell the format of {path} from its extension: use .txt, .json, .jsonl or .npy, "
-                         f"or pass --format")
-    keys = set(read_jsonl(path)[0])
-    for fmt, required in (("text", {"text"}), ("alpaca", {"instruction", "output"}), ("ids", {"input_ids"}),
-                          ("mc", {"prompt", "choices", "label"})):
-        if required <= keys:
-            return fmt
-    raise ValueError(f"cannot tell the format of {path} from its fields {sorted(keys - {'_line'})}: pass --format "
-                     f"(boolq, cb, copa, multirc, rte, wic, wsc, record for SuperGLUE files)")
 
 
 def check_token_ids(tokens: torch.Tensor, vocab_size: int, what: str):
@@ -321,19 +268,20 @@ class ShuffledSampler:
     def load_state_dict(self, state):
         if state["n_items"] != self.n_items or state["seed"] != self.seed:
             raise ValueError(f"the saved sampler covered {state['n_items']} examples with seed {state['seed']}, this "
-                             f"one {self.n_items} with seed {self.seed}: resume with the same data, --seq-len and --seed")
+                             f"one {self.n_items} with seed {self.seed}: resume with the same data, --seq-len "
+                             f"and --seed")
         self.position = int(state["position"])
 
 
 def collate(items: list, pad_id: int = 0, length: int = None):
     """Inputs and shifted targets, right-padded to the longest sequence, or to `length` tokens before the shift
-    (a fixed shape, for CUDA graphs); padding has label IGNORE."""
+    (a fixed shape, for CUDA graphs); padding has label IGNORE_INDEX."""
     longest = max(len(ids) for ids, _ in items)
     if length is not None and longest > length:
         raise ValueError(f"a sequence of {longest} tokens does not fit the fixed length {length}")
     length = longest if length is None else length
     ids = torch.full((len(items), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), length), IGNORE, dtype=torch.long)
+    labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
     for row, (item_ids, item_labels) in enumerate(items):
         ids[row, :len(item_ids)] = torch.tensor(item_ids)
         labels[row, :len(item_labels)] = torch.tensor(item_labels)
@@ -350,7 +298,8 @@ def split_train_val(sequences: Sequences, val_fraction: float):
     if n - n_val < 1:
         raise ValueError(f"only {n} sequences: too few to split off a validation set; use a longer corpus, "
                          f"a shorter --seq-len, or pass --val-data")
-    order = list(range(n)) if sequences.packed else torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    order = list(range(n)) if sequences.packed else shuffled
 
     def pick(indices):
         return Sequences(items=[sequences.items[i] for i in indices], packed=sequences.packed,

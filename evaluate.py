@@ -16,8 +16,9 @@ import math
 import torch
 import torch.distributed as dist
 
-from data import IGNORE, collate, encode_prompt_answer
+from data import collate, encode_prompt_answer
 from losses import model_token_losses
+from model import IGNORE_INDEX
 
 
 @torch.no_grad()
@@ -29,7 +30,7 @@ def validation_loss(model, items, batch_size, device, max_batches=None, grid=Non
     for batch in batches:
         inputs, targets = (t.to(device) for t in collate(batch))
         total += float(model_token_losses(model, inputs, targets, grid).sum())
-        count += int((targets != IGNORE).sum())
+        count += int((targets != IGNORE_INDEX).sum())
     model.train()
     return total / count, math.exp(min(total / count, 50.0))
 
@@ -41,7 +42,8 @@ def candidate_losses(model, example, tokenizer, seq_len, device, grid=None):
     encoded = [encode_prompt_answer(tokenizer, example.prompt, choice, seq_len, train_on_prompt=False,
                                     long="truncate", answer_eos=False) for choice in example.choices]
     inputs, targets = (t.to(device) for t in collate([item for item, _ in encoded]))
-    return model_token_losses(model, inputs, targets, grid).sum(dim=1).tolist(), sum(truncated for _, truncated in encoded)
+    losses = model_token_losses(model, inputs, targets, grid).sum(dim=1).tolist()
+    return losses, sum(truncated for _, truncated in encoded)
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ a matmul plus a few elementwise passes), label smoothing, z-loss.
 import torch
 import torch.distributed as dist
 
-from model import IGNORE_INDEX as IGNORE
+from model import IGNORE_INDEX
 from shard import all_reduce
 
 # Elements of one chunk of logits: 2**22 fp32 values = 16 MiB, whatever the batch. For 2048 tokens
@@ -44,7 +44,7 @@ class FusedHeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, vocab_start, group, chunk_rows):
         n_tokens, n_rows = hidden.shape[0], weight.shape[0]
         maths = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least (float64 in the tests)
-        ignored = labels == IGNORE
+        ignored = labels == IGNORE_INDEX
         local_labels = labels - vocab_start
         running_max = torch.full((n_tokens,), -torch.inf, dtype=maths, device=hidden.device)
         sum_exp = torch.zeros(n_tokens, dtype=maths, device=hidden.device)
@@ -76,7 +76,7 @@ class FusedHeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_losses):
         hidden, weight, labels, log_sum_exp = ctx.saved_tensors
         maths = log_sum_exp.dtype
-        scale = grad_losses.to(maths).masked_fill(labels == IGNORE, 0.0)[:, None]
+        scale = grad_losses.to(maths).masked_fill(labels == IGNORE_INDEX, 0.0)[:, None]
         local_labels = labels - ctx.vocab_start
         grad_weight = torch.empty_like(weight)
         grad_hidden = torch.zeros(hidden.shape, dtype=maths, device=hidden.device)
@@ -127,4 +127,4 @@ def model_token_losses(model, inputs, labels, grid=None):
 
 def model_loss(model, inputs, labels, grid=None):
     """Mean next-token loss over labels that are not -100: the training objective."""
-    return model_token_losses(model, inputs, labels, grid).sum() / (labels != IGNORE).sum().clamp(min=1)
+    return model_token_losses(model, inputs, labels, grid).sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 
 # The label of a position that carries no loss (prompt tokens, padding): cross_entropy's ignore_index.
 IGNORE_INDEX = -100
+# The parameter dtypes by the names that train.py and bench.py take (--dtype).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------------

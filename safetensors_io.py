@@ -13,13 +13,13 @@ it here rather than depend on the package (this file is named safetensors_io.py 
 - `read_safetensors` maps the file privately (copy-on-write): bytes are read from disk only when used, so a rank
   that slices its tensor-parallel part reads only those pages, and writing into a tensor never changes the file.
   A tensor another writer left unaligned is copied.
-- Validation, before a byte of data is used (`_read_header`): the file holds the 8-byte length and the header; the
+- Validation, before a byte of data is used (`read_header`): the file holds the 8-byte length and the header; the
   header is at most 100 MiB, a JSON object, with __metadata__ mapping strings to strings; every entry has a known
   dtype, a shape of non-negative ints and data_offsets [start, end] with start <= end inside the data area, exactly
   as many bytes as the shape and dtype need, and no two tensors overlap. Each refusal is a ValueError that names the
   file (and the tensor at fault), so a truncated or corrupt file is reported, not read as garbage.
-- `_write_file` writes any file atomically: a temporary file in the same folder, fsync, os.replace. A crash leaves
-  the old file or the new one, never half of one; `_fsync_folder` makes the rename itself durable. checkpoint.py
+- `write_file` writes any file atomically: a temporary file in the same folder, fsync, os.replace. A crash leaves
+  the old file or the new one, never half of one; `fsync_folder` makes the rename itself durable. checkpoint.py
   writes its JSON, .pth and safetensors files through it.
 
 Left out: dtypes beyond the ten of SAFETENSORS_DTYPES (the format's F8_E4M3, F8_E5M2, U16, U32, U64, ...: the
@@ -49,7 +49,7 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 # Atomic files
 
 
-def _write_file(path, write):
+def write_file(path, write):
     """Write through write(f) into a temporary file in the same folder, fsync it, then rename it into place:
     a crash leaves the old file or the new one, never half of one."""
     path = Path(path)
@@ -64,7 +64,7 @@ def _write_file(path, write):
         temporary.unlink(missing_ok=True)
 
 
-def _fsync_folder(folder):
+def fsync_folder(folder):
     """Make a rename inside `folder` durable (POSIX; a no-op where folders cannot be opened)."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -103,10 +103,10 @@ def write_safetensors(path, tensors: dict, metadata: Optional[dict] = None):
         for name in order:
             data = tensors[name].detach().to("cpu").contiguous().reshape(-1)
             f.write(memoryview(data.view(torch.uint8).numpy()))
-    _write_file(path, write)
+    write_file(path, write)
 
 
-def _read_header(path):
+def read_header(path):
     """The validated header of a safetensors file and the byte offset where its data starts."""
     if sys.byteorder != "little":
         raise RuntimeError("safetensors stores little-endian bytes; this reader does not convert them")
@@ -160,7 +160,7 @@ def _read_header(path):
 def read_safetensors(path) -> dict:
     """{name: tensor} of a safetensors file, memory-mapped: bytes are read from disk only when used, so slicing one
     rank's part reads only that part. The mapping is private: writing into a tensor never changes the file."""
-    header, data_start = _read_header(path)
+    header, data_start = read_header(path)
     if not header:
         return {}
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=os.path.getsize(path))

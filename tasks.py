@@ -12,6 +12,9 @@ Word order (`python tasks.py word-order OUT_DIR`): each sentence of the book bec
 between the sentence and three shufflings of its words; a model that has learned English word order
 gives the real sentence the lowest loss. Chance is 25%. Train on the first 85% of the book's sentences,
 evaluate on the last 15% (held out: never trained on, not even as text).
+
+`load_dataset` reads a data file in any of the formats (data.py's docstring lists them) into data.py's
+Sequences: it sits here, above data.py, because the instruction and SuperGLUE formats need the templates.
 """
 import argparse
 import json
@@ -19,7 +22,10 @@ import random
 import re
 from pathlib import Path
 
-from data import MultipleChoice, field_of, read_corpus
+import numpy as np
+
+from data import (MultipleChoice, Sequences, field_of, pack, prompt_answer_sequences, read_corpus,
+                  read_jsonl)
 
 
 def alpaca_prompt(instruction: str, input_text: str = "") -> str:
@@ -169,6 +175,64 @@ def write_mc_jsonl(examples, path: Path):
     with open(path, "w") as f:
         for e in examples:
             f.write(json.dumps(dict(prompt=e.prompt, choices=e.choices, label=e.label)) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data files in every format, as Sequences
+
+
+def load_dataset(path, fmt: str, tokenizer, seq_len: int, train_on_prompt: bool = False, long: str = "truncate"):
+    """Read a data file in one of the formats above and turn it into Sequences."""
+    path = Path(path)
+    if long not in ("truncate", "drop"):
+        raise ValueError(f"unknown policy {long!r} for long examples: use truncate or drop")
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "text":
+        texts = [read_corpus(path)] if path.suffix == ".txt" else [field_of(r, "text", path) for r in read_jsonl(path)]
+        stream = [t for text in texts for t in tokenizer.encode(text, bos=True, eos=True)]
+        return Sequences(items=pack(stream, seq_len), packed=True)
+    if fmt == "ids":
+        if path.suffix == ".npy":
+            return Sequences(items=pack(np.load(path).astype(np.int64).reshape(-1).tolist(), seq_len), packed=True)
+        rows = []
+        for row in read_jsonl(path):
+            ids = field_of(row, "input_ids", path, list)
+            if len(ids) < 2 or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ValueError(f"{path}:{row['_line']}: input_ids must be a list of at least 2 token ids "
+                                 f"(non-negative integers)")
+            rows.append(ids)
+        too_long = sum(len(r) > seq_len + 1 for r in rows)
+        items = [(r[:seq_len + 1], list(r[:seq_len + 1])) for r in rows if long == "truncate" or len(r) <= seq_len + 1]
+        return Sequences(items=items, truncated=too_long if long == "truncate" else 0,
+                         dropped=too_long if long == "drop" else 0)
+    if fmt == "alpaca":
+        rows = read_jsonl(path)
+        pairs = [(alpaca_prompt(field_of(r, "instruction", path), r.get("input", "")), field_of(r, "output", path))
+                 for r in rows]
+        return prompt_answer_sequences(pairs, tokenizer, seq_len, train_on_prompt, long)
+    if fmt == "mc" or fmt in SUPERGLUE_TASKS:
+        examples = superglue_examples(fmt, read_jsonl(path), path)
+        pairs = [(e.prompt, e.choices[e.label]) for e in examples]
+        return prompt_answer_sequences(pairs, tokenizer, seq_len, train_on_prompt, long, choices=examples)
+    raise ValueError(f"unknown data format {fmt!r}: use auto, text, ids, alpaca, mc or one of "
+                     f"{sorted(SUPERGLUE_TASKS)}")
+
+
+def detect_format(path: Path) -> str:
+    if path.suffix == ".txt":
+        return "text"
+    if path.suffix == ".npy":
+        return "ids"
+    if path.suffix not in (".json", ".jsonl"):
+        raise ValueError(f"cannot tell the format of {path} from its extension: use .txt, .json, .jsonl or .npy, "
+                         f"or pass --format")
+    keys = set(read_jsonl(path)[0])
+    for fmt, required in (("text", {"text"}), ("alpaca", {"instruction", "output"}), ("ids", {"input_ids"}),
+                          ("mc", {"prompt", "choices", "label"})):
+        if required <= keys:
+            return fmt
+    raise ValueError(f"cannot tell the format of {path} from its fields {sorted(keys - {'_line'})}: pass --format "
+                     f"(boolq, cb, copa, multirc, rte, wic, wsc, record for SuperGLUE files)")
 
 
 def main(argv=None):

@@ -25,19 +25,18 @@ from tqdm import tqdm
 import checkpoint
 import checkpoint_formats
 from cuda_graph import GraphedStep, release_graphs
-from data import (ShuffledSampler, Tokenizer, cached_tokenizer, check_token_ids, collate, load_dataset,
-                  split_train_val)
+from data import ShuffledSampler, Tokenizer, cached_tokenizer, check_token_ids, collate, split_train_val
 from evaluate import multiple_choice_accuracy, validation_loss
 from generate import generate
 from losses import model_loss
-from model import LLAMA_SIZES, model_args
+from model import DTYPES, LLAMA_SIZES, model_args
 from shard import (build_model, check_tensor_parallel, destroy_distributed, gather_from_tp, init_distributed,
                    padded_vocab_size)
 import speedups
 import training_state
+from tasks import load_dataset
 
 BUNDLED_CORPUS = Path(__file__).parent / "data" / "botchan.txt"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
@@ -329,7 +328,8 @@ def resume(args, out, model, lomo, sampler, grid, print0):
         (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
     changed = {k: (v, vars(args)[k]) for k, v in state["config"].items() if k in vars(args) and vars(args)[k] != v
                and k not in ("resume", "steps", "eval_only", "export_hf")}
-    print0(f"resuming from {latest} at step {state['step'] + 1}" + (f"; flags changed since: {changed}" if changed else ""))
+    print0(f"resuming from {latest} at step {state['step'] + 1}"
+           + (f"; flags changed since: {changed}" if changed else ""))
     return state["step"] + 1, state["evaluations"], state["skipped_steps"]
 
 

@@ -26,9 +26,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from checkpoint import _barrier, _model_params, load_checkpoint
-from checkpoint_formats import MANIFEST, _read_json
-from safetensors_io import _fsync_folder, _read_header, _write_file, write_safetensors
+from checkpoint import barrier, load_checkpoint, model_params
+from checkpoint_formats import MANIFEST, read_json
+from safetensors_io import fsync_folder, read_header, write_file, write_safetensors
 from shard import SPLIT_DIM, Grid
 
 
@@ -72,30 +72,30 @@ def save_training_state(root, step: int, model, grid: Optional[Grid], state: dic
         if temporary.exists():
             shutil.rmtree(temporary)  # left by a save that crashed
         temporary.mkdir(parents=True)
-    _barrier()
+    barrier()
     if grid.dp_rank == 0:  # the dp replicas hold the same weights: one copy of each tp shard is enough
-        write_safetensors(temporary / f"model-tp{grid.tp_rank:02d}-of-{grid.tp:02d}.safetensors", _model_params(model),
+        write_safetensors(temporary / f"model-tp{grid.tp_rank:02d}-of-{grid.tp:02d}.safetensors", model_params(model),
                           metadata=dict(tp=grid.tp, tp_rank=grid.tp_rank))
-    _write_file(temporary / f"rng-rank{grid.rank:05d}.pt", lambda f: torch.save(_rng_state(), f))
-    _barrier()  # every rank's files are on disk before the commit
+    write_file(temporary / f"rng-rank{grid.rank:05d}.pt", lambda f: torch.save(_rng_state(), f))
+    barrier()  # every rank's files are on disk before the commit
     if grid.rank == 0:
-        _write_file(temporary / "state.pt", lambda f: f.write(buffer.getvalue()))
+        write_file(temporary / "state.pt", lambda f: f.write(buffer.getvalue()))
         manifest = dict(step=step, tp=grid.tp, dp=grid.dp, world_size=grid.world_size, split_dims=SPLIT_DIM,
                         model_args=dataclasses.asdict(model.args),
                         files={p.name: p.stat().st_size for p in sorted(temporary.iterdir())})
-        _write_file(temporary / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-        _fsync_folder(temporary)
+        write_file(temporary / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        fsync_folder(temporary)
         old = root / f".step-{step:08d}.old"
         shutil.rmtree(old, ignore_errors=True)
         if folder.exists():  # the same step saved again: move the old one aside, never delete before the commit
             os.replace(folder, old)
         os.replace(temporary, folder)  # the commit
-        _fsync_folder(root)
+        fsync_folder(root)
         shutil.rmtree(old, ignore_errors=True)
         committed = [p for p in _step_folders(root) if (p / MANIFEST).is_file() and p.name <= folder.name]
         for stale in committed[:-keep] if keep > 0 else []:
             shutil.rmtree(stale)
-    _barrier()
+    barrier()
     return folder
 
 
@@ -104,14 +104,14 @@ def _incomplete(folder: Path) -> Optional[str]:
     if not (folder / MANIFEST).is_file():
         return f"no {MANIFEST}: the save did not finish"
     try:
-        manifest = _read_json(folder / MANIFEST)
+        manifest = read_json(folder / MANIFEST)
         for name, size in manifest["files"].items():
             if not (folder / name).is_file():
                 return f"{name} is missing"
             if (folder / name).stat().st_size != size:
                 return f"{name} has {(folder / name).stat().st_size} bytes, the manifest says {size}"
             if name.endswith(".safetensors"):
-                _read_header(folder / name)
+                read_header(folder / name)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         return f"corrupt: {error}"
     return None
@@ -135,7 +135,7 @@ def load_training_state(folder, model, grid: Optional[Grid] = None) -> dict:
     if problem:
         raise ValueError(f"{folder} cannot be resumed from: {problem}")
     load_checkpoint(folder, model, grid)
-    manifest = _read_json(folder / MANIFEST)
+    manifest = read_json(folder / MANIFEST)
     if (manifest["world_size"], manifest["tp"]) == (grid.world_size, grid.tp):
         _set_rng_state(torch.load(folder / f"rng-rank{grid.rank:05d}.pt", weights_only=True))
     elif grid.is_main:

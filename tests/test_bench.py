@@ -58,5 +58,6 @@ def test_emulated_tensor_parallel_runs_one_rank_with_its_shards(tmp_path):
     row = json.loads(out.read_text())
     assert row["emulated_tp"] is True and row["tp"] == 2 and row["tokens_per_s"] > 0
     assert row["param_gib"] < 0.6 * 869_504 * 4 / 2**30  # rank 0's shards, about half the model
-    two_modes = subprocess.run([sys.executable, script, "--tiny", "--tp", "2", "--modes", "lomo,sgd"], capture_output=True, text=True, timeout=300)
+    two_modes = subprocess.run([sys.executable, script, "--tiny", "--tp", "2", "--modes", "lomo,sgd"],
+                               capture_output=True, text=True, timeout=300)
     assert two_modes.returncode != 0 and "runs one mode" in two_modes.stderr

@@ -414,7 +414,8 @@ def test_saved_branch_gradients_beyond_the_budget_are_refused_and_the_next_step_
     with pytest.raises(ValueError, match="raise it \\(--branch-grads-gpu-gib\\)"):
         graphed.step(graphed.forward(*refused))
     assert all(torch.equal(p, q) for p, q in zip(models[1].parameters(), before)) and lomo.step_count == 1
-    next(e for e in lomo.extensions if isinstance(e, offload.SavedBranchGrads)).gpu_gib = 1.0  # enough now: the next step captures again, from its own forward
+    # enough now: the next step captures again, from its own forward
+    next(e for e in lomo.extensions if isinstance(e, offload.SavedBranchGrads)).gpu_gib = 1.0
     for batch in later:
         eager.step(loss_of(models[0], batch))
         graphed.step(graphed.forward(*batch))
@@ -455,7 +456,8 @@ def test_on_two_gpus_replays_train_as_eager_steps(tmp_path, parallel):
         done = two_gpu_run([str(root / "train.py"), *quick, *graphs, "--out", str(out)], tmp_path, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         assert ("4 steps replayed, 1 eager" in done.stdout) == bool(graphs)
-        losses[bool(graphs)] = [row.get("loss") for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+        rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        losses[bool(graphs)] = [row.get("loss") for row in rows]
     assert losses[True] == losses[False]
 
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from data import (IGNORE, ShuffledSampler, Tokenizer, cached_tokenizer, check_token_ids, collate, load_dataset,
-                  pack, read_corpus, split_train_val, train_tokenizer)
-from tasks import WORD_ORDER_PROMPT, alpaca_prompt, word_order_task
+from data import (ShuffledSampler, Tokenizer, cached_tokenizer, check_token_ids, collate, pack, read_corpus,
+                  split_train_val, train_tokenizer)
+from model import IGNORE_INDEX
+from tasks import WORD_ORDER_PROMPT, alpaca_prompt, load_dataset, word_order_task
 
 TEXT = "\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i * 37}, café." for i in range(360))
 
@@ -98,7 +99,7 @@ def test_alpaca_json_and_jsonl_mask_the_prompt(tmp_path, tokenizer):
             prompt = tokenizer.encode(alpaca_prompt(row["instruction"], row["input"]), bos=True)
             answer = tokenizer.encode(row["output"], bos=False, eos=True)
             assert ids == prompt + answer
-            assert labels == [IGNORE] * len(prompt) + answer  # loss on the answer only
+            assert labels == [IGNORE_INDEX] * len(prompt) + answer  # loss on the answer only
     assert "### Input:\n2 and 3" in alpaca_prompt("Add.", "2 and 3") and "### Input" not in alpaca_prompt("x")
     unmasked = load_dataset(tmp_path / "alpaca.json", "auto", tokenizer, seq_len=200, train_on_prompt=True)
     assert all(ids == labels for ids, labels in unmasked.items)
@@ -111,7 +112,7 @@ def test_masked_loss_is_the_mean_over_answer_tokens(tmp_path, tokenizer):
     inputs, targets = collate(load_dataset(rows, "auto", tokenizer, seq_len=200).items)
     model = tiny_model(vocab_size=tokenizer.vocab_size, max_seq_len=256)
     logits = model(inputs).detach()
-    answer = targets != IGNORE
+    answer = targets != IGNORE_INDEX
     n_answer = len(tokenizer.encode("hello there", bos=False, eos=True))
     assert int(answer.sum()) == n_answer and not answer[0, :-n_answer].any()
     by_hand = -torch.log_softmax(logits.float(), -1)[0, -n_answer:].gather(-1, targets[0, -n_answer:, None]).mean()
@@ -161,7 +162,8 @@ def test_superglue_files_become_documented_prompts(tmp_path, tokenizer, task):
 
 def test_multirc_and_record_expand_nested_rows(tmp_path, tokenizer):
     multirc = {"idx": 0, "passage": {"text": "Ann has a cat.", "questions": [
-        {"question": "What does Ann have?", "answers": [{"text": "a cat", "label": 1}, {"text": "a dog", "label": 0}]}]}}
+        {"question": "What does Ann have?",
+         "answers": [{"text": "a cat", "label": 1}, {"text": "a dog", "label": 0}]}]}}
     examples = load_dataset(write_jsonl(tmp_path / "m.jsonl", [multirc]), "multirc", tokenizer, 200).choices
     assert [e.label for e in examples] == [1, 0] and "Candidate answer: a dog" in examples[1].prompt
     text = "Ann met Bob.\n@highlight\nBob left"
@@ -241,16 +243,17 @@ def test_sampler_covers_each_epoch_and_resumes_at_the_exact_example():
 
 
 def test_collate_pads_right_with_ignored_labels():
-    inputs, targets = collate([([1, 5, 6, 7], [IGNORE, IGNORE, 6, 7]), ([1, 9], [1, 9])])
+    inputs, targets = collate([([1, 5, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 6, 7]), ([1, 9], [1, 9])])
     assert inputs.tolist() == [[1, 5, 6], [1, 9, 0]]
-    assert targets.tolist() == [[IGNORE, 6, 7], [9, IGNORE, IGNORE]]
+    assert targets.tolist() == [[IGNORE_INDEX, 6, 7], [9, IGNORE_INDEX, IGNORE_INDEX]]
 
 
 def test_collate_pads_to_a_fixed_length_and_refuses_a_longer_sequence():
-    items = [([1, 5, 6, 7], [IGNORE, IGNORE, 6, 7]), ([1, 9], [1, 9])]
+    items = [([1, 5, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 6, 7]), ([1, 9], [1, 9])]
     inputs, targets = collate(items, length=6)  # (train.py --cuda-graph: every batch the captured shape)
     assert inputs.tolist() == [[1, 5, 6, 7, 0], [1, 9, 0, 0, 0]]
-    assert targets.tolist() == [[IGNORE, 6, 7, IGNORE, IGNORE], [9, IGNORE, IGNORE, IGNORE, IGNORE]]
+    no = IGNORE_INDEX
+    assert targets.tolist() == [[no, 6, 7, no, no], [9, no, no, no, no]]
     with pytest.raises(ValueError, match="a sequence of 4 tokens does not fit the fixed length 3"):
         collate(items, length=3)
 

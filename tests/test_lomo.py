@@ -149,7 +149,8 @@ def test_fp16_step_matches_fp32_sgd_on_the_same_weights(batch):
     LOMO(model, lr=0.5).step(loss_of(model, batch))
     sgd_reference(reference, batch, lr=0.5)
     for p, q, p0 in zip(model.parameters(), reference.parameters(), tiny_model(dtype=torch.float16).parameters()):
-        ours, theirs = (p.detach().float() - p0.detach().float()).flatten(), (q.detach() - p0.detach().float()).flatten()
+        start = p0.detach().float()
+        ours, theirs = (p.detach().float() - start).flatten(), (q.detach() - start).flatten()
         # Matrices hold small values, where fp16 resolves updates finely; norm weights sit at 1.0, where
         # fp16's spacing (2**-10) is a sizeable part of an update, hence the looser bound there.
         close = 0.999 if p.ndim == 2 else 0.85
@@ -215,7 +216,8 @@ def test_nonfinite_gradient_is_skipped_with_clipping_and_stops_training_without(
         after_step_1 = weights(model)
         with pytest.raises(FloatingPointError, match="step 1: gradient norm .* with a finite loss .*--clip-grad-norm"):
             lomo.check_previous_step() if ask else lomo.step(loss_of(model, batch))
-        unchanged = (torch.allclose(p, q, rtol=0, atol=0, equal_nan=True) for p, q in zip(model.parameters(), after_step_1))
+        unchanged = (torch.allclose(p, q, rtol=0, atol=0, equal_nan=True)
+                     for p, q in zip(model.parameters(), after_step_1))
         assert all(unchanged)
         assert all(p.grad is None for p in model.parameters())
         lomo.check_previous_step()  # reported once: a caller that goes on is not stopped again for it

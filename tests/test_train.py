@@ -74,7 +74,8 @@ def test_low_precision_runs_with_clipping_log_norm_and_scale(tmp_path, dtype):
     (["--long-examples", "skip"], ValueError, "unknown policy 'skip' for long examples"),
     (["--offload-checkpoints"], ValueError, "add --activation-checkpointing"),
     (["--branch-grads-gpu-gib", "-0.5"], ValueError, "--branch-grads-gpu-gib=-0.5 must be a number >= 0"),
-    (["--cuda-graph", "--device", "cpu", "--dtype", "bf16"], ValueError, "--cuda-graph replays CUDA graphs: it needs a GPU"),
+    (["--cuda-graph", "--device", "cpu", "--dtype", "bf16"], ValueError,
+     "--cuda-graph replays CUDA graphs: it needs a GPU"),
     (["--cuda-graph"], ValueError, "--cuda-graph with --dtype fp32: .* add --dtype bf16"),
 ])
 def test_bad_input_is_refused_before_training(tmp_path, flags, error, message):
@@ -111,7 +112,8 @@ def test_without_finite_checks_training_logs_no_norm_and_stops_on_a_bad_loss(tmp
     quick = QUICK_UNCHECKED
     checked = []
     real_check = train.require_finite_weights
-    monkeypatch.setattr(train, "require_finite_weights", lambda model, step: checked.append(step) or real_check(model, step))
+    monkeypatch.setattr(train, "require_finite_weights",
+                        lambda model, step: checked.append(step) or real_check(model, step))
     run(tmp_path / "ok", *quick, "--save-every", "2", "--export-hf", str(tmp_path / "hf"))
     assert checked == [2, 2]  # the weights were checked before the save and before the export
     logged = [r for r in rows(tmp_path / "ok") if "loss" in r and "step" in r]

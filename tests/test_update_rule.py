@@ -61,7 +61,8 @@ def hand_written_steps(model, batches, lr, clip=None):
 
 
 def batches(steps, size=2):
-    tokens = [torch.randint(0, VOCAB, (size, 17), generator=torch.Generator().manual_seed(20 + s)) for s in range(steps)]
+    tokens = [torch.randint(0, VOCAB, (size, 17), generator=torch.Generator().manual_seed(20 + s))
+              for s in range(steps)]
     return [(t[:, :-1], t[:, 1:]) for t in tokens]
 
 
