@@ -6,8 +6,8 @@ and a deterministic sampler whose position can be saved.
   settings (BPE, byte fallback, digits split, identity normalization); `cached_tokenizer` trains once per
   corpus and vocabulary size and keeps the file in a cache folder (rebuilt, never committed).
 - Formats (read by tasks.py's `load_dataset` from the records that this file parses): plain text
-  (.txt), jsonl with a "text" field, Alpaca instruction data (.json
-  list or .jsonl with instruction/input/output), multiple-choice jsonl ({"prompt", "choices", "label"}),
+  (.txt), jsonl with a "text" field, Alpaca instruction data (.json list or .jsonl with
+  instruction/input/output), multiple-choice jsonl ({"prompt", "choices", "label"}),
   the SuperGLUE task files as distributed (tasks.py turns them into prompts and choices), and
   pre-tokenized ids (.npy of one token stream, or jsonl with "input_ids") for tokenizers we do not
   ship, such as Llama 3's. Malformed lines are errors that name the file and the line.

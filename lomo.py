@@ -1,19 +1,16 @@
 """LOMO: SGD fused into the backward pass, so that at most one parameter gradient is alive at a time.
 
 Lv et al., "Full Parameter Fine-tuning for Large Language Models with Limited Resources" (2023). This file is
-the reference: plain PyTorch, correct on every device. Faster ways to run the same step attach from outside
+the reference, plain PyTorch and correct on every device; faster ways to run the same step attach from outside
 (speedups.py) through four seams, and tests hold them equal to this file.
 - Each trained parameter gets a post-accumulate-grad hook: the moment its gradient is complete, the hook takes
   it out of `.grad`, updates the parameter in fp32 maths (rounded back once into its dtype) and lets it go.
   There is no `optimizer.step()`: `LOMO.step(loss, lr)` runs backward and is the step.
-- Clipping by global norm needs every gradient's norm before any update, so it runs backward twice: the norm
-  pass sums squared norms on the device, one host read sets clip_grad_norm_'s factor, the update pass runs
-  backward again over the retained graph. fp16 always takes the norm pass, so that an overflow skips the step
-  (and halves the loss scale) before any weight moves. Clipping by value needs one pass.
-- One pass (bf16, fp32): the loss is read before backward (a non-finite one skips the step); a non-finite
-  gradient norm with a finite loss comes too late (weights moved) and stops training, saying how to resume.
-- tp shards (a `tensor_parallel_dim` attribute, shard.py) sum their squared norms over the tp group; each
-  gradient is averaged over the dp group in its hook.
+- Clipping by global norm needs every gradient's norm before any update: a norm pass sums squared norms, one
+  host read sets clip_grad_norm_'s factor, an update pass runs backward again over the retained graph. fp16
+  always takes the norm pass, so that an overflow skips the step (and halves the loss scale) before any weight
+  moves. One pass (bf16, fp32) reads the loss first; a non-finite gradient norm then stops training.
+- tp shards (shard.py) sum their squared norms over the tp group; each gradient is averaged over dp in its hook.
 Seams: `rule` (one update's maths, in `rule.update` only; a rule that is exactly w += alpha * g says so in
 `axpy_alpha`), `fast_paths` (fused_update.py: faster ways to apply such a rule), `extensions` (work around a
 pass: gram_norm.py, offload.py) and `guard` (when a one-pass step reads its loss: step_result.py's without syncs).
@@ -53,13 +50,6 @@ class DynamicLossScaler:
             self.scale = max(self.scale / 2, self.min_scale)
         elif self.clean_steps == self.growth_interval:
             self.scale, self.clean_steps = self.scale * 2, 0
-
-    def state_dict(self):
-        return dict(vars(self))  # scale, growth_interval, min_scale, clean_steps
-
-    def load_state_dict(self, state):
-        self.__init__(state["scale"], state["growth_interval"], state["min_scale"])
-        self.clean_steps = int(state["clean_steps"])
 
 
 class SGD:
@@ -113,9 +103,8 @@ def non_finite_norm_error(step, grad_norm, loss) -> FloatingPointError:
 
 
 class SyncGuard:
-    """The reference guard: a one-pass step reads its loss before backward (a non-finite loss skips it) and its
-    gradient norm after, a host sync each (with a norm pass, `LOMO.decide` reads both at once). A guard has
-    these members."""
+    """The reference guard (a guard has these members): a one-pass step reads its loss before backward (a
+    non-finite loss skips it) and its norm after, a host sync each; a norm pass reads both at once (`decide`)."""
     checks, result_class = True, StepResult  # checks: a one-pass step sums its gradients' norms
 
     def begin(self, lomo, result, mean_loss) -> bool:  # False: skip the step before backward
@@ -183,8 +172,8 @@ class LOMO:
         return self.names.get(param, "a parameter")
 
     # ------------------------------------------------------------------------------------------------
-    # The hook: once per parameter per backward pass, as soon as its gradient is complete. Autograd runs it
-    # with grad mode off, so the in-place update is not recorded.
+    # The hook: once per parameter per pass, when its gradient is complete (grad mode off: the update is
+    # not recorded).
 
     def _hook(self, param):
         grad = param.grad
@@ -355,11 +344,7 @@ class LOMO:
     def skip(self, result: StepResult, reason: str) -> StepResult:
         for p in self.params:
             p.grad = None  # nothing of this step may leak into the next
-        result.skipped, result.reason = True, reason
-        return self.count_bad_step(result)
-
-    def count_bad_step(self, result: StepResult) -> StepResult:
-        self.consecutive_skips += 1
+        result.skipped, result.reason, self.consecutive_skips = True, reason, self.consecutive_skips + 1
         if self.consecutive_skips >= self.max_consecutive_skips:
             raise FloatingPointError(
                 f"step {result.step}: {self.consecutive_skips} bad steps in a row (last: {result.reason}); "
@@ -371,7 +356,7 @@ class LOMO:
 
     def state_dict(self):
         return dict(step_count=self.step_count, consecutive_skips=self.consecutive_skips, rule=self.rule.state_dict(),
-                    loss_scaler=self.loss_scaler.state_dict() if self.loss_scaler is not None else None)
+                    loss_scaler=dict(vars(self.loss_scaler)) if self.loss_scaler is not None else None)
 
     def load_state_dict(self, state):
         if (state["loss_scaler"] is None) != (self.loss_scaler is None):
@@ -380,7 +365,7 @@ class LOMO:
         self.step_count, self.consecutive_skips = int(state["step_count"]), int(state["consecutive_skips"])
         self.guard.reset()  # a step of before the restore is not this state's to count
         if self.loss_scaler is not None:
-            self.loss_scaler.load_state_dict(state["loss_scaler"])
+            vars(self.loss_scaler).update(state["loss_scaler"])  # scale, clean_steps, growth_interval, min_scale
         self.rule.load_state_dict(state.get("rule", {}))  # a state saved before rules had state: SGD's, none
 
     def remove_hooks(self):

@@ -153,7 +153,7 @@ class DeferredGuard:
             return
         if result.loss_decides:
             if result.skipped:  # a non-finite loss: the device left every weight as it was
-                lomo.count_bad_step(result)
+                lomo.skip(result, result.reason)
                 return
             lomo.consecutive_skips = 0
         if not math.isfinite(result.grad_norm):

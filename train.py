@@ -387,21 +387,9 @@ def summary_line(evaluations, summary, out) -> str:
             f"{summary['time_s']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s; metrics in {out / 'metrics.jsonl'}")
 
 
-def train(args, grid, dtype):
-    run_started = time.perf_counter()
-    device = grid.device
-    print0 = print if grid.is_main else (lambda *a, **k: None)
-    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
-    print0(f"processes: {grid.world_size} = dp {grid.dp} x tp {grid.tp}, device {device}{name}, "
-           f"torch {torch.__version__}")
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    if grid.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    tokenizer, margs, model_name = tokenizer_and_config(args, grid, print0)
-    train_set, val_set = datasets(args, tokenizer, margs, print0)
-
-    # -------------------------------------------------------------------------------- model and LOMO
+def model_and_lomo(args, grid, dtype, margs, model_name, print0):
+    """The model (from --ckpt or the seeded init), its LOMO with every acceleration that applies, and the
+    CUDA-graphed step if --cuda-graph."""
     # Built on the meta device; each rank allocates only its shards, the slices of the seed's full init.
     model = build_model(margs, grid, args.seed, dtype, init=not args.ckpt)
     if args.ckpt:
@@ -423,6 +411,24 @@ def train(args, grid, dtype):
     graphed = GraphedStep(model, lomo, lambda i, t: model_loss(model, i, t, grid)) if args.cuda_graph else None
     if graphed is not None:
         print0("CUDA graphs: step 1 eager, then each step replayed (cuda_graph.py); batches padded to --seq-len")
+    return model, lomo, graphed
+
+
+def train(args, grid, dtype):
+    run_started = time.perf_counter()
+    device = grid.device
+    print0 = print if grid.is_main else (lambda *a, **k: None)
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print0(f"processes: {grid.world_size} = dp {grid.dp} x tp {grid.tp}, device {device}{name}, "
+           f"torch {torch.__version__}")
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    if grid.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    tokenizer, margs, model_name = tokenizer_and_config(args, grid, print0)
+    train_set, val_set = datasets(args, tokenizer, margs, print0)
+
+    model, lomo, graphed = model_and_lomo(args, grid, dtype, margs, model_name, print0)
 
     # -------------------------------------------------------------------------------- resume or start
     # Every rank draws the same global batch of dp x batch-size sequences and keeps its dp slice: the ranks

@@ -488,8 +488,8 @@ def test_released_graphs_are_freed_and_the_next_step_captures_again():
 
 @needs_two_gpus
 def test_on_two_gpus_bench_s_graphed_tp_run_reports_and_exits(tmp_path):
-    # Session 14: bench.py's 7B run at tp = 2 with --cuda-graph measured its steps, then hung in
-    # destroy_process_group, its graphs still alive in the frame. Two blocks of 7B's shape show it in seconds.
+    # A graphed tp = 2 bench.py run can measure its steps and then hang in destroy_process_group while its
+    # graphs are still alive in the frame. Two blocks of 7B's shape show it in seconds.
     bench = Path(__file__).resolve().parent.parent / "bench.py"
     done = two_gpu_run([str(bench), "--model", "7B", "--n-layers", "2", "--activation-checkpointing", "--tp", "2",
                         "--modes", "lomo", "--cuda-graph", "--steps", "3", "--worker", "lomo"], tmp_path)
