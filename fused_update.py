@@ -244,14 +244,16 @@ class TritonAxpy:
     batched = False
 
     def __init__(self):
-        self.alpha, self.slots, self.active, self.capturing = None, {}, False, False
+        self.alpha, self.slots, self.active, self.capturing, self.claimed = None, {}, False, False, []
 
     def claim(self, lomo):
-        return [p for p in lomo.params if p.dim() > 1 and _is_axpy(lomo) and available(p, p)]
+        self.claimed = [p for p in lomo.params if p.dim() > 1 and _is_axpy(lomo) and available(p, p)]
+        return self.claimed
 
     def begin_pass(self, kind, lomo) -> bool:
         # Eager: only where the norm is wanted as well (a norm pass's update pass takes TorchAxpy's add_).
-        self.active = self.capturing and kind != "norm" or kind == "one-pass" and lomo.guard.checks
+        self.active = bool(self.claimed) and (self.capturing and kind != "norm" or
+                                              kind == "one-pass" and lomo.guard.checks)
         self.slots = {}  # per pass: the sums of squares of its gradients, by norm group
         if self.active and not self.capturing:
             self.set_alpha(lomo.axpy_alpha(), lomo.params[0].device)

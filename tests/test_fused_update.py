@@ -241,3 +241,18 @@ def test_the_kernel_s_norm_still_stops_training_on_a_nonfinite_gradient(batch, v
     assert math.isfinite(result.loss) and not math.isfinite(result.grad_norm)
     with pytest.raises(FloatingPointError, match="step 1: gradient norm"):
         lomo.check_previous_step()
+
+
+def test_a_rule_that_is_no_axpy_leaves_the_kernel_idle(batch, kernel_on_the_cpu):
+    # Weight decay makes SGD no axpy: the kernel claims nothing, so no pass may turn it on (it has no alpha).
+    kernel_on_the_cpu(lambda param: True)
+    models = [tiny_model(dtype=torch.bfloat16) for _ in range(2)]
+    fused = fast(models[0], lr=0.1, rule=SGD(weight_decay=0.1))
+    plain = LOMO(models[1], lr=0.1, rule=SGD(weight_decay=0.1))
+    assert not uses_kernel(fused)
+    for _ in range(2):
+        a, b = fused.step(loss_of(models[0], batch)), plain.step(loss_of(models[1], batch))
+        fused.check_previous_step()
+        assert not a.skipped and a.loss == b.loss
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(p, q), name
