@@ -52,19 +52,21 @@ def parse_args(argv=None):
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--offload-checkpoints", action="store_true",
                    help="with --activation-checkpointing: keep the saved block inputs in host memory (offload.py)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block (model.compile_blocks)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (speedups.compile_blocks)")
     p.add_argument("--no-gram-norms", action="store_true",
                    help="lomo-clip's norm pass makes every weight gradient for its norm (the A/B for gram_norm.py)")
     p.add_argument("--no-saved-branch-grads", action="store_true",
-                   help="lomo-clip: LOMO(saved_branch_grads=False): the update pass computes each block's input "
-                        "gradients again instead of taking them from the norm pass (the A/B for offload.py's)")
+                   help="lomo-clip: speedups.apply(saved_branch_grads=False): the update pass computes each "
+                        "block's input gradients again instead of taking them from the norm pass (the A/B for "
+                        "offload.py's)")
     p.add_argument("--branch-grads-gpu-gib", type=float, default=None,
-                   help="lomo-clip: LOMO(branch_grads_gpu_gib=...): how many GiB of the norm pass's saved gradients "
-                        "stay on the GPU, the rest in host memory (default: LOMO's, 1; 0: all in host memory)")
+                   help="lomo-clip: speedups.apply(branch_grads_gpu_gib=...): how many GiB of the norm pass's "
+                        "saved gradients stay on the GPU, the rest in host memory (default 1; 0: all in host memory)")
     p.add_argument("--no-finite-checks", action="store_true",
-                   help="lomo: LOMO(check_finite=False), the paper's one pass: no loss check, no gradient norms")
+                   help="lomo: speedups.apply(check_finite=False), the paper's one pass: no loss check, no "
+                        "gradient norms")
     p.add_argument("--no-fused-kernel", action="store_true",
-                   help="lomo: LOMO(fused_kernel=False): the update and the norm as two PyTorch ops, not "
+                   help="lomo: speedups.apply(fused_kernel=False): the update and the norm as two PyTorch ops, not "
                         "fused_update.py's one kernel (the A/B for it; only a GPU with Triton has the kernel)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="lomo, lomo-clip: after the warm-up's first step, each step is replayed from CUDA graphs "
