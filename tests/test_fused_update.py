@@ -53,8 +53,10 @@ def test_the_kernel_refuses_what_it_would_get_wrong(change):
 
 
 def reference_kernel(param, grad, alpha, slots, apply):
-    """The kernel's contract in PyTorch ops, so that lomo.py's side of it runs in CPU CI too."""
-    updated = (param.float() + alpha * grad.float()).to(param.dtype)
+    """The kernel's contract in PyTorch ops, so that lomo.py's side of it runs in CPU CI too: w + alpha * g in
+    fp32 with add_'s own rounding (one fused multiply-add where the CPU has one, as fused_update.axpy and the
+    Triton kernel compute it), rounded once into w's dtype."""
+    updated = param.float().add_(grad.float(), alpha=float(alpha)).to(param.dtype)
     param.copy_(torch.where(apply.bool(), updated, param))
     slots[0] += grad.float().square().sum()
 

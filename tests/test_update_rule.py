@@ -57,7 +57,7 @@ def hand_written_steps(model, batches, lr, clip=None):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 counts[name] = counts.get(name, 0) + 1
-                p.add_(p.grad, alpha=-lr * multiplier(name) / math.sqrt(counts[name]))
+                p.add_(p.grad, alpha=-lr * (multiplier(name) / math.sqrt(counts[name])))  # the rule's order
 
 
 def batches(steps, size=2):
