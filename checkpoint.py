@@ -34,10 +34,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from checkpoint_formats import (IGNORED, MANIFEST, META_SPLIT_DIM, checkpoint_args, read_args, read_json,
-                                detect_format, from_hf_name, load_tokenizer, permute_for_hf, to_hf_name,
+from checkpoint_formats import (IGNORED, MANIFEST, META_SPLIT_DIM, checkpoint_args, detect_format, from_hf_name,
+                                hf_rope_scaling, load_tokenizer, permute_for_hf, read_args, read_json, to_hf_name,
                                 unpermute_from_hf)
-from model import ModelArgs, Transformer
+from model import SCALED_ROPE_FIELDS, ModelArgs, Transformer
 from safetensors_io import fsync_folder, read_safetensors, write_file, write_safetensors
 from shard import Grid, gather_full, split_dim_of
 
@@ -166,7 +166,8 @@ def load_checkpoint(folder, model, grid: Optional[Grid] = None):
     layout, args = detect_format(folder), model.args
     saved = read_args(folder, layout)
     differ = [f"{field}: model {getattr(args, field)}, checkpoint {getattr(saved, field)}" for field in
-              ("dim", "n_layers", "n_heads", "n_kv_heads", "norm_eps", "rope_theta", "tie_embeddings")
+              ("dim", "n_layers", "n_heads", "n_kv_heads", "norm_eps", "rope_theta", "tie_embeddings",
+               "use_scaled_rope") + (SCALED_ROPE_FIELDS if args.use_scaled_rope else ())
               if getattr(args, field) != getattr(saved, field)]  # head counts and eps do not show in the shapes
     if differ:
         raise ValueError(f"{folder}: the model's config differs from the checkpoint's: {'; '.join(differ)}. Build the "
@@ -282,7 +283,7 @@ def save_hf(model, folder, grid: Optional[Grid] = None, tokenizer_path=None, max
                           num_key_value_heads=args.n_kv_heads, num_hidden_layers=args.n_layers,
                           rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, vocab_size=args.vocab_size,
                           max_position_embeddings=args.max_seq_len, tie_word_embeddings=args.tie_embeddings,
-                          hidden_act="silu", rope_scaling=None, attention_bias=False, bos_token_id=1,
+                          hidden_act="silu", rope_scaling=hf_rope_scaling(args), attention_bias=False, bos_token_id=1,
                           eos_token_id=2, torch_dtype=str(dtype).removeprefix("torch."))
             write_file(temporary / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
             if len(files) > 1:
@@ -322,6 +323,11 @@ def save_meta(model, folder, grid: Optional[Grid] = None, shards: int = 1, token
                           rope_theta=args.rope_theta)
             if args.ffn_dim_multiplier is not None:
                 fields["ffn_dim_multiplier"] = args.ffn_dim_multiplier
+            if args.use_scaled_rope:  # Meta's fields, and ours for the two numbers Meta's code fixes (1 and 8192)
+                fields.update(use_scaled_rope=True, rope_scaling_factor=args.rope_scaling_factor,
+                              rope_high_freq_factor=args.rope_high_freq_factor,
+                              rope_low_freq_factor=args.rope_low_freq_factor,
+                              rope_original_max_seq_len=args.rope_original_max_seq_len)
             if args.tie_embeddings:  # not a Meta field; written only when it matters
                 fields["tie_embeddings"] = True
             write_file(temporary / "params.json", lambda f: f.write(json.dumps(fields, indent=2).encode()))

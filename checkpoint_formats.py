@@ -111,17 +111,56 @@ def _hf_multiple_of(dim: int, width: int) -> int:
     return next((m for m in (256, 128, 64, 32, 16, 8, 4, 2, 1, width) if m * -(-hidden // m) == width), 0)
 
 
+def _rope_fields(config: dict, path) -> dict:
+    """rope_theta and the RoPE scaling of an HF config, in transformers 4's layout (top-level `rope_theta` and
+    `rope_scaling`) or 5's (`rope_parameters`, which holds both). Only Llama 3's scaling is implemented."""
+    parameters = config.get("rope_parameters")
+    if parameters is not None:
+        if not isinstance(parameters, dict):
+            raise ValueError(f"{path}: rope_parameters={parameters!r} should be an object (transformers 5's layout)")
+        theta, scaling = parameters.get("rope_theta", config.get("rope_theta", 10000.0)), parameters
+    else:
+        theta, scaling = config.get("rope_theta", 10000.0), config.get("rope_scaling")
+    fields = dict(rope_theta=float(theta))
+    kind = None if scaling is None else scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in (None, "default"):
+        return fields
+    if kind != "llama3":
+        raise ValueError(f"{path}: RoPE scaling of type {kind!r} ({scaling}) is not implemented in model.py, which "
+                         f"knows Llama 3's ('llama3') only: a model built without it would compute wrong positions")
+    try:
+        return dict(fields, use_scaled_rope=True, rope_scaling_factor=float(scaling["factor"]),
+                    rope_low_freq_factor=float(scaling["low_freq_factor"]),
+                    rope_high_freq_factor=float(scaling["high_freq_factor"]),
+                    rope_original_max_seq_len=int(scaling["original_max_position_embeddings"]))
+    except KeyError as error:
+        raise ValueError(f"{path}: the llama3 RoPE scaling {scaling} lacks the field {error}") from None
+
+
+def hf_rope_scaling(args: ModelArgs) -> Optional[dict]:
+    """The `rope_scaling` of an HF config (transformers 4's layout, which 5 reads too) for these args."""
+    if not args.use_scaled_rope:
+        return None
+    return dict(rope_type="llama3", factor=args.rope_scaling_factor, low_freq_factor=args.rope_low_freq_factor,
+                high_freq_factor=args.rope_high_freq_factor,
+                original_max_position_embeddings=args.rope_original_max_seq_len)
+
+
 def _args_from_hf_config(config: dict, path) -> ModelArgs:
-    refused = {key: config[key] for key, fine in (("rope_scaling", None), ("attention_bias", False),
-                                                  ("mlp_bias", False), ("hidden_act", "silu"))
-               if config.get(key, fine) != fine}
+    refused = {key: config[key] for key, fine in (("attention_bias", False), ("mlp_bias", False),
+                                                  ("hidden_act", "silu")) if config.get(key, fine) != fine}
     if refused:
-        raise ValueError(f"{path}: {refused} is not supported by model.py (no RoPE scaling, no biases, SwiGLU only)")
+        raise ValueError(f"{path}: {refused} is not supported by model.py (no biases, SwiGLU only)")
+    window, positions = config.get("sliding_window"), config.get("max_position_embeddings", 2048)
+    if window is not None and config.get("use_sliding_window", True) and window < positions:
+        raise ValueError(f"{path}: sliding_window={window} limits attention to the last {window} tokens, which "
+                         f"model.py does not do (it attends to all {positions}); this model would load and compute "
+                         f"wrong attention beyond {window} tokens")
     try:
         dim, n_heads, width = config["hidden_size"], config["num_attention_heads"], config["intermediate_size"]
         fields = dict(dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads, vocab_size=config["vocab_size"],
                       n_kv_heads=config.get("num_key_value_heads", n_heads), norm_eps=config["rms_norm_eps"],
-                      rope_theta=config.get("rope_theta", 10000.0),
+                      **_rope_fields(config, path),
                       max_seq_len=config.get("max_position_embeddings", 2048),
                       tie_embeddings=config.get("tie_word_embeddings", False))
     except KeyError as error:
@@ -143,10 +182,7 @@ def read_args(folder, layout: str) -> ModelArgs:
         return _args_from_hf_config(read_json(folder / "config.json"), folder / "config.json")
     if layout == "state":
         return ModelArgs(**read_json(folder / MANIFEST)["model_args"])
-    params = read_json(folder / "params.json")
-    if params.pop("use_scaled_rope", False):
-        raise ValueError(f"{folder / 'params.json'}: use_scaled_rope (Llama 3.1's RoPE frequency scaling) is not "
-                         f"implemented in model.py")
+    params = read_json(folder / "params.json")  # Llama 3.1's use_scaled_rope and 3.2's rope_scaling_factor included
     unknown = sorted(params.keys() - {field.name for field in dataclasses.fields(ModelArgs)})
     if unknown:
         raise ValueError(f"{folder / 'params.json'}: unknown fields {unknown}; ModelArgs has Meta's params.json fields")

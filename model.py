@@ -17,6 +17,8 @@ Choices, each matching Meta's `llama/model.py` so that its checkpoints load with
 - `init_weights(model, seed)` is deterministic: each parameter's values depend only on the seed and the
   parameter's name (not on the order of construction or the device count).
 - A `KVCache` for generation: each new token attends to the stored keys and values of earlier ones.
+- Llama 3.1's RoPE frequency scaling (`use_scaled_rope`, Meta's name): long wavelengths slowed by a factor,
+  short ones kept, a smooth blend between (`scaled_rope_frequencies`).
 
 This file is the reference: every forward is the plain expression, and no forward takes an argument about
 speed. What makes training faster or smaller is attached from outside, each attachment swapping modules or
@@ -25,7 +27,7 @@ backward, held to this file bit for bit by tests/test_model.py), offload.py (act
 `Transformer.run_blocks`), gram_norm.py (LOMO's norm pass), speedups.compile_blocks (torch.compile).
 
 Left out on purpose: process groups (shard.py rewrites this model for tensor parallelism), files
-(checkpoint.py), optimizers (lomo.py), dropout (LLaMA uses none), RoPE frequency scaling (Llama 3.1).
+(checkpoint.py), optimizers (lomo.py), dropout (LLaMA uses none), other RoPE scalings (linear, YaRN, ...).
 """
 import math
 import zlib
@@ -57,6 +59,11 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    use_scaled_rope: bool = False  # Llama 3.1-3.3's frequency scaling, with the four numbers below
+    rope_scaling_factor: float = 8.0  # Llama 3.2 uses 32
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192  # the context the model was pretrained at before scaling
     max_seq_len: int = 2048
     tie_embeddings: bool = False  # not a Meta field: LLaMA-1/2 never tie; some small models do
 
@@ -69,6 +76,12 @@ class ModelArgs:
         if self.n_heads % self.n_kv_heads != 0:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}: "
                              f"each key/value head must serve a whole number of query heads")
+        if self.use_scaled_rope and not (0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+                                         and self.rope_scaling_factor > 0 and self.rope_original_max_seq_len > 0):
+            raise ValueError(f"scaled RoPE needs 0 < rope_low_freq_factor ({self.rope_low_freq_factor}) < "
+                             f"rope_high_freq_factor ({self.rope_high_freq_factor}) and a positive "
+                             f"rope_scaling_factor ({self.rope_scaling_factor}) and rope_original_max_seq_len "
+                             f"({self.rope_original_max_seq_len})")
         if (self.dim // self.n_heads) % 2 != 0:
             raise ValueError(f"head_dim={self.dim // self.n_heads} is odd: rotary embeddings rotate "
                              f"pairs of dimensions, so dim / n_heads must be even")
@@ -85,6 +98,10 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+SCALED_ROPE_FIELDS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                      "rope_original_max_seq_len")
 
 
 # Named sizes. The real shapes are LLaMA-1 (Touvron et al. 2023, Table 2) and Llama-2's params.json;
@@ -131,11 +148,26 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
 
 
-def rotary_cos_sin(head_dim: int, seq_len: int, theta: float, device=None):
-    """cos and sin of position * inv_freq, shape (seq_len, head_dim // 2), computed in fp32."""
+def rotary_cos_sin(head_dim: int, seq_len: int, theta: float, device=None, args: Optional[ModelArgs] = None):
+    """cos and sin of position * inv_freq, shape (seq_len, head_dim // 2), computed in fp32; with the
+    frequencies scaled where `args.use_scaled_rope`."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if args is not None and args.use_scaled_rope:
+        inv_freq = scaled_rope_frequencies(inv_freq, args)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
+
+
+def scaled_rope_frequencies(inv_freq, args: ModelArgs):
+    """Llama 3.1's scaling (Meta's `apply_scaling`): a frequency whose wavelength is shorter than
+    original / high_freq_factor is kept, one longer than original / low_freq_factor is divided by the factor,
+    and those between blend the two linearly in original / wavelength."""
+    factor, low, high = args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (args.rope_original_max_seq_len / wavelength - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    kept = torch.where(wavelength > args.rope_original_max_seq_len / low, inv_freq / factor, blended)
+    return torch.where(wavelength < args.rope_original_max_seq_len / high, inv_freq, kept)
 
 
 def apply_rotary(x, cos, sin):
@@ -243,7 +275,7 @@ class Transformer(nn.Module):
         if start + seq > self.args.max_seq_len:
             raise ValueError(f"sequence length {start + seq} exceeds max_seq_len={self.args.max_seq_len}: "
                              f"shorten the sequences (--seq-len) or raise max_seq_len")
-        cos, sin = rotary_cos_sin(self.args.head_dim, start + seq, self.args.rope_theta, device=tokens.device)
+        cos, sin = rotary_cos_sin(self.args.head_dim, start + seq, self.args.rope_theta, tokens.device, self.args)
         h = self.run_blocks(self.tok_embeddings(tokens), cos[start:], sin[start:], cache)
         if cache is not None:
             cache.length += seq

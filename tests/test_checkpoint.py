@@ -1,7 +1,9 @@
 """Checkpoints: every Meta and Hugging Face layout against files these tests write with their own code (their own
 name map, Meta split table and HF's q/k permutation), resharding to any tp, exports that load back bit for bit, and
 training-state save/resume that survives interrupted saves. The safetensors format itself: test_safetensors_io.py."""
+import dataclasses
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 
 import checkpoint
 import checkpoint_formats
+import model
 import shard
 import training_state
 from conftest import VOCAB, tiny_model
@@ -298,10 +301,16 @@ def test_head_counts_that_do_not_show_in_shapes_are_checked(tmp_path, reference)
 
 
 @pytest.mark.parametrize("fmt, change, message", [
-    ("meta", dict(use_scaled_rope=True), "use_scaled_rope"),
     ("meta", dict(max_batch_size=4), r"unknown fields \['max_batch_size'\]"),
-    ("hf", dict(rope_scaling={"rope_type": "llama3"}), "rope_scaling"),
+    ("hf", dict(rope_scaling={"rope_type": "llama3"}), "the llama3 RoPE scaling .* lacks the field 'factor'"),
+    ("hf", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "RoPE scaling of type 'linear'"),
+    ("hf", dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "RoPE scaling of type 'dynamic'"),
+    ("hf", dict(rope_parameters={"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0}),
+     "RoPE scaling of type 'yarn'"),
     ("hf", dict(attention_bias=True), "attention_bias"),
+    ("hf", dict(mlp_bias=True), "mlp_bias"),
+    ("hf", dict(sliding_window=16), "sliding_window=16 limits attention to the last 16 tokens"),
+    ("hf", dict(head_dim=64), "head_dim=64 differs from hidden_size / num_attention_heads"),
 ])
 def test_unsupported_configs_are_refused(tmp_path, reference, fmt, change, message):
     folder = (write_meta(tmp_path / "c", reference, 1, params=change) if fmt == "meta" else
@@ -550,3 +559,89 @@ def test_state_that_resume_could_not_read_is_refused_at_save(tmp_path, reference
     with pytest.raises(ValueError, match="not plain data"):
         training_state.save_training_state(tmp_path, 1, reference, None, dict(flags=object()))
     assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------------
+# RoPE: transformers 4 and 5 config layouts, Llama 3's frequency scaling
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("layout", ["transformers 4", "transformers 5"])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_both_config_layouts_give_the_rotary_base_and_scaling(reference, layout, scaled):
+    # transformers 5 keeps the base inside rope_parameters and has no top-level rope_theta: read as 10000 it
+    # would build a model with the wrong positions for Llama 3 (500000), Mistral (1e6) or SmolLM2 (100000).
+    config = {k: v for k, v in hf_config(reference.args).items() if k != "rope_theta"}
+    scaling = LLAMA3_SCALING if scaled else {"rope_type": "default"}
+    if layout == "transformers 4":
+        config.update(rope_theta=500000.0, rope_scaling=scaling if scaled else None)
+    else:
+        config.update(rope_parameters={"rope_theta": 500000.0, **scaling})
+    args = checkpoint_formats._args_from_hf_config(config, "config.json")
+    assert args.rope_theta == 500000.0 and args.use_scaled_rope == scaled
+    if scaled:
+        assert (args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor,
+                args.rope_original_max_seq_len) == (32.0, 1.0, 4.0, 8192)
+
+
+def test_metas_params_json_takes_llama3s_scaled_rope(tmp_path, reference):
+    folder = write_meta(tmp_path / "meta", reference, 1, params=dict(rope_theta=500000.0, use_scaled_rope=True))
+    args = checkpoint_formats.checkpoint_args(folder)
+    assert args.use_scaled_rope and args.rope_scaling_factor == 8.0 and args.rope_theta == 500000.0  # Llama 3.1's
+    folder = write_meta(tmp_path / "meta32", reference, 1, params=dict(use_scaled_rope=True, rope_scaling_factor=32))
+    assert checkpoint_formats.checkpoint_args(folder).rope_scaling_factor == 32  # Llama 3.2's
+
+
+def metas_apply_scaling(freqs, scale_factor, low_freq_factor, high_freq_factor, old_context_len):
+    """Llama 3.1's apply_scaling, transcribed one frequency at a time in Python floats."""
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low_freq_factor, old_context_len / high_freq_factor
+    new_freqs = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            new_freqs.append(freq)
+        elif wavelen > low_freq_wavelen:
+            new_freqs.append(freq / scale_factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            new_freqs.append((1 - smooth) * freq / scale_factor + smooth * freq)
+    return new_freqs
+
+
+def test_llama3_scaling_is_metas_formula():
+    args = model_args("tiny", vocab_size=VOCAB, use_scaled_rope=True, rope_scaling_factor=32.0,
+                      rope_original_max_seq_len=64)  # a short original context: every branch of the formula
+    head_dim, theta = 128, 500000.0
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    ours = model.scaled_rope_frequencies(inv_freq, args)
+    expected = metas_apply_scaling(inv_freq.double().tolist(), 32.0, 1.0, 4.0, 64)
+    wavelengths = 2 * math.pi / inv_freq.double()
+    assert (wavelengths < 16).any() and (wavelengths > 64).any() and ((wavelengths > 16) & (wavelengths < 64)).any()
+    # fp32 against Python floats: the wavelength, the blend weight and the blend are a handful of fp32 roundings
+    # (half an ulp, 6e-8, each), so a few ulps of fp32 bound the difference.
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(ours.double(), torch.tensor(expected, dtype=torch.float64), rtol=8 * eps, atol=0)
+    cos, sin = rotary_cos_sin(head_dim, 8, theta, args=args)  # the model's angles use the scaled frequencies
+    torch.testing.assert_close(cos, torch.outer(torch.arange(8.0), ours).cos(), rtol=0, atol=0)
+
+
+def test_a_scaled_rope_model_exports_both_layouts_and_loads_back(tmp_path, tokenizer_path):
+    args = model_args("tiny", vocab_size=VOCAB, n_layers=2, rope_theta=500000.0, use_scaled_rope=True,
+                      rope_scaling_factor=32.0, rope_original_max_seq_len=64)
+    scaled = init_weights(Transformer(args), seed=1)
+    plain = init_weights(Transformer(dataclasses.replace(args, use_scaled_rope=False)), seed=1)
+    assert not torch.allclose(logits_of(scaled), logits_of(plain))  # the scaling changes the model
+    checkpoint.save_hf(scaled, tmp_path / "hf", tokenizer_path=tokenizer_path)
+    checkpoint.save_meta(scaled, tmp_path / "meta", tokenizer_path=tokenizer_path)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["rope_theta"] == 500000.0 and config["rope_scaling"] == {**LLAMA3_SCALING, "factor": 32.0,
+                                                                          "original_max_position_embeddings": 64}
+    assert json.loads((tmp_path / "meta" / "params.json").read_text())["use_scaled_rope"] is True
+    for folder in ("hf", "meta"):
+        assert checkpoint_formats.checkpoint_args(tmp_path / folder, max_seq_len=args.max_seq_len) == args, folder
+        assert torch.equal(logits_of(loaded(tmp_path / folder)), logits_of(scaled)), folder
+    with pytest.raises(ValueError, match="use_scaled_rope: model False, checkpoint True"):
+        checkpoint.load_checkpoint(tmp_path / "hf", plain)
