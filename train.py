@@ -150,7 +150,9 @@ class StepClock:
 
 
 def require_finite_weights(model, step):
-    """Under --no-finite-checks a non-finite gradient can reach the weights unseen: never save those."""
+    """Before every save and export: weights that are no longer finite are never committed (an update can
+    overflow a weight from finite gradients, as an fp16 step at a huge lr does; under --no-finite-checks a
+    non-finite gradient reaches the weights unseen). The checkpoints already committed stay as they are."""
     named = [(name, p) for name, p in model.named_parameters()]
     finite = torch.stack([p.detach().isfinite().all() for _, p in named])
     any_bad = (~finite).any().float()
@@ -160,9 +162,9 @@ def require_finite_weights(model, step):
         finite = finite.tolist()
         name = named[finite.index(False)][0] if not all(finite) else "a weight on another rank"
         raise FloatingPointError(
-            f"step {step}: {name} is no longer finite (with --no-finite-checks a non-finite gradient is applied "
-            f"unseen), so no checkpoint was saved. Resume from the last checkpoint (--resume) without "
-            f"--no-finite-checks, with --clip-grad-norm, or with a lower --lr")
+            f"step {step}: {name} is no longer finite, so nothing was saved or exported and every checkpoint "
+            f"committed before is kept. Resume from the last one (--resume) with a lower --lr, with "
+            f"--clip-grad-norm, or without --no-finite-checks")
 
 
 def check_flags(args) -> torch.dtype:
@@ -504,8 +506,7 @@ def train(args, grid, dtype):
                 finish(*previous[:-1], clock.seconds(step_mark, clock.mark()), evaluate_now)  # waits for the step
                 previous = None
             if save_now:
-                if unchecked:
-                    require_finite_weights(model, step)
+                require_finite_weights(model, step)
                 training_state.save_training_state(out / "checkpoints", step, model, grid, dict(
                     step=step, lomo=lomo.state_dict(), sampler=sampler.state_dict(), evaluations=evaluations,
                     skipped_steps=metrics.skipped_steps, config=vars(args)), keep=args.keep)
@@ -515,8 +516,7 @@ def train(args, grid, dtype):
     finally:
         gc.unfreeze()
     if args.export_hf:
-        if unchecked:
-            require_finite_weights(model, args.steps)
+        require_finite_weights(model, args.steps)
         checkpoint.save_hf(model, args.export_hf, grid, tokenizer_path=tokenizer.path)
         print0(f"weights exported to {args.export_hf} (Hugging Face format)")
     summary = metrics.summary(args, evaluations, time.perf_counter() - run_started, bool(val_set.choices))

@@ -144,7 +144,7 @@ def test_with_a_norm_pass_no_finite_checks_changes_nothing_and_a_bad_loss_is_ski
     assert not steps[1]["skipped"] and steps[2]["skipped"] and steps[1]["grad_norm"] > 0
 
 
-def test_without_finite_checks_non_finite_weights_are_never_saved(tmp_path):
+def test_non_finite_weights_are_never_saved(tmp_path):
     from conftest import tiny_model
     model = tiny_model()
     train.require_finite_weights(model, step=7)  # finite: passes
@@ -211,3 +211,17 @@ def test_with_cuda_graphs_training_logs_the_same_losses(tmp_path, capsys, clip):
         run(tmp_path / "fp16", *quick, "--cuda-graph", "--dtype", "fp16")
     with pytest.raises(ValueError, match="no --weight-decay"):
         run(tmp_path / "decay", *quick, "--cuda-graph", "--weight-decay", "0.1")
+
+
+def test_weights_that_overflow_are_never_committed_and_the_good_checkpoints_stay(tmp_path):
+    # fp16 at a huge lr: finite gradients, but the update overflows the weights. Neither the save nor the
+    # export may commit them, and the checkpoints of before (here: of a good first run) must stay.
+    quick = ["--steps", "2", "--eval-every", "2", "--eval-batches", "1", "--batch-size", "2", "--seq-len", "16",
+             "--dtype", "fp16", "--save-every", "1", "--keep", "1"]
+    run(tmp_path, *quick)
+    committed = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert committed == ["step-00000002"]
+    with pytest.raises(FloatingPointError, match=r"step 3: .* is no longer finite, so nothing was saved"):
+        run(tmp_path, *quick[2:], "--steps", "4", "--resume", "--lr", "1e9", "--export-hf", str(tmp_path / "hf"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == committed
+    assert not (tmp_path / "hf").exists()
