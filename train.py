@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import checkpoint
 import checkpoint_formats
+import run_folder
 from cuda_graph import GraphedStep, release_graphs
 from data import ShuffledSampler, Tokenizer, cached_tokenizer, check_token_ids, collate, split_train_val
 from evaluate import multiple_choice_accuracy, validation_loss
@@ -101,6 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=int, default=3, help="how many saved training states to keep")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete training state in "
                    "<out>/checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an --out folder that holds one: "
+                   "its metrics.jsonl and checkpoints are removed first")
     p.add_argument("--eval-only", action="store_true", help="evaluate (with --ckpt or --resume) and stop")
     p.add_argument("--export-hf", default=None, help="at the end, write the weights as a Hugging Face folder here")
     return p.parse_args(argv)
@@ -202,9 +205,13 @@ def main(argv=None):
     args = parse_args(argv)
     dtype = check_flags(args)
     grid = init_distributed(args.tp, args.device, args.backend)
+    folder = None
     try:
+        folder = run_folder.claim(args, grid)  # one run per --out folder, before anything is built
         return train(args, grid, dtype)
     finally:
+        if folder is not None:
+            folder.release()
         # Also on error, so no rank is left waiting in a collective; the CUDA graphs first, which an error's
         # traceback keeps alive and whose captured all-reduces the group's teardown would wait for.
         release_graphs()
@@ -323,15 +330,16 @@ def resume(args, out, model, lomo, sampler, grid, print0):
     state = training_state.load_training_state(latest, model, grid)
     lomo.load_state_dict(state["lomo"])
     sampler.load_state_dict(state["sampler"])
-    if grid.is_main and (out / "metrics.jsonl").is_file():
-        # Rows logged after that save (a crash between saves) belong to a run that is being replayed.
-        kept = [line for line in (out / "metrics.jsonl").read_text().splitlines()
-                if not json.loads(line).get("summary") and json.loads(line).get("step", 0) <= state["step"]]
-        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    if grid.is_main and (out / "metrics.jsonl").is_file() and not args.eval_only:
+        # Rows logged after that save (a crash between saves) belong to steps that run again.
+        run_folder.cut_metrics(out / "metrics.jsonl", state["step"])
     changed = {k: (v, vars(args)[k]) for k, v in state["config"].items() if k in vars(args) and vars(args)[k] != v
                and k not in ("resume", "steps", "eval_only", "export_hf")}
     print0(f"resuming from {latest} at step {state['step'] + 1}"
            + (f"; flags changed since: {changed}" if changed else ""))
+    if state["step"] >= args.steps and not args.eval_only:
+        print0(f"the run is finished: its training state is at step {state['step']} and --steps is {args.steps}; "
+               f"nothing to train (raise --steps to train on)")
     return state["step"] + 1, state["evaluations"], state["skipped_steps"]
 
 
@@ -439,7 +447,9 @@ def train(args, grid, dtype):
     sampler = ShuffledSampler(len(train_set.items), args.seed)
     rows = slice(grid.dp_rank * args.batch_size, (grid.dp_rank + 1) * args.batch_size)
     first_step, evaluations, skipped_steps = resume(args, out, model, lomo, sampler, grid, print0)
-    metrics = Metrics(out / "metrics.jsonl", first_step > 1, grid, skipped_steps)
+    # --eval-only appends its results beside the training log, never over it.
+    log = out / ("eval.jsonl" if args.eval_only else "metrics.jsonl")
+    metrics = Metrics(log, first_step > 1 or args.eval_only, grid, skipped_steps)
 
     def evaluate(step):
         result, text = evaluation(args, model, val_set, tokenizer, grid)
