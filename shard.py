@@ -20,6 +20,8 @@
 Left out: sequence parallelism, async overlap of communication with compute, replicating kv heads
 when tp > n_kv_heads (refused instead), pipeline parallelism.
 """
+import datetime
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -56,8 +58,13 @@ class Grid:
         return self.rank == 0
 
 
-def init_distributed(tp: int = 1, device: str = "auto", backend: str = "auto") -> Grid:
-    """Start-up from torchrun's environment; a plain `python train.py` gets a one-process grid."""
+def init_distributed(tp: int = 1, device: str = "auto", backend: str = "auto",
+                     timeout_minutes: float = 10.0) -> Grid:
+    """Start-up from torchrun's environment; a plain `python train.py` gets a one-process grid. A collective that
+    waits longer than `timeout_minutes` for a stalled rank fails (naming the collective and the peer), instead
+    of hanging the job for torch's default half hour."""
+    if not (math.isfinite(timeout_minutes) and timeout_minutes > 0):
+        raise ValueError(f"--collective-timeout-min={timeout_minutes} must be a positive number of minutes")
     if tp < 1:
         raise ValueError(f"--tp={tp} must be at least 1")
     if backend not in ("auto", "nccl", "gloo"):
@@ -88,16 +95,17 @@ def init_distributed(tp: int = 1, device: str = "auto", backend: str = "auto") -
     if world_size == 1:
         return Grid(device=device_obj)
     backend = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
-    dist.init_process_group(backend=backend)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend=backend, timeout=timeout)
     grid = Grid(rank=rank, world_size=world_size, tp=tp, dp=world_size // tp, tp_rank=rank % tp,
                 dp_rank=rank // tp, device=device_obj)
     # Every rank must create every group, in the same order, even the groups it is not in.
     for first in range(0, world_size, tp):
-        group = dist.new_group(list(range(first, first + tp)))
+        group = dist.new_group(list(range(first, first + tp)), timeout=timeout)
         if first == rank - grid.tp_rank and tp > 1:
             grid.tp_group = group
     for offset in range(tp):
-        group = dist.new_group(list(range(offset, world_size, tp)))
+        group = dist.new_group(list(range(offset, world_size, tp)), timeout=timeout)
         if offset == grid.tp_rank and grid.dp > 1:
             grid.dp_group = group
     return grid

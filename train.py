@@ -102,6 +102,9 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=int, default=3, help="how many saved training states to keep")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete training state in "
                    "<out>/checkpoints")
+    p.add_argument("--collective-timeout-min", type=float, default=10.0,
+                   help="with several processes: how long a collective waits for a stalled rank before the job "
+                        "fails (raise it where a save or a load takes longer)")
     p.add_argument("--overwrite", action="store_true", help="start a new run in an --out folder that holds one: "
                    "its metrics.jsonl and checkpoints are removed first")
     p.add_argument("--eval-only", action="store_true", help="evaluate (with --ckpt or --resume) and stop")
@@ -204,7 +207,7 @@ def check_flags(args) -> torch.dtype:
 def main(argv=None):
     args = parse_args(argv)
     dtype = check_flags(args)
-    grid = init_distributed(args.tp, args.device, args.backend)
+    grid = init_distributed(args.tp, args.device, args.backend, args.collective_timeout_min)
     folder = None
     try:
         folder = run_folder.claim(args, grid)  # one run per --out folder, before anything is built

@@ -27,7 +27,8 @@ def test_a_second_run_on_a_folder_that_holds_one_is_refused_and_overwrite_starts
     assert (tmp_path / "metrics.jsonl").read_bytes() == log and not (tmp_path / "run.lock").exists()
     run(tmp_path, "--overwrite", "--seed", "5")
     assert "--overwrite: removed metrics.jsonl, checkpoints/step-00000002" in capsys.readouterr().out
-    assert (tmp_path / "metrics.jsonl").read_bytes() != log and not (tmp_path / "checkpoints" / "step-00000002").exists()
+    assert (tmp_path / "metrics.jsonl").read_bytes() != log
+    assert not (tmp_path / "checkpoints" / "step-00000002").exists()
 
 
 def test_a_folder_in_use_by_a_running_process_is_refused_naming_it(tmp_path):

@@ -3,6 +3,7 @@ against the unsharded computation in the same process, and the whole model again
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import fast_layers
@@ -320,3 +321,25 @@ def test_more_processes_than_gpus_and_nccl_without_gpu_are_refused(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     with pytest.raises(ValueError, match="4 processes on this node but only 2 GPUs: use torchrun --nproc_per_node 2"):
         shard.init_distributed(tp=2, device="auto")
+
+
+def stalled_collective():
+    """Rank 1 stalls; rank 0's all-reduce must fail after the timeout, not wait for it."""
+    import time
+    grid = shard.init_distributed(tp=1, timeout_minutes=0.05)  # 3 s
+    if grid.rank == 1:
+        time.sleep(15)
+        return None
+    started = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1))
+    except RuntimeError as error:
+        return time.monotonic() - started, str(error)
+    return time.monotonic() - started, "no error"
+
+
+def test_a_stalled_rank_ends_the_job_after_the_collective_timeout():
+    (waited, message), _ = run_ranks(stalled_collective, 2, timeout=60)
+    assert "no error" not in message and 2 < waited < 12, (waited, message)
+    with pytest.raises(ValueError, match=r"--collective-timeout-min=0 must be a positive number of minutes"):
+        shard.init_distributed(timeout_minutes=0)
