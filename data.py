@@ -76,7 +76,7 @@ def read_corpus(path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"corpus {path} does not exist: pass --data PATH to a UTF-8 text file "
                                 f"(the bundled one is data/botchan.txt)")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if not text.strip():
         raise ValueError(f"corpus {path} is empty: pass --data PATH to a file with some text in it")
     return text
@@ -114,6 +114,17 @@ def cached_tokenizer(corpus_path, vocab_size: int, cache_dir) -> Tokenizer:
 # Reading files
 
 
+def read_utf8(path) -> str:
+    """A file's text, or an error naming the file, the line and the byte that is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start}): "
+                         f"convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def read_jsonl(path) -> list:
     """Rows of a .jsonl file (or the list in a .json file); each must be a JSON object."""
     path = Path(path)
@@ -121,7 +132,7 @@ def read_jsonl(path) -> list:
         raise FileNotFoundError(f"data file {path} does not exist")
     if path.suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(read_utf8(path))
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
@@ -130,7 +141,7 @@ def read_jsonl(path) -> list:
             raise ValueError(f"{path} holds no examples")
         return rows
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

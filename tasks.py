@@ -45,6 +45,9 @@ def label_index(row, path, mapping=None):
         if label not in mapping:
             raise ValueError(f"{path}:{row.get('_line', '?')}: label {label!r} is not one of {sorted(mapping)}")
         return mapping[label]
+    if isinstance(label, str) and not label.strip().lstrip("-").isdigit():
+        raise ValueError(f"{path}:{row.get('_line', '?')}: label {label!r} is not an index: give the number of the "
+                         f"right choice, counted from 0")
     return int(label)
 
 
@@ -181,6 +184,21 @@ def write_mc_jsonl(examples, path: Path):
 # Data files in every format, as Sequences
 
 
+def read_npy_ids(path):
+    """The token stream of a .npy file: an array of non-negative integers, else an error naming the file."""
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{path} is not a NumPy .npy array ({error}): save the token ids with numpy.save, or "
+                         f"name a text file .txt") from None
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{path} holds {ids.dtype} values, not integer token ids: convert them without rounding "
+                         f"(e.g. ids.astype(numpy.int64) after checking they are whole numbers)")
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"{path} holds the negative token id {int(ids.min())}: token ids are >= 0")
+    return ids.astype(np.int64).reshape(-1)
+
+
 def load_dataset(path, fmt: str, tokenizer, seq_len: int, train_on_prompt: bool = False, long: str = "truncate"):
     """Read a data file in one of the formats above and turn it into Sequences."""
     path = Path(path)
@@ -193,7 +211,7 @@ def load_dataset(path, fmt: str, tokenizer, seq_len: int, train_on_prompt: bool 
         return Sequences(items=pack(stream, seq_len), packed=True)
     if fmt == "ids":
         if path.suffix == ".npy":
-            return Sequences(items=pack(np.load(path).astype(np.int64).reshape(-1).tolist(), seq_len), packed=True)
+            return Sequences(items=pack(read_npy_ids(path).tolist(), seq_len), packed=True)
         rows = []
         for row in read_jsonl(path):
             ids = field_of(row, "input_ids", path, list)
@@ -209,6 +227,9 @@ def load_dataset(path, fmt: str, tokenizer, seq_len: int, train_on_prompt: bool 
         rows = read_jsonl(path)
         pairs = [(alpaca_prompt(field_of(r, "instruction", path), r.get("input", "")), field_of(r, "output", path))
                  for r in rows]
+        if not any(answer.strip() for _, answer in pairs):
+            raise ValueError(f"{path}: every output is empty, so there is nothing to learn but the end of text "
+                             f"(its loss would fall to 0): check the data's output field")
         return prompt_answer_sequences(pairs, tokenizer, seq_len, train_on_prompt, long)
     if fmt == "mc" or fmt in SUPERGLUE_TASKS:
         examples = superglue_examples(fmt, read_jsonl(path), path)

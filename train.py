@@ -180,7 +180,13 @@ def check_flags(args) -> torch.dtype:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
     if args.warmup_steps < 0 or args.warmup_steps >= args.steps:
         raise ValueError(f"--warmup-steps={args.warmup_steps} must be >= 0 and below --steps={args.steps}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr={args.lr} must be a positive number (LOMO's rates are SGD's: 1e-2 to 3e-2 for "
+                         f"a pretrained LLaMA)")
     learning_rate(1, args.lr, args.steps, args.warmup_steps, args.schedule)  # refuses an unknown schedule
+    if not args.ckpt and args.model not in LLAMA_SIZES:
+        raise ValueError(f"--model {args.model!r} is not a named size: choose one of {', '.join(LLAMA_SIZES)}, "
+                         f"or pass --ckpt DIR")
     if args.eval_only and not (args.ckpt or args.resume):
         raise ValueError("--eval-only evaluates a trained model: pass --ckpt DIR (or --resume)")
     if args.ckpt and not Path(args.ckpt).is_dir():
@@ -537,5 +543,21 @@ def train(args, grid, dtype):
     return dict(first_val_loss=evaluations[0]["val_loss"], **summary)
 
 
+def cli():
+    """`python train.py ...`: a user error (a bad flag, file, value or data line) is its one-line message and exit
+    status 2, not a traceback; a run that fails (a diverging step, a lost rank) is its message and status 1."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except FloatingPointError as error:
+        print(f"train.py: stopped: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("train.py: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

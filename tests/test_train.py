@@ -1,5 +1,8 @@
 """The default run, shortened: it learns, it logs what it promises, and it refuses bad input up front."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,3 +228,35 @@ def test_weights_that_overflow_are_never_committed_and_the_good_checkpoints_stay
         run(tmp_path, *quick[2:], "--steps", "4", "--resume", "--lr", "1e9", "--export-hf", str(tmp_path / "hf"))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == committed
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "0"], "--lr=0.0 must be a positive number"),
+    (["--model", "2B"], "--model '2B' is not a named size"),
+])
+def test_a_user_error_on_the_command_line_is_one_line_and_status_2(tmp_path, flags, message):
+    done = subprocess.run([sys.executable, str(Path(train.__file__)), "--out", str(tmp_path), *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("train.py: error: ") and message in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_data_that_would_train_silently_wrong_is_refused(tmp_path):
+    import numpy as np
+    np.save(tmp_path / "floats.npy", np.array([1.5, 2.0, 3.7] * 100))
+    with pytest.raises(ValueError, match=r"floats.npy holds float64 values, not integer token ids"):
+        run(tmp_path / "a", "--data", str(tmp_path / "floats.npy"), "--steps", "1", "--eval-every", "1")
+    (tmp_path / "text.npy").write_text("plain text, not an array\n" * 20)
+    with pytest.raises(ValueError, match=r"text.npy is not a NumPy .npy array"):
+        run(tmp_path / "b", "--data", str(tmp_path / "text.npy"), "--steps", "1", "--eval-every", "1")
+    rows = [dict(instruction=f"Say nothing {i}.", output="") for i in range(40)]
+    (tmp_path / "empty.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"empty.jsonl: every output is empty"):
+        run(tmp_path / "c", "--data", str(tmp_path / "empty.jsonl"), "--steps", "1", "--eval-every", "1")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 50)
+    with pytest.raises(ValueError, match=r"latin1.txt:1: not UTF-8 text \(byte 0xe9 at offset 3\)"):
+        run(tmp_path / "d", "--data", str(tmp_path / "latin1.txt"), "--steps", "1", "--eval-every", "1")
+    mc = [dict(prompt=f"Pick {i}:", choices=["a", "b"], label="b") for i in range(40)]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    with pytest.raises(ValueError, match=r"mc.jsonl:1: label 'b' is not an index"):
+        run(tmp_path / "e", "--data", str(tmp_path / "mc.jsonl"), "--steps", "1", "--eval-every", "1")
