@@ -331,6 +331,10 @@ def resume(args, out, model, lomo, sampler, grid, print0):
     """(first step, evaluations, skipped steps) of a run resumed from the newest complete training state in
     <out>/checkpoints, with the weights, RNG states, LOMO's and the sampler's state restored; or of a new run."""
     saves = out / "checkpoints"
+    if args.resume and grid.is_main:
+        training_state.remove_leftovers(saves, print0)
+    if args.resume:
+        checkpoint.barrier()  # the other ranks look for the latest save once rank 0 has put the folder right
     latest = training_state.find_latest_checkpoint(saves) if args.resume else None
     if latest is None:
         if args.resume:

@@ -8,6 +8,9 @@ exactly (weights, every rank's random number generators, the caller's state).
   torch.load(weights_only=True) reads back, and is refused at save time otherwise.
 - `find_latest_checkpoint` skips a step folder with no manifest, a file missing or of another size than the
   manifest says, or a safetensors header that does not parse, and says why.
+- `remove_leftovers`, on resume: what a crash in a save or a deletion left (.step-N.tmp, .deleting, .old folders)
+  is finished off, removed or put back, each with a message. Old saves are deleted by first renaming them
+  (atomic), so a kill never leaves a half-deleted step folder.
 - `load_training_state` loads at any tp (through checkpoint.load_checkpoint); the RNG state is restored when the
   world layout is the same.
 
@@ -94,7 +97,9 @@ def save_training_state(root, step: int, model, grid: Optional[Grid], state: dic
         shutil.rmtree(old, ignore_errors=True)
         committed = [p for p in _step_folders(root) if (p / MANIFEST).is_file() and p.name <= folder.name]
         for stale in committed[:-keep] if keep > 0 else []:
-            shutil.rmtree(stale)
+            doomed = root / f".{stale.name}.deleting"
+            os.replace(stale, doomed)  # atomic: a kill during the deletion leaves no half-deleted step folder
+            shutil.rmtree(doomed)
     barrier()
     return folder
 
@@ -115,6 +120,35 @@ def _incomplete(folder: Path) -> Optional[str]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         return f"corrupt: {error}"
     return None
+
+
+def remove_leftovers(root, say=print):
+    """What a crash during a save leaves under root, put right with a message: a deletion finished
+    (.step-N.deleting), a save that never committed removed (.step-N.tmp), the previous save of a step whose
+    second save crashed in its commit put back (.step-N.old, when step-N is missing, else removed). Step folders
+    older than the newest complete one that cannot be resumed from are named, not deleted (they may be a user's)."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        found = re.fullmatch(r"\.(step-\d{8})\.(deleting|tmp|old)", path.name)
+        if not found or not path.is_dir():
+            continue
+        name, kind = found.groups()
+        if kind == "old" and not (root / name).exists():
+            os.replace(path, root / name)
+            say(f"{root / name}: put back the save that a crashed re-save of step {name[5:]} had moved aside")
+            continue
+        shutil.rmtree(path)
+        why = dict(deleting="a deletion that was cut short", tmp="a save that never committed",
+                   old="superseded by the newer save of the same step")[kind]
+        say(f"{path}: removed ({why})")
+    steps = _step_folders(root)
+    complete = [p for p in steps if _incomplete(p) is None]
+    for folder in steps:
+        if complete and folder.name < complete[-1].name and _incomplete(folder) is not None:
+            say(f"{folder}: cannot be resumed from ({_incomplete(folder)}); left as it is, delete it if no one "
+                f"needs it")
 
 
 def find_latest_checkpoint(root) -> Optional[Path]:

@@ -4,6 +4,7 @@ training-state save/resume that survives interrupted saves. The safetensors form
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 from pathlib import Path
@@ -645,3 +646,40 @@ def test_a_scaled_rope_model_exports_both_layouts_and_loads_back(tmp_path, token
         assert torch.equal(logits_of(loaded(tmp_path / folder)), logits_of(scaled)), folder
     with pytest.raises(ValueError, match="use_scaled_rope: model False, checkpoint True"):
         checkpoint.load_checkpoint(tmp_path / "hf", plain)
+
+
+def test_resume_puts_right_what_a_crash_in_a_save_or_a_deletion_left(tmp_path, reference):
+    for step in (1, 2, 3):
+        training_state.save_training_state(tmp_path, step, reference, None, dict(step=step), keep=0)
+    os.replace(tmp_path / "step-00000001", tmp_path / ".step-00000001.deleting")  # killed while deleting step 1
+    (tmp_path / ".step-00000004.tmp").mkdir()  # killed while writing step 4
+    os.replace(tmp_path / "step-00000003", tmp_path / ".step-00000003.old")  # killed in the commit of a re-save
+    shutil.copytree(tmp_path / "step-00000002", tmp_path / ".step-00000002.old")  # re-save done, cleanup cut
+    (tmp_path / "step-00000000").mkdir()  # someone's, incomplete: named, never deleted
+    said = []
+    training_state.remove_leftovers(tmp_path, said.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000000", "step-00000002", "step-00000003"]
+    assert training_state.find_latest_checkpoint(tmp_path) == tmp_path / "step-00000003"
+    assert any("put back the save" in line and "step-00000003" in line for line in said)
+    assert any(".step-00000001.deleting: removed (a deletion that was cut short)" in line for line in said)
+    assert any(".step-00000004.tmp: removed (a save that never committed)" in line for line in said)
+    assert any("step-00000000: cannot be resumed from" in line for line in said) and len(said) == 5
+
+
+def test_keep_deletes_by_renaming_first_so_a_kill_leaves_no_half_deleted_step(tmp_path, reference, monkeypatch):
+    for step in (1, 2):
+        training_state.save_training_state(tmp_path, step, reference, None, dict(step=step), keep=1)
+
+    rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):  # the deletion of an old save is cut short
+        if str(path).endswith(".deleting"):
+            raise KeyboardInterrupt("killed while deleting")
+        return rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(training_state.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        training_state.save_training_state(tmp_path, 3, reference, None, dict(step=3), keep=1)
+    monkeypatch.undo()
+    assert saved_steps(tmp_path) == ["step-00000003"]  # step 2 went aside whole, as .step-00000002.deleting
+    training_state.remove_leftovers(tmp_path, lambda line: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003"]
