@@ -14,7 +14,9 @@ import argparse
 import gc
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -410,6 +412,43 @@ def summary_line(evaluations, summary, out) -> str:
             f"{summary['time_s']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s; metrics in {out / 'metrics.jsonl'}")
 
 
+class StopOnInterrupt:
+    """Ctrl-C in a one-process run: the running step ends, a checkpoint is saved (with --save-every) and the run
+    stops with a message; a second Ctrl-C stops at once. With several processes Ctrl-C ends the job as torchrun
+    does: a stop at one step would need the ranks to agree on it, a collective every step."""
+
+    def __init__(self, grid):
+        self.requested, self.previous = False, None
+        if grid.world_size == 1 and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: ending after this step (press it again to stop at once)", file=sys.stderr, flush=True)
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
+def export(args, model, grid, tokenizer, save, print0):
+    """--export-hf at the end; if it fails, the trained weights are kept in a training state first."""
+    require_finite_weights(model, args.steps)
+    try:
+        checkpoint.save_hf(model, args.export_hf, grid, tokenizer_path=tokenizer.path)
+    except Exception as error:
+        kept = Path(args.out) / "checkpoints" / f"step-{args.steps:08d}"
+        if not kept.is_dir():
+            save(args.steps)
+        raise RuntimeError(f"--export-hf {args.export_hf} failed ({type(error).__name__}: {error}); the trained "
+                           f"weights are in {kept}: export them with `python checkpoint.py convert {kept} "
+                           f"{args.export_hf} --to hf --tokenizer {tokenizer.path}`") from error
+    print0(f"weights exported to {args.export_hf} (Hugging Face format)")
+
+
 def model_and_lomo(args, grid, dtype, margs, model_name, print0):
     """The model (from --ckpt or the seeded init), its LOMO with every acceleration that applies, and the
     CUDA-graphed step if --cuda-graph."""
@@ -504,6 +543,15 @@ def train(args, grid, dtype):
             row.update(evaluations[-1])
         metrics.log(row)
 
+    saves = out / "checkpoints"
+
+    def save(step):
+        require_finite_weights(model, step)
+        training_state.save_training_state(saves, step, model, grid, dict(
+            step=step, lomo=lomo.state_dict(), sampler=sampler.state_dict(), evaluations=evaluations,
+            skipped_steps=metrics.skipped_steps, config=vars(args)), keep=args.keep)
+
+    interrupt = StopOnInterrupt(grid)
     try:
         bar = tqdm(range(first_step, args.steps + 1), desc="train", dynamic_ncols=True, file=sys.stdout,
                    initial=first_step - 1, total=args.steps, disable=not grid.is_main)
@@ -524,24 +572,24 @@ def train(args, grid, dtype):
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             previous = (step, lr, result, targets.numel() * grid.dp, peak, step_mark)
             evaluate_now = step % args.eval_every == 0 or step == args.steps
-            save_now = args.save_every and (step % args.save_every == 0 or step == args.steps)
-            if evaluate_now or save_now:
+            save_now = args.save_every and (step % args.save_every == 0 or step == args.steps or interrupt.requested)
+            if evaluate_now or save_now or interrupt.requested:
                 finish(*previous[:-1], clock.seconds(step_mark, clock.mark()), evaluate_now)  # waits for the step
                 previous = None
             if save_now:
-                require_finite_weights(model, step)
-                training_state.save_training_state(out / "checkpoints", step, model, grid, dict(
-                    step=step, lomo=lomo.state_dict(), sampler=sampler.state_dict(), evaluations=evaluations,
-                    skipped_steps=metrics.skipped_steps, config=vars(args)), keep=args.keep)
+                save(step)
+            if interrupt.requested:
+                print0(f"stopped by Ctrl-C after step {step}" + (f"; saved in {saves}: continue with --resume"
+                                                                 if save_now else " (no --save-every: nothing saved)"))
+                break
         bar.close()
         if graphed is not None:
             print0(f"CUDA graphs: {graphed.replays} steps replayed, {graphed.eager_steps} eager")
     finally:
         gc.unfreeze()
-    if args.export_hf:
-        require_finite_weights(model, args.steps)
-        checkpoint.save_hf(model, args.export_hf, grid, tokenizer_path=tokenizer.path)
-        print0(f"weights exported to {args.export_hf} (Hugging Face format)")
+        interrupt.restore()
+    if args.export_hf and not interrupt.requested:
+        export(args, model, grid, tokenizer, save, print0)
     summary = metrics.summary(args, evaluations, time.perf_counter() - run_started, bool(val_set.choices))
     print0(summary_line(evaluations, summary, out))
     return dict(first_val_loss=evaluations[0]["val_loss"], **summary)

@@ -260,3 +260,34 @@ def test_data_that_would_train_silently_wrong_is_refused(tmp_path):
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
     with pytest.raises(ValueError, match=r"mc.jsonl:1: label 'b' is not an index"):
         run(tmp_path / "e", "--data", str(tmp_path / "mc.jsonl"), "--steps", "1", "--eval-every", "1")
+
+
+def test_ctrl_c_ends_the_step_saves_and_stops(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    real_loss, calls = train.model_loss, []
+
+    def interrupted_at_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as a Ctrl-C during step 2's forward
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(train, "model_loss", interrupted_at_step_2)
+    quick = ["--steps", "5", "--eval-every", "5", "--eval-batches", "1", "--batch-size", "2", "--seq-len", "16"]
+    run(tmp_path, *quick, "--save-every", "4", "--export-hf", str(tmp_path / "hf"))
+    assert "stopped by Ctrl-C after step 2; saved in" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002"]
+    assert [r["step"] for r in rows(tmp_path) if "loss" in r and "summary" not in r] == [1, 2]
+    assert not (tmp_path / "hf").exists()  # an interrupted run exports nothing
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+
+def test_a_failed_export_keeps_the_weights_in_a_training_state(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train.checkpoint, "save_hf", full_disk)
+    quick = ["--steps", "2", "--eval-every", "2", "--eval-batches", "1", "--batch-size", "2", "--seq-len", "16"]
+    with pytest.raises(RuntimeError, match=r"--export-hf .* failed \(OSError: .*No space left on device\); the "
+                                           r"trained weights are in .*step-00000002: export them with"):
+        run(tmp_path, *quick, "--export-hf", str(tmp_path / "hf"))
+    assert (tmp_path / "checkpoints" / "step-00000002" / "manifest.json").is_file()
