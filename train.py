@@ -341,7 +341,7 @@ def resume(args, out, model, lomo, sampler, grid, print0):
     if latest is None:
         if args.resume:
             print0(f"--resume: no complete training state in {saves}; starting at step 1")
-        return 1, [], 0
+        return 1, [], {}
     state = training_state.load_training_state(latest, model, grid)
     lomo.load_state_dict(state["lomo"])
     sampler.load_state_dict(state["sampler"])
@@ -355,16 +355,27 @@ def resume(args, out, model, lomo, sampler, grid, print0):
     if state["step"] >= args.steps and not args.eval_only:
         print0(f"the run is finished: its training state is at step {state['step']} and --steps is {args.steps}; "
                f"nothing to train (raise --steps to train on)")
-    return state["step"] + 1, state["evaluations"], state["skipped_steps"]
+    # The run's totals so far, so that its summary covers every segment (a state of before they were saved: its
+    # skipped steps only).
+    totals = state.get("totals", dict(skipped_steps=state["skipped_steps"]))
+    return state["step"] + 1, state["evaluations"], totals
 
 
 class Metrics:
     """<out>/metrics.jsonl (rank 0): one row per step, evaluation results in theirs, a summary last; and the
     totals the summary reports."""
 
-    def __init__(self, path, append: bool, grid, skipped_steps: int):
+    def __init__(self, path, append: bool, grid, totals: dict):
+        """totals: of the run's earlier segments (a resumed run), else empty."""
         self.file = open(path, "a" if append else "w") if grid.is_main else None
-        self.grid, self.skipped_steps, self.tokens, self.seconds = grid, skipped_steps, 0, 0.0
+        self.grid, self.skipped_steps = grid, totals.get("skipped_steps", 0)
+        self.tokens, self.seconds, self.earlier_time_s = totals.get("tokens", 0), totals.get("seconds", 0.0), \
+            totals.get("time_s", 0.0)
+
+    def totals(self, time_s: float) -> dict:
+        """What a training state keeps of them; time_s: this segment's so far."""
+        return dict(skipped_steps=self.skipped_steps, tokens=self.tokens, seconds=self.seconds,
+                    time_s=self.earlier_time_s + time_s)
 
     def log(self, row):
         if self.file:
@@ -384,7 +395,7 @@ class Metrics:
     def summary(self, args, evaluations, seconds, choices: bool):
         best = min(evaluations, key=lambda e: e["val_loss"])
         tokens_per_s = self.tokens / max(self.seconds, 1e-9)
-        summary = dict(summary=True, step=args.steps, time_s=seconds, tokens_per_s=tokens_per_s,
+        summary = dict(summary=True, step=args.steps, time_s=self.earlier_time_s + seconds, tokens_per_s=tokens_per_s,
                        tokens_per_gpu_per_s=tokens_per_s / self.grid.world_size, skipped_steps=self.skipped_steps,
                        best_val_loss=best["val_loss"], best_val_loss_step=best["step"],
                        val_loss=evaluations[-1]["val_loss"], val_ppl=evaluations[-1]["val_ppl"])
@@ -498,10 +509,10 @@ def train(args, grid, dtype):
     # sees the whole global batch (exactly so when every rank has the same number of target tokens).
     sampler = ShuffledSampler(len(train_set.items), args.seed)
     rows = slice(grid.dp_rank * args.batch_size, (grid.dp_rank + 1) * args.batch_size)
-    first_step, evaluations, skipped_steps = resume(args, out, model, lomo, sampler, grid, print0)
+    first_step, evaluations, totals = resume(args, out, model, lomo, sampler, grid, print0)
     # --eval-only appends its results beside the training log, never over it.
     log = out / ("eval.jsonl" if args.eval_only else "metrics.jsonl")
-    metrics = Metrics(log, first_step > 1 or args.eval_only, grid, skipped_steps)
+    metrics = Metrics(log, first_step > 1 or args.eval_only, grid, totals)
 
     def evaluate(step):
         result, text = evaluation(args, model, val_set, tokenizer, grid)
@@ -549,7 +560,8 @@ def train(args, grid, dtype):
         require_finite_weights(model, step)
         training_state.save_training_state(saves, step, model, grid, dict(
             step=step, lomo=lomo.state_dict(), sampler=sampler.state_dict(), evaluations=evaluations,
-            skipped_steps=metrics.skipped_steps, config=vars(args)), keep=args.keep)
+            skipped_steps=metrics.skipped_steps, totals=metrics.totals(time.perf_counter() - run_started),
+            config=vars(args)), keep=args.keep)
 
     interrupt = StopOnInterrupt(grid)
     try:

@@ -83,3 +83,13 @@ def test_resume_drops_a_torn_line_and_says_when_the_run_is_finished(tmp_path, ca
     run(tmp_path, "--steps", "4", "--resume", "--save-every", "2")
     run(tmp_path, "--steps", "4", "--resume")
     assert "the run is finished: its training state is at step 4 and --steps is 4" in capsys.readouterr().out
+
+
+def test_the_summary_of_a_resumed_run_covers_every_segment(tmp_path):
+    import torch
+    first = run(tmp_path, "--save-every", "2")
+    second = run(tmp_path, "--steps", "4", "--save-every", "2", "--resume")
+    assert second["time_s"] > first["time_s"]
+    state = torch.load(tmp_path / "checkpoints" / "step-00000004" / "state.pt", weights_only=True)
+    assert state["totals"]["tokens"] == 4 * 2 * 16  # four steps of 2 x 16 target tokens, both segments
+    assert state["totals"]["time_s"] > first["time_s"]
