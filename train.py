@@ -342,7 +342,15 @@ def resume(args, out, model, lomo, sampler, grid, print0):
         if args.resume:
             print0(f"--resume: no complete training state in {saves}; starting at step 1")
         return 1, [], {}
-    state = training_state.load_training_state(latest, model, grid)
+    try:
+        state = training_state.load_training_state(latest, model, grid)
+    except ValueError as error:
+        if "config differs" not in str(error):
+            raise
+        started = torch.load(latest / "state.pt", weights_only=True).get("config", {})
+        flags = " ".join(f"--{k.replace('_', '-')} {started[k]}" for k in ("model", "ckpt", "tp") if started.get(k))
+        raise ValueError(f"{latest} was saved by a run of another model ({error}). Resume with the flags the run "
+                         f"was started with: {flags}") from None
     lomo.load_state_dict(state["lomo"])
     sampler.load_state_dict(state["sampler"])
     if grid.is_main and (out / "metrics.jsonl").is_file() and not args.eval_only:

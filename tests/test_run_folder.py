@@ -93,3 +93,11 @@ def test_the_summary_of_a_resumed_run_covers_every_segment(tmp_path):
     state = torch.load(tmp_path / "checkpoints" / "step-00000004" / "state.pt", weights_only=True)
     assert state["totals"]["tokens"] == 4 * 2 * 16  # four steps of 2 x 16 target tokens, both segments
     assert state["totals"]["time_s"] > first["time_s"]
+
+
+def test_resuming_with_another_model_names_the_flags_of_the_run(tmp_path, monkeypatch):
+    run(tmp_path, "--save-every", "2")
+    monkeypatch.setitem(train.LLAMA_SIZES, "tiny-deeper", {**train.LLAMA_SIZES["tiny"], "n_layers": 6})
+    with pytest.raises(ValueError, match=r"was saved by a run of another model .*n_layers: model 6, checkpoint 4"
+                                         r".* Resume with the flags the run was started with: --model tiny --tp 1"):
+        run(tmp_path, "--resume", "--model", "tiny-deeper", "--steps", "3")
