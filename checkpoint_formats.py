@@ -206,10 +206,7 @@ def load_tokenizer(path, vocab_size: Optional[int] = None) -> Tokenizer:
     path = path / "tokenizer.model" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer at {path}: pass the path of the checkpoint's tokenizer.model")
-    with open(path, "rb") as f:
-        if f.read(64).startswith(b"version https://git-lfs"):
-            raise ValueError(f"{path} is a git-lfs pointer, not the tokenizer: fetch the file with `git lfs pull`")
-    tokenizer = Tokenizer(path)  # a non-SentencePiece file (Llama 3's tiktoken, ...) is refused here, with its name
+    tokenizer = Tokenizer(path)  # a git-lfs pointer or another format (Llama 3's tiktoken, ...) is refused here
     if vocab_size is not None and tokenizer.vocab_size > vocab_size:
         raise ValueError(f"the tokenizer {path} has {tokenizer.vocab_size} tokens, more than the model's vocabulary of "
                          f"{vocab_size}: use the tokenizer that belongs to this checkpoint")

@@ -50,9 +50,18 @@ LLAMA_TOKENIZER_SETTINGS = dict(
 class Tokenizer:
     def __init__(self, model_path):
         model_path = Path(model_path)
+        if model_path.is_dir():
+            if not (model_path / "tokenizer.model").is_file():
+                raise FileNotFoundError(f"tokenizer {model_path} is a folder without a tokenizer.model: pass "
+                                        f"--tokenizer the path of the SentencePiece file itself")
+            model_path = model_path / "tokenizer.model"
         if not model_path.is_file():
             raise FileNotFoundError(f"tokenizer file {model_path} does not exist: pass --tokenizer PATH to a "
                                     f"SentencePiece tokenizer.model, or omit it to train one on the corpus")
+        with open(model_path, "rb") as f:
+            if f.read(64).startswith(b"version https://git-lfs"):
+                raise ValueError(f"{model_path} is a git-lfs pointer, not the tokenizer: fetch the file with "
+                                 f"`git lfs pull` (or download it again)")
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(str(model_path))
@@ -62,6 +71,10 @@ class Tokenizer:
                              f"bring pre-tokenized ids") from None
         self.path = model_path
         self.vocab_size, self.bos_id, self.eos_id = self.sp.GetPieceSize(), self.sp.bos_id(), self.sp.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{model_path} has no {'BOS' if self.bos_id < 0 else 'EOS'} piece, which LLaMA's "
+                             f"sequences begin (BOS) and end (EOS) with: use a tokenizer trained with them (the "
+                             f"LLaMA tokenizer.model, or omit --tokenizer to train one)")
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
         ids = self.sp.EncodeAsIds(text)
@@ -77,6 +90,9 @@ def read_corpus(path) -> str:
         raise FileNotFoundError(f"corpus {path} does not exist: pass --data PATH to a UTF-8 text file "
                                 f"(the bundled one is data/botchan.txt)")
     text = read_utf8(path)
+    if "\x00" in text:
+        raise ValueError(f"corpus {path} holds NUL bytes ({text.count(chr(0))} of them): it is a binary file, not "
+                         f"text; pass --data PATH to a UTF-8 text file")
     if not text.strip():
         raise ValueError(f"corpus {path} is empty: pass --data PATH to a file with some text in it")
     return text

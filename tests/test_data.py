@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 
 from data import (ShuffledSampler, Tokenizer, cached_tokenizer, check_token_ids, collate, pack, read_corpus,
@@ -57,10 +58,33 @@ def test_tokenizer_is_cached_by_corpus_and_size(corpus, tmp_path):
 def test_non_sentencepiece_files_are_refused(tmp_path):
     lfs_pointer = tmp_path / "tokenizer.model"
     lfs_pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 499723\n")
-    with pytest.raises(ValueError, match="is not a SentencePiece model"):
+    with pytest.raises(ValueError, match="is a git-lfs pointer, not the tokenizer: fetch the file"):
         Tokenizer(lfs_pointer)
+    (tmp_path / "tiktoken.model").write_text("IQ== 0\nIg== 1\n")
+    with pytest.raises(ValueError, match="is not a SentencePiece model"):
+        Tokenizer(tmp_path / "tiktoken.model")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Tokenizer(tmp_path / "nope.model")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(FileNotFoundError, match="is a folder without a tokenizer.model"):
+        Tokenizer(tmp_path / "folder")
+
+
+def test_a_tokenizer_without_bos_is_refused_and_a_folder_holding_one_is_read(tmp_path):
+    text = TEXT
+    spm.SentencePieceTrainer.Train(sentence_iterator=iter(text.splitlines()), model_prefix=str(tmp_path / "nobos"),
+                                   vocab_size=360, bos_id=-1)
+    with pytest.raises(ValueError, match="nobos.model has no BOS piece"):
+        Tokenizer(tmp_path / "nobos.model")
+    (tmp_path / "folder").mkdir()
+    train_tokenizer(text, 360, tmp_path / "folder" / "tokenizer.model")
+    assert Tokenizer(tmp_path / "folder").path == tmp_path / "folder" / "tokenizer.model"
+
+
+def test_a_binary_corpus_is_refused_as_not_text(tmp_path):
+    (tmp_path / "zeros.txt").write_bytes(b"\x00" * 4096)
+    with pytest.raises(ValueError, match=r"zeros.txt holds NUL bytes \(4096 of them\): it is a binary file"):
+        read_corpus(tmp_path / "zeros.txt")
 
 
 # ----------------------------------------------------------------------------------------------------
