@@ -191,6 +191,9 @@ def check_flags(args) -> torch.dtype:
                          f"or pass --ckpt DIR")
     if args.eval_only and not (args.ckpt or args.resume):
         raise ValueError("--eval-only evaluates a trained model: pass --ckpt DIR (or --resume)")
+    for flag, path in (("--data", args.data), ("--val-data", args.val_data)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path} does not exist: pass a data file (.txt, .json, .jsonl or .npy)")
     if args.ckpt and not Path(args.ckpt).is_dir():
         raise FileNotFoundError(f"checkpoint folder {args.ckpt} does not exist: pass --ckpt a folder holding a Meta "
                                 f"(params.json) or Hugging Face (config.json) checkpoint")
@@ -322,6 +325,8 @@ def evaluation(args, model, val_set, tokenizer, grid):
         line += (f", acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f} (n={result['n']}"
                  + (f", {result['truncated']} candidates truncated to --seq-len" if result["truncated"] else "") + ")")
     prompt = val_set.choices[0].prompt if val_set.choices else "I"
+    if not math.isfinite(val_loss):  # the weights are no longer finite: there is nothing to sample from
+        return result, f"{line}\n  sample: none (the validation loss is not finite)"
     # Every rank samples (the tp ranks must, in step); padded or unused vocabulary rows are cut off.
     sample = generate(model, tokenizer.encode(prompt), args.sample_tokens, eos_id=tokenizer.eos_id,
                       generator=torch.Generator(device=grid.device).manual_seed(args.seed),
@@ -377,6 +382,7 @@ class Metrics:
         """totals: of the run's earlier segments (a resumed run), else empty."""
         self.file = open(path, "a" if append else "w") if grid.is_main else None
         self.grid, self.skipped_steps = grid, totals.get("skipped_steps", 0)
+        self.steps_run, self.skipped_here = 0, 0  # in this segment
         self.tokens, self.seconds, self.earlier_time_s = totals.get("tokens", 0), totals.get("seconds", 0.0), \
             totals.get("time_s", 0.0)
 
@@ -393,6 +399,7 @@ class Metrics:
     def step_row(self, step, lr, result, tokens, peak, seconds):
         self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
         self.skipped_steps += result.skipped
+        self.steps_run, self.skipped_here = self.steps_run + 1, self.skipped_here + result.skipped
         row = dict(step=step, loss=result.loss, lr=lr, grad_norm=result.grad_norm, skipped=result.skipped,
                    skipped_steps=self.skipped_steps, loss_scale=result.loss_scale, tokens_per_s=tokens / seconds,
                    tokens_per_gpu_per_s=tokens / seconds / self.grid.world_size)
@@ -413,6 +420,9 @@ class Metrics:
                            acc_norm=evaluations[-1]["acc_norm"])
         if self.grid.device.type == "cuda":
             summary["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.steps_run > 1 and self.skipped_here > self.steps_run / 2 and self.grid.is_main:
+            print(f"warning: {self.skipped_here} of the {self.steps_run} steps were skipped (non-finite loss or "
+                  f"gradients): the model barely trained; lower --lr, or clip with --clip-grad-norm")
         self.log(summary)
         if self.file:
             self.file.close()

@@ -71,7 +71,7 @@ def test_low_precision_runs_with_clipping_log_norm_and_scale(tmp_path, dtype):
     (["--device", "banana"], ValueError, "unknown device 'banana'"),
     (["--seq-len", "300"], ValueError, "--seq-len=300 exceeds the tiny model's max_seq_len=256"),
     (["--steps", "0"], ValueError, "--steps=0 must be a positive integer"),
-    (["--corpus", "/nonexistent/corpus.txt"], FileNotFoundError, "corpus /nonexistent/corpus.txt does not exist"),
+    (["--corpus", "/nonexistent/corpus.txt"], FileNotFoundError, "--data /nonexistent/corpus.txt does not exist"),
     (["--warmup-steps", "900"], ValueError, "--warmup-steps=900 must be >= 0 and below --steps=800"),
     (["--schedule", "step"], ValueError, "unknown schedule 'step'"),
     (["--long-examples", "skip"], ValueError, "unknown policy 'skip' for long examples"),
@@ -291,3 +291,16 @@ def test_a_failed_export_keeps_the_weights_in_a_training_state(tmp_path, monkeyp
                                            r"trained weights are in .*step-00000002: export them with"):
         run(tmp_path, *quick, "--export-hf", str(tmp_path / "hf"))
     assert (tmp_path / "checkpoints" / "step-00000002" / "manifest.json").is_file()
+
+
+def test_a_run_that_skips_most_of_its_steps_says_so(tmp_path, monkeypatch, capsys):
+    real_loss, calls = train.model_loss, []
+
+    def mostly_nan(*args, **kwargs):  # a non-finite loss at every step but the first
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss if len(calls) == 1 else loss * float("nan")
+    monkeypatch.setattr(train, "model_loss", mostly_nan)
+    run(tmp_path, "--steps", "4", "--eval-every", "4", "--eval-batches", "1", "--batch-size", "2", "--seq-len", "16")
+    out = capsys.readouterr().out
+    assert "warning: 3 of the 4 steps were skipped" in out
