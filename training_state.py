@@ -95,6 +95,9 @@ def save_training_state(root, step: int, model, grid: Optional[Grid], state: dic
         os.replace(temporary, folder)  # the commit
         fsync_folder(root)
         shutil.rmtree(old, ignore_errors=True)
+        problem = _incomplete(folder)  # read back: an old save goes only once the new one is known good
+        if problem is not None:
+            raise OSError(f"{folder} was written but does not read back ({problem}); the older saves are kept")
         committed = [p for p in _step_folders(root) if (p / MANIFEST).is_file() and p.name <= folder.name]
         for stale in committed[:-keep] if keep > 0 else []:
             doomed = root / f".{stale.name}.deleting"

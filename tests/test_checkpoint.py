@@ -683,3 +683,17 @@ def test_keep_deletes_by_renaming_first_so_a_kill_leaves_no_half_deleted_step(tm
     assert saved_steps(tmp_path) == ["step-00000003"]  # step 2 went aside whole, as .step-00000002.deleting
     training_state.remove_leftovers(tmp_path, lambda line: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003"]
+
+
+def test_an_old_save_is_deleted_only_once_the_new_one_reads_back(tmp_path, reference, monkeypatch):
+    training_state.save_training_state(tmp_path, 1, reference, None, dict(step=1), keep=1)
+    real_write = training_state.write_safetensors
+
+    def short_write(path, tensors, metadata=None):  # the disk drops the file's tail, unseen by the writer
+        real_write(path, tensors, metadata)
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    monkeypatch.setattr(training_state, "write_safetensors", short_write)
+    with pytest.raises(OSError, match=r"step-00000002 was written but does not read back .*; the older saves are kept"):
+        training_state.save_training_state(tmp_path, 2, reference, None, dict(step=2), keep=1)
+    assert training_state.find_latest_checkpoint(tmp_path) == tmp_path / "step-00000001"
