@@ -36,6 +36,8 @@ import time
 
 import torch
 
+import cli
+
 MODES = ["infer", "infer-logits", "lomo", "lomo-clip", "sgd", "adamw", "hook-sgd"]
 # Dense bf16/fp16 peak of the card (vendor datasheets), for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "RTX 3090": 71.0, "RTX 4090": 165.2}
@@ -336,4 +338,4 @@ def report(row, out=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "bench.py")

@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+import cli
 from checkpoint_formats import (IGNORED, MANIFEST, META_SPLIT_DIM, checkpoint_args, detect_format, from_hf_name,
                                 hf_rope_scaling, load_tokenizer, permute_for_hf, read_args, read_json, to_hf_name,
                                 unpermute_from_hf)
@@ -375,4 +376,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "checkpoint.py")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
 from data import (MultipleChoice, Sequences, field_of, pack, prompt_answer_sequences, read_corpus,
                   read_jsonl)
 
@@ -272,4 +273,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, "tasks.py")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import checkpoint
 import checkpoint_formats
+import cli
 import run_folder
 from cuda_graph import GraphedStep, release_graphs
 from data import ShuffledSampler, Tokenizer, cached_tokenizer, check_token_ids, collate, split_train_val
@@ -625,21 +626,5 @@ def train(args, grid, dtype):
     return dict(first_val_loss=evaluations[0]["val_loss"], **summary)
 
 
-def cli():
-    """`python train.py ...`: a user error (a bad flag, file, value or data line) is its one-line message and exit
-    status 2, not a traceback; a run that fails (a diverging step, a lost rank) is its message and status 1."""
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except FloatingPointError as error:
-        print(f"train.py: stopped: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print("train.py: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
-
-
 if __name__ == "__main__":
-    cli()
+    cli.run(main, "train.py")  # a user error: its one line and status 2, no traceback

@@ -304,3 +304,13 @@ def test_a_run_that_skips_most_of_its_steps_says_so(tmp_path, monkeypatch, capsy
     run(tmp_path, "--steps", "4", "--eval-every", "4", "--eval-batches", "1", "--batch-size", "2", "--seq-len", "16")
     out = capsys.readouterr().out
     assert "warning: 3 of the 4 steps were skipped" in out
+
+
+@pytest.mark.parametrize("program, arguments, message", [
+    ("checkpoint.py", ["convert", "/nonexistent/ckpt", "/tmp/never-written", "--to", "hf"], "/nonexistent/ckpt"),
+    ("bench.py", ["--tiny", "--modes", "lomo,warp"], "unknown modes ['warp']"),
+])
+def test_the_other_programs_end_a_user_error_in_one_line(program, arguments, message):
+    done = subprocess.run([sys.executable, str(Path(train.__file__).parent / program), *arguments],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and message in done.stderr, done.stderr
