@@ -5,7 +5,8 @@ set -euo pipefail
 out=${1:-out}
 python tasks.py word-order data/word_order
 for seed in 1 2 3; do
-  python train.py --data data/word_order/train.jsonl --val-data data/word_order/validation.jsonl --seq-len 64 \
+  python -u train.py --data data/word_order/train.jsonl --val-data data/word_order/validation.jsonl --seq-len 64 \
     --steps 600 --lr 1.0 --clip-grad-norm 1.0 --warmup-steps 60 --schedule linear --eval-every 200 \
-    --seed "$seed" --out "$out/word-order-$seed" --overwrite | tr '\r' '\n' | grep -E "^(step|validation loss)"
+    --seed "$seed" --out "$out/word-order-$seed" --overwrite \
+    | stdbuf -oL tr '\r' '\n' | grep --line-buffered -E "^(step|validation loss)"  # lines as they come
 done

@@ -33,7 +33,7 @@ from data import ShuffledSampler, Tokenizer, cached_tokenizer, check_token_ids, 
 from evaluate import multiple_choice_accuracy, validation_loss
 from generate import generate
 from losses import model_loss
-from model import DTYPES, LLAMA_SIZES, model_args
+from model import DTYPES, IGNORE_INDEX, LLAMA_SIZES, model_args
 from shard import (build_model, check_tensor_parallel, destroy_distributed, gather_from_tp, init_distributed,
                    padded_vocab_size)
 import speedups
@@ -299,7 +299,12 @@ def datasets(args, tokenizer, margs, print0):
         return load_dataset(path, args.format, tokenizer, args.seq_len, args.train_on_prompt, args.long_examples)
 
     train_set = load(args.data)
-    train_set, val_set = (train_set, load(args.val_data)) if args.val_data else split_train_val(train_set, 0.1)
+    if args.val_data:
+        val_set = load(args.val_data)
+    elif args.eval_only:  # nothing is trained: the whole file is scored, not a held-out tenth of it
+        val_set = train_set
+    else:
+        train_set, val_set = split_train_val(train_set, 0.1)
     for split, part in (("training", train_set), ("validation", val_set)):
         if part.items:  # ids beyond the vocabulary would only assert on a GPU: refuse them here, by name
             check_token_ids(torch.tensor([t for ids, _ in part.items for t in ids]), margs.vocab_size,
@@ -315,6 +320,15 @@ def datasets(args, tokenizer, margs, print0):
     return train_set, val_set
 
 
+def sample_prompt(val_set, tokenizer) -> str:
+    """What the sample at each evaluation continues: the first validation example's prompt (its masked tokens)
+    for prompt/answer data, the start of its first sequence for text."""
+    ids, labels = val_set.items[0]
+    masked = next((i for i, label in enumerate(labels[1:]) if label != IGNORE_INDEX), len(ids) - 1) + 1
+    start = ids[1:masked] if masked > 1 else ids[1:9]  # after BOS
+    return tokenizer.decode(start) or "I"
+
+
 def evaluation(args, model, val_set, tokenizer, grid):
     """Validation loss, multiple-choice accuracy when the data has choices, and a sample (printed)."""
     val_loss, val_ppl = validation_loss(model, val_set.items, args.batch_size, grid.device, args.eval_batches, grid)
@@ -325,7 +339,7 @@ def evaluation(args, model, val_set, tokenizer, grid):
                                                args.seq_len, grid.device, grid))
         line += (f", acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f} (n={result['n']}"
                  + (f", {result['truncated']} candidates truncated to --seq-len" if result["truncated"] else "") + ")")
-    prompt = val_set.choices[0].prompt if val_set.choices else "I"
+    prompt = val_set.choices[0].prompt if val_set.choices else sample_prompt(val_set, tokenizer)
     if not math.isfinite(val_loss):  # the weights are no longer finite: there is nothing to sample from
         return result, f"{line}\n  sample: none (the validation loss is not finite)"
     # Every rank samples (the tp ranks must, in step); padded or unused vocabulary rows are cut off.
@@ -358,7 +372,8 @@ def resume(args, out, model, lomo, sampler, grid, print0):
         raise ValueError(f"{latest} was saved by a run of another model ({error}). Resume with the flags the run "
                          f"was started with: {flags}") from None
     lomo.load_state_dict(state["lomo"])
-    sampler.load_state_dict(state["sampler"])
+    if not args.eval_only:  # (--eval-only scores the whole file: the training sampler's data is not split off)
+        sampler.load_state_dict(state["sampler"])
     if grid.is_main and (out / "metrics.jsonl").is_file() and not args.eval_only:
         # Rows logged after that save (a crash between saves) belong to steps that run again.
         run_folder.cut_metrics(out / "metrics.jsonl", state["step"])

@@ -314,3 +314,16 @@ def test_the_other_programs_end_a_user_error_in_one_line(program, arguments, mes
     done = subprocess.run([sys.executable, str(Path(train.__file__).parent / program), *arguments],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr and message in done.stderr, done.stderr
+
+
+def test_eval_only_scores_the_whole_file_and_the_sample_continues_a_real_prompt(tmp_path, capsys):
+    rows = [dict(instruction=f"Name the number after {i}.", output=f"It is {i + 1}.") for i in range(30)]
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    quick = ["--steps", "2", "--eval-every", "2", "--eval-batches", "1", "--batch-size", "2", "--seq-len", "96",
+             "--data", str(data), "--save-every", "2"]
+    run(tmp_path / "run", *quick)
+    out = capsys.readouterr().out
+    assert "sample: 'Below is an instruction that describes a task." in out  # not an empty continuation of "I"
+    run(tmp_path / "run", *quick, "--resume", "--eval-only")
+    assert "data: 30 training and 30 validation sequences" in capsys.readouterr().out  # all of them, not a tenth
