@@ -7,6 +7,7 @@
 - A folder that already holds a run (metrics.jsonl or committed checkpoints) is refused unless --resume
   (continue it) or --overwrite (start over; what is removed is printed). --eval-only takes no lock and writes
   nothing of the run's: its results are appended to <out>/eval.jsonl.
+- `write_args(args, out)`, by `claim`: the resolved flags in <out>/args.txt, which `train.py @<out>/args.txt` replays.
 - `cut_metrics(path, step)`, on resume: metrics.jsonl back to the resumed step (the rows of steps that will
   run again go), a torn or blank line (a crash in mid-write) dropped with a message, the file replaced
   atomically.
@@ -105,6 +106,7 @@ def claim(args, grid) -> Claim:
                 for name in found:
                     (shutil.rmtree if (out / name).is_dir() else os.remove)(out / name)
                 print(f"--overwrite: removed {', '.join(found)} from {out}")
+            write_args(args, out)
         except (ValueError, OSError) as failure:
             error = failure
     if not _agree(error is None, grid):
@@ -112,6 +114,23 @@ def claim(args, grid) -> Claim:
             lock.unlink(missing_ok=True)
         raise error if error is not None else ValueError(f"rank 0 refused the output folder --out {out}")
     return Claim(lock)
+
+
+def write_args(args, out: Path):
+    """<out>/args.txt: the run's resolved flags, one argument a line, so that `train.py @<out>/args.txt` replays
+    it (flags after it override)."""
+    lines = []
+    for name, value in vars(args).items():
+        if name in ("resume", "overwrite", "eval_only"):  # what this start did, not what the run is
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            lines.append(flag)
+        elif value not in (None, False):
+            lines += [flag, str(value)]
+    temporary = out / "args.txt.tmp"
+    temporary.write_text("".join(line + "\n" for line in lines))
+    os.replace(temporary, out / "args.txt")
 
 
 def cut_metrics(path: Path, step: int):

@@ -43,75 +43,90 @@ from tasks import load_dataset
 BUNDLED_CORPUS = Path(__file__).parent / "data" / "botchan.txt"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each flag's default."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help=f"named size: {', '.join(LLAMA_SIZES)}")
-    p.add_argument("--data", "--corpus", default=str(BUNDLED_CORPUS),
-                   help=".txt, .jsonl (text, Alpaca, multiple choice, input_ids), .json (Alpaca) or .npy (ids)")
-    p.add_argument("--val-data", default=None, help="a validation file; default: hold out 10%% of --data")
-    p.add_argument("--format", default="auto", help="auto (from extension and fields), text, ids, alpaca, mc, "
-                   "or a SuperGLUE task: boolq, cb, copa, multirc, rte, wic, wsc, record")
-    p.add_argument("--train-on-prompt", action="store_true", help="also train on prompt tokens (default: "
-                   "loss on the answers only)")
-    p.add_argument("--long-examples", default="truncate", help="examples longer than --seq-len: truncate or drop")
-    p.add_argument("--tokenizer", default=None, help="a SentencePiece tokenizer.model; default: train one on the "
-                   "text data (or on the bundled corpus for other data)")
-    p.add_argument("--vocab-size", type=int, default=2048, help="size of the tokenizer trained here")
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step per data-parallel rank")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.5, help="SGD learning rate (LOMO is plain SGD: rates are "
-                   "far larger than AdamW's)")
-    p.add_argument("--schedule", default="constant", help="constant, linear or cosine decay after warmup")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="where linear/cosine decay ends, times --lr")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty added to the gradient, as torch SGD")
-    p.add_argument("--clip-grad-norm", type=float, default=None, help="clip by global norm (costs a second backward)")
-    p.add_argument("--clip-grad-value", type=float, default=None, help="clip each gradient element to +-value")
-    p.add_argument("--no-finite-checks", action="store_true",
-                   help="one-pass LOMO without its per-step checks, as in the paper (lomo.py): no gradient norm, "
-                        "0-3%% faster in bench.py on an H200; training stops on a non-finite loss, after its update")
-    p.add_argument("--no-fused-kernel", action="store_true",
-                   help="on a GPU, check with two PyTorch ops instead of fused_update.py's Triton kernel (for a GPU "
-                        "or Triton the kernel does not build for)")
-    p.add_argument("--branch-grads-gpu-gib", type=float, default=1.0,
-                   help="with --clip-grad-norm (or fp16) and --activation-checkpointing: how many GiB of the gradients "
-                        "the norm pass saves for the update pass stay on the GPU; the rest wait in host memory "
-                        "(offload.py; 0: all in host memory, the least GPU memory)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="GPU, bf16: after the first step, replay each step from CUDA graphs (cuda_graph.py): no kernel "
-                        "launch costs the CPU; every batch is padded to --seq-len so the shape stays fixed (on data "
-                        "of varied lengths that computes, and counts in tokens/s, more padding)")
-    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (fp16 uses dynamic loss scaling)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda if available); under torchrun "
-                   "each process takes the GPU of its LOCAL_RANK")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size; data parallelism is the rest of the world")
-    p.add_argument("--backend", default="auto", help="auto (nccl on GPUs, gloo on CPUs), nccl or gloo")
-    p.add_argument("--activation-checkpointing", action="store_true", help="recompute block activations in backward")
-    p.add_argument("--offload-checkpoints", action="store_true",
-                   help="with --activation-checkpointing: keep each block's saved input in pinned host memory "
-                        "(offload.py): less GPU memory, two PCIe copies per block per step")
-    p.add_argument("--compile", action="store_true", help="torch.compile each block (GPU; first steps are slow)")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--eval-every", type=int, default=200, help="evaluate every N steps (and before and after)")
-    p.add_argument("--eval-batches", type=int, default=8, help="validation batches for the loss")
-    p.add_argument("--eval-examples", type=int, default=None, help="multiple-choice examples scored (default all)")
-    p.add_argument("--sample-tokens", type=int, default=48, help="length of the sample printed at each evaluation")
-    p.add_argument("--out", default="out", help="output folder for metrics.jsonl (and checkpoints/)")
-    p.add_argument("--ckpt", default=None, help="start from a Meta or Hugging Face checkpoint folder (or a saved "
-                   "training state); its config replaces --model")
-    p.add_argument("--save-every", type=int, default=0, help="save the training state every N steps and at the end "
-                   "(0: never)")
-    p.add_argument("--keep", type=int, default=3, help="how many saved training states to keep")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete training state in "
-                   "<out>/checkpoints")
-    p.add_argument("--collective-timeout-min", type=float, default=10.0,
-                   help="with several processes: how long a collective waits for a stalled rank before the job "
-                        "fails (raise it where a save or a load takes longer)")
-    p.add_argument("--overwrite", action="store_true", help="start a new run in an --out folder that holds one: "
-                   "its metrics.jsonl and checkpoints are removed first")
-    p.add_argument("--eval-only", action="store_true", help="evaluate (with --ckpt or --resume) and stop")
-    p.add_argument("--export-hf", default=None, help="at the end, write the weights as a Hugging Face folder here")
+    """The flags, in groups; `python train.py @run.args` reads them from a file (one per line), as a run writes
+    its own to <out>/args.txt."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, fromfile_prefix_chars="@")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", "--corpus", default=str(BUNDLED_CORPUS),
+                      help=".txt, .jsonl (text, Alpaca, multiple choice, input_ids), .json (Alpaca) or .npy (ids)")
+    data.add_argument("--val-data", default=None, help="a validation file; default: hold out 10%% of --data")
+    data.add_argument("--format", default="auto", choices=["auto", "text", "ids", "alpaca", "mc", "boolq", "cb",
+                      "copa", "multirc", "rte", "wic", "wsc", "record"],
+                      help="auto: from the extension and fields; the SuperGLUE tasks as distributed")
+    data.add_argument("--train-on-prompt", action="store_true", help="also train on prompt tokens (default: "
+                      "loss on the answers only)")
+    data.add_argument("--long-examples", default="truncate", choices=["truncate", "drop"],
+                      help="what becomes of examples longer than --seq-len")
+    data.add_argument("--tokenizer", default=None, help="a SentencePiece tokenizer.model; default: train one on "
+                      "the text data (or on the bundled corpus for other data)")
+    data.add_argument("--vocab-size", type=int, default=2048, help="size of the tokenizer trained here")
+    data.add_argument("--seq-len", type=int, default=128)
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="tiny", help=f"named size: {', '.join(LLAMA_SIZES)}")
+    model.add_argument("--ckpt", default=None, help="start from a Meta or Hugging Face checkpoint folder (or a "
+                       "saved training state); its config replaces --model")
+    model.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="fp16 adds dynamic loss scaling")
+    optimization = p.add_argument_group("optimization (LOMO is plain SGD: its rates are far larger than AdamW's)")
+    optimization.add_argument("--steps", type=int, default=800)
+    optimization.add_argument("--batch-size", type=int, default=16, help="sequences per step per data-parallel rank")
+    optimization.add_argument("--lr", type=float, default=0.5, help="SGD learning rate")
+    optimization.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"],
+                              help="the decay after the warmup")
+    optimization.add_argument("--warmup-steps", type=int, default=0)
+    optimization.add_argument("--min-lr-ratio", type=float, default=0.0, help="where a decay ends, times --lr")
+    optimization.add_argument("--weight-decay", type=float, default=0.0, help="L2 added to the gradient (torch SGD's)")
+    optimization.add_argument("--clip-grad-norm", type=float, default=None,
+                              help="clip by global norm (costs a second backward pass)")
+    optimization.add_argument("--clip-grad-value", type=float, default=None, help="clip each gradient element")
+    optimization.add_argument("--seed", type=int, default=1337)
+    parallel = p.add_argument_group("parallelism (under torchrun)")
+    parallel.add_argument("--device", default="auto", help="auto (cuda if there is a GPU), cpu, cuda or cuda:N; "
+                          "under torchrun each process takes the GPU of its LOCAL_RANK")
+    parallel.add_argument("--tp", type=int, default=1, help="tensor-parallel size; data parallelism is the rest")
+    parallel.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"],
+                          help="auto: nccl on GPUs, gloo on CPUs")
+    parallel.add_argument("--collective-timeout-min", type=float, default=10.0,
+                          help="how long a collective waits for a stalled rank before the job fails (raise it "
+                               "where a save or a load takes longer)")
+    saving = p.add_argument_group("output and checkpoints")
+    saving.add_argument("--out", default="out", help="output folder: metrics.jsonl, args.txt, checkpoints/")
+    saving.add_argument("--save-every", type=int, default=0, help="save the training state every N steps and at "
+                        "the end (0: never)")
+    saving.add_argument("--keep", type=int, default=3, help="how many saved training states to keep")
+    saving.add_argument("--resume", action="store_true", help="continue from the newest complete training state "
+                        "in <out>/checkpoints")
+    saving.add_argument("--overwrite", action="store_true", help="start a new run in an --out folder that holds "
+                        "one: its metrics.jsonl and checkpoints are removed first")
+    saving.add_argument("--export-hf", default=None, help="at the end, write the weights as a Hugging Face folder")
+    evaluation = p.add_argument_group("evaluation")
+    evaluation.add_argument("--eval-every", type=int, default=200, help="evaluate every N steps (and before and "
+                            "after)")
+    evaluation.add_argument("--eval-batches", type=int, default=8, help="validation batches for the loss")
+    evaluation.add_argument("--eval-examples", type=int, default=None, help="multiple-choice examples scored "
+                            "(default: all)")
+    evaluation.add_argument("--sample-tokens", type=int, default=48, help="length of the sample at each evaluation")
+    evaluation.add_argument("--eval-only", action="store_true", help="evaluate (with --ckpt or --resume) and stop")
+    speed = p.add_argument_group("GPU speed and memory (speedups.py; each is on or off without changing a number)")
+    speed.add_argument("--activation-checkpointing", action="store_true",
+                       help="recompute block activations in backward")
+    speed.add_argument("--offload-checkpoints", action="store_true",
+                       help="with --activation-checkpointing: each block's saved input in pinned host memory")
+    speed.add_argument("--compile", action="store_true", help="torch.compile each block (the first steps are slow)")
+    speed.add_argument("--cuda-graph", action="store_true",
+                       help="bf16: replay each step after the first from CUDA graphs; every batch is padded to "
+                            "--seq-len")
+    speed.add_argument("--branch-grads-gpu-gib", type=float, default=1.0,
+                       help="lomo-clip with checkpointing: GiB of the norm pass's saved gradients kept on the GPU "
+                            "(the rest in host memory)")
+    speed.add_argument("--no-finite-checks", action="store_true",
+                       help="the paper's one pass: no loss check and no gradient norm")
+    speed.add_argument("--no-fused-kernel", action="store_true",
+                       help="the update and its norm as two PyTorch ops instead of fused_update.py's Triton kernel")
     return p.parse_args(argv)
 
 

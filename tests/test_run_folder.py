@@ -101,3 +101,13 @@ def test_resuming_with_another_model_names_the_flags_of_the_run(tmp_path, monkey
     with pytest.raises(ValueError, match=r"was saved by a run of another model .*n_layers: model 6, checkpoint 4"
                                          r".* Resume with the flags the run was started with: --model tiny --tp 1"):
         run(tmp_path, "--resume", "--model", "tiny-deeper", "--steps", "3")
+
+
+def test_a_run_writes_its_flags_and_replays_from_them(tmp_path):
+    run(tmp_path / "first", "--lr", "0.25", "--schedule", "cosine", "--train-on-prompt")
+    written = tmp_path / "first" / "args.txt"
+    replayed = train.parse_args([f"@{written}", "--out", str(tmp_path / "second")])
+    original = train.parse_args(["--out", str(tmp_path / "first"), *QUICK, "--lr", "0.25", "--schedule", "cosine",
+                                 "--train-on-prompt"])
+    assert {**vars(replayed), "out": None} == {**vars(original), "out": None}
+    assert replayed.lr == 0.25 and replayed.train_on_prompt and replayed.schedule == "cosine"
