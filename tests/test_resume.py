@@ -66,7 +66,9 @@ def test_resume_without_a_saved_state_starts_fresh_and_says_so(tmp_path, capsys)
 
 
 def test_exported_hf_folder_evaluates_to_the_same_loss(tmp_path):
-    summary = train.main(QUICK + ["--out", str(tmp_path / "run"), "--export-hf", str(tmp_path / "hf")])
+    # --eval-only scores the whole --data file: the training run is scored on the same file (--val-data).
+    scored = ["--val-data", str(train.BUNDLED_CORPUS)]
+    summary = train.main(QUICK + scored + ["--out", str(tmp_path / "run"), "--export-hf", str(tmp_path / "hf")])
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.model").is_file()
     result = train.main(QUICK + ["--out", str(tmp_path / "eval"), "--ckpt", str(tmp_path / "hf"), "--eval-only"])
     assert result["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
