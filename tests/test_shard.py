@@ -326,9 +326,9 @@ def test_more_processes_than_gpus_and_nccl_without_gpu_are_refused(monkeypatch):
 def stalled_collective():
     """Rank 1 stalls; rank 0's all-reduce must fail after the timeout, not wait for it."""
     import time
-    grid = shard.init_distributed(tp=1, timeout_minutes=0.05)  # 3 s
+    grid = shard.init_distributed(tp=1, timeout_minutes=0.04)  # 2.4 s
     if grid.rank == 1:
-        time.sleep(15)
+        time.sleep(7)
         return None
     started = time.monotonic()
     try:
@@ -340,6 +340,6 @@ def stalled_collective():
 
 def test_a_stalled_rank_ends_the_job_after_the_collective_timeout():
     (waited, message), _ = run_ranks(stalled_collective, 2, timeout=60)
-    assert "no error" not in message and 2 < waited < 12, (waited, message)
+    assert "no error" not in message and 1.5 < waited < 6.5, (waited, message)  # the timeout, not the stall
     with pytest.raises(ValueError, match=r"--collective-timeout-min=0 must be a positive number of minutes"):
         shard.init_distributed(timeout_minutes=0)
