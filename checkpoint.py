@@ -160,6 +160,23 @@ def model_params(model) -> dict:
     return params
 
 
+def load_pretrained(folder, tokenizer_path=None):
+    """The model and tokenizer of a Meta, Hugging Face or training-state folder, in one process (the command
+    lines of generate.py and evaluate.py); a training state has no tokenizer, so it needs tokenizer_path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist: pass --ckpt a Meta, Hugging Face or "
+                                f"training-state folder")
+    if detect_format(folder) == "state" and tokenizer_path is None:
+        raise ValueError(f"{folder} is a training state, which holds no tokenizer: pass --tokenizer PATH (the "
+                         f"tokenizer.model that the run used)")
+    args = checkpoint_args(folder, tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path or folder, args.vocab_size)
+    model = Transformer(args)
+    load_checkpoint(folder, model)
+    return model, tokenizer
+
+
 @torch.no_grad()
 def load_checkpoint(folder, model, grid: Optional[Grid] = None):
     """Fill the model's parameters (this rank's shards) from a Meta, Hugging Face or training-state folder, strictly."""

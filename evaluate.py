@@ -10,15 +10,23 @@ Under tensor parallelism every rank of a tp group scores the same examples (the 
 slices); under data parallelism each dp rank scores its share and the counts are summed. Losses come
 from losses.model_token_losses, the same fused head + cross-entropy as training, so an evaluation batch
 never needs more memory than a training batch of the same size.
+
+Command line: `python evaluate.py --ckpt DIR --data FILE [--format ...]` scores a checkpoint's model on every
+example of a data file: loss and perplexity, and acc and acc_norm for multiple choice (one JSON line).
 """
+import argparse
+import json
 import math
 
 import torch
 import torch.distributed as dist
 
+import checkpoint
+import cli
 from data import collate, encode_prompt_answer
 from losses import model_token_losses
 from model import IGNORE_INDEX
+from tasks import load_dataset
 
 
 @torch.no_grad()
@@ -66,3 +74,30 @@ def multiple_choice_accuracy(model, examples, tokenizer, seq_len, device, grid=N
     model.train()
     correct, correct_norm, n, truncated = counts.tolist()
     return dict(acc=correct / max(n, 1), acc_norm=correct_norm / max(n, 1), n=int(n), truncated=int(truncated))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description="Score the model of a checkpoint folder on every example of a data file.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a Meta, Hugging Face or training-state folder")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the checkpoint's)")
+    p.add_argument("--data", required=True, help="a data file in any format train.py reads")
+    p.add_argument("--format", default="auto", help="as train.py's --format")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the model's max_seq_len")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    model, tokenizer = checkpoint.load_pretrained(args.ckpt, args.tokenizer)
+    model = model.to(args.device)
+    seq_len = args.seq_len or model.args.max_seq_len - 1
+    data = load_dataset(args.data, args.format, tokenizer, seq_len)
+    loss, perplexity = validation_loss(model, data.items, args.batch_size, args.device)
+    result = dict(data=str(args.data), examples=len(data.items), val_loss=loss, val_ppl=perplexity)
+    if data.choices:
+        result.update(multiple_choice_accuracy(model, data.choices, tokenizer, seq_len, args.device))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    cli.run(main, "evaluate.py")

@@ -4,10 +4,18 @@ The prompt runs through the model once, filling the cache; each further step fee
 token. Under tensor parallelism the model returns this rank's vocabulary slice of the logits, so the
 caller passes `gather_logits` (shard.gather_from_tp); every rank of the tp group then samples the
 same token, because they share the generator's seed.
+
+Command line: `python generate.py --ckpt DIR --prompt "..." [--template alpaca]` continues a prompt with a
+checkpoint's model. Left out: chat templates (this project's tokenizers are SentencePiece, without them).
 """
+import argparse
+
 import torch
 
+import checkpoint
+import cli
 from model import KVCache
+from tasks import alpaca_prompt
 
 
 def sample_next_token(logits, temperature: float, top_p: float, generator=None):
@@ -51,3 +59,30 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.8, t
         tokens = torch.cat([tokens, step_input], dim=1)
     model.train(was_training)
     return new_ids
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description="Continue a prompt with the model of a checkpoint folder.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a Meta, Hugging Face or training-state folder")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the checkpoint's)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--template", default="none", choices=["none", "alpaca"], help="wrap the prompt as an instruction")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    model, tokenizer = checkpoint.load_pretrained(args.ckpt, args.tokenizer)
+    model = model.to(args.device)
+    prompt = alpaca_prompt(args.prompt) if args.template == "alpaca" else args.prompt
+    ids = generate(model, tokenizer.encode(prompt), args.max_new_tokens, args.temperature, args.top_p,
+                   eos_id=tokenizer.eos_id, generator=torch.Generator(args.device).manual_seed(args.seed))
+    text = tokenizer.decode(ids)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    cli.run(main, "generate.py")

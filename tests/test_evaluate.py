@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import shard
-from conftest import tiny_model
-from data import MultipleChoice, cached_tokenizer
+from conftest import VOCAB, tiny_model
+from data import MultipleChoice, Tokenizer, cached_tokenizer
 from distributed import run_ranks
 from evaluate import candidate_losses, multiple_choice_accuracy, validation_loss
 from generate import generate
+from tasks import load_dataset
 from train import learning_rate
 from model import KVCache, model_args, token_losses
 
@@ -159,3 +160,30 @@ def test_plot_draws_curves_or_says_how_to_get_matplotlib(tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(FileNotFoundError, match="nothing does not exist: pass a metrics.jsonl"):
         plot.main([str(tmp_path / "nothing")])
+
+
+def test_the_generate_and_evaluate_command_lines_use_a_checkpoint(tmp_path, capsys):
+    import checkpoint
+    import evaluate
+    import generate as generate_cli
+    from data import train_tokenizer
+    corpus = Path(__file__).resolve().parent.parent / "data" / "botchan.txt"
+    # A 320-piece vocabulary must hold 259 special and byte pieces plus every character: keep 29 of them.
+    text = "".join(c for c in corpus.read_text().lower() if c in "abcdefghijklmnopqrstuvwxyz .,\n")
+    tokenizer_path = train_tokenizer(text, VOCAB, tmp_path / "tokenizer.model")
+    model = tiny_model(seed=3)
+    checkpoint.save_hf(model, tmp_path / "hf", tokenizer_path=tokenizer_path)
+    tokenizer = Tokenizer(tokenizer_path)
+    text = generate_cli.main(["--ckpt", str(tmp_path / "hf"), "--prompt", "the cat", "--temperature", "0",
+                              "--max-new-tokens", "6", "--device", "cpu"])
+    expected = generate(model, tokenizer.encode("the cat"), 6, temperature=0, eos_id=tokenizer.eos_id)
+    assert text == tokenizer.decode(expected) and capsys.readouterr().out.strip() == text.strip()
+    rows = [dict(prompt=f"the {word} is", choices=[" here", " there"], label=i % 2)
+            for i, word in enumerate(["cat", "dog", "boy", "sea", "man"])]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = evaluate.main(["--ckpt", str(tmp_path / "hf"), "--data", str(data), "--device", "cpu"])
+    sequences = load_dataset(data, "auto", tokenizer, model.args.max_seq_len - 1)
+    loss, _ = evaluate.validation_loss(model, sequences.items, 8, "cpu")
+    assert result["examples"] == 5 and result["val_loss"] == pytest.approx(loss, rel=1e-6) and result["n"] == 5
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
