@@ -1,19 +1,19 @@
 """LOMO: SGD fused into the backward pass, so that at most one parameter gradient is alive at a time.
 
 Lv et al., "Full Parameter Fine-tuning for Large Language Models with Limited Resources" (2023). This file is
-the reference, plain PyTorch and correct on every device; faster ways to run the same step attach from outside
+the reference: plain PyTorch, correct on every device. Faster ways to run the same step attach from outside
 (speedups.py) through four seams, and tests hold them equal to this file.
-- Each trained parameter gets a post-accumulate-grad hook: the moment its gradient is complete, the hook takes
-  it out of `.grad`, updates the parameter in fp32 maths (rounded back once into its dtype) and lets it go.
-  There is no `optimizer.step()`: `LOMO.step(loss, lr)` runs backward and is the step.
-- Clipping by global norm needs every gradient's norm before any update: a norm pass sums squared norms, one
-  host read sets clip_grad_norm_'s factor, an update pass runs backward again over the retained graph. fp16
-  always takes the norm pass, so that an overflow skips the step (and halves the loss scale) before any weight
-  moves. One pass (bf16, fp32) reads the loss first; a non-finite gradient norm then stops training.
-- tp shards (shard.py) sum their squared norms over the tp group; each gradient is averaged over dp in its hook.
+- Each trained parameter gets a post-accumulate-grad hook. When its gradient is complete, the hook takes it out
+  of `.grad`, updates the parameter in fp32 maths (rounded back once) and lets it go: `LOMO.step(loss, lr)`
+  runs backward and is the step.
+- Clipping by global norm needs every norm before any update: a norm pass sums squared norms, one host read sets
+  clip_grad_norm_'s factor, an update pass runs backward again. fp16 always takes the norm pass, so an overflow
+  skips the step (and halves the loss scale) before any weight moves. A one-pass step (bf16, fp32) reads the
+  loss first; a non-finite gradient norm after it stops training. tp shards sum their squared norms over the tp
+  group; each gradient is averaged over dp in its hook.
 Seams: `rule` (one update's maths, in `rule.update` only; a rule that is exactly w += alpha * g says so in
-`axpy_alpha`), `fast_paths` (fused_update.py: faster ways to apply such a rule), `extensions` (work around a
-pass: gram_norm.py, offload.py) and `guard` (when a one-pass step reads its loss: step_result.py's without syncs).
+`axpy_alpha`), `fast_paths` (fused_update.py), `extensions` (work around a pass: gram_norm.py, offload.py) and
+`guard` (when a one-pass step reads its loss: step_result.py's reads it without host syncs).
 Left out: momentum (state, which LOMO exists to avoid), fp32 master weights (each step rounds back to the
 parameter's dtype, as the paper does), gradient accumulation (an update inside backward cannot wait).
 """
@@ -38,7 +38,7 @@ class DynamicLossScaler:
         if init_scale < min_scale:
             raise ValueError(f"init_scale={init_scale} is below min_scale={min_scale}")
         self.scale, self.growth_interval, self.min_scale = float(init_scale), int(growth_interval), float(min_scale)
-        self.clean_steps = 0
+        self.clean_steps = 0  # steps since the last overflow or growth
 
     def update(self, overflow: bool, step: int):
         if overflow and self.scale <= self.min_scale:
@@ -74,7 +74,9 @@ class SGD:
         return {}
 
     def load_state_dict(self, state):
-        pass
+        if state:
+            raise ValueError(f"the saved state holds another rule's state ({state.get('rule', 'unknown')}), SGD has "
+                             f"none: resume with the optimizer the run was started with (--optimizer)")
 
 
 @dataclass(eq=False)
@@ -121,10 +123,10 @@ class SyncGuard:
             raise non_finite_norm_error(result.step, result.grad_norm, result.loss)
         return True
 
-    def check_previous_step(self, lomo):
+    def check_previous_step(self, lomo):  # a deferring guard settles the last step here; this one has nothing left
         pass
 
-    def reset(self):
+    def reset(self):  # forget an unsettled step (a state was loaded)
         pass
 
 
@@ -152,9 +154,8 @@ class LOMO:
         self.rule, self.guard = rule or SGD(), guard or SyncGuard()
         self.fast_paths, self.extensions = list(fast_paths), list(extensions)
         self.step_count, self.consecutive_skips = 0, 0
-        # The pass running now: its kind ("norm", "update" after a norm pass, "one-pass"; None outside step(),
-        # where hooks leave .grad to the caller), whether it discards every gradient (the guard found the loss
-        # non-finite), the numbers its updates use, and its gradients' norms (tp-sharded ones apart).
+        # The pass running now: its kind ("norm", "update" after a norm pass, "one-pass"; None outside step()),
+        # whether it discards its gradients (the guard found the loss non-finite), its numbers and its norms.
         self.pass_kind, self.discarding, self.lr_now, self.clip_coef, self.inv_scale = None, False, lr, 1.0, 1.0
         self.norms, self.device = {True: [], False: []}, None
         # Each fast path claims its parameters once; a batched one updates them after backward (no hook).
@@ -171,9 +172,7 @@ class LOMO:
     def name_of(self, param) -> str:
         return self.names.get(param, "a parameter")
 
-    # ------------------------------------------------------------------------------------------------
-    # The hook: once per parameter per pass, when its gradient is complete (grad mode off: the update is
-    # not recorded).
+    # The hook: once per parameter per pass, when its gradient is complete (grad mode is off in it).
 
     def _hook(self, param):
         grad = param.grad
@@ -238,7 +237,6 @@ class LOMO:
         alpha = self.rule.axpy_alpha(self.lr_now)
         return None if alpha is None else alpha * self.clip_coef * self.inv_scale
 
-    # ------------------------------------------------------------------------------------------------
     # One step, in public phases: cuda_graph.py runs the same ones around its replays.
 
     def step(self, loss: torch.Tensor, lr: Optional[float] = None) -> StepResult:
@@ -351,7 +349,6 @@ class LOMO:
                 f"training is diverging: lower the learning rate, enable --clip-grad-norm, or use bf16")
         return result
 
-    # ------------------------------------------------------------------------------------------------
     # State: the step counter, the loss scaler and the rule's state (SGD has none).
 
     def state_dict(self):

@@ -1,5 +1,6 @@
-"""Train a LLaMA model with LOMO. `python train.py` alone trains the tiny model on the bundled corpus on
-the CPU in about a minute and a half: validation loss before and after, a progress bar, samples.
+"""Train a LLaMA model with LOMO (or AdaLomo: --optimizer adalomo). `python train.py` alone trains the tiny
+model on the bundled corpus on the CPU in about a minute and a half: validation loss before and after, a
+progress bar, samples.
 
 It reads top to bottom: flags -> process grid -> tokenizer and data -> model -> LOMO -> loop.
 <out>/metrics.jsonl gets one JSON object per step (loss, lr, grad_norm, skipped and
@@ -38,6 +39,7 @@ from shard import (build_model, check_tensor_parallel, destroy_distributed, gath
                    padded_vocab_size)
 import speedups
 import training_state
+from adalomo import AdaLomo, check_settings as check_adalomo
 from tasks import load_dataset
 
 BUNDLED_CORPUS = Path(__file__).parent / "data" / "botchan.txt"
@@ -71,19 +73,29 @@ def parse_args(argv=None):
     model.add_argument("--ckpt", default=None, help="start from a Meta or Hugging Face checkpoint folder (or a "
                        "saved training state); its config replaces --model")
     model.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="fp16 adds dynamic loss scaling")
-    optimization = p.add_argument_group("optimization (LOMO is plain SGD: its rates are far larger than AdamW's)")
+    optimization = p.add_argument_group("optimization")
+    optimization.add_argument("--optimizer", default="lomo", choices=["lomo", "adalomo"],
+                              help="lomo: SGD inside backward (lomo.py); adalomo: its adaptive sequel (adalomo.py)")
     optimization.add_argument("--steps", type=int, default=800)
     optimization.add_argument("--batch-size", type=int, default=16, help="sequences per step per data-parallel rank")
-    optimization.add_argument("--lr", type=float, default=0.5, help="SGD learning rate")
+    optimization.add_argument("--lr", type=float, default=None, help="learning rate; default 0.5 for lomo (SGD's "
+                              "rates, far larger than AdamW's), 1e-3 for adalomo (a step relative to RMS(W))")
     optimization.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"],
                               help="the decay after the warmup")
     optimization.add_argument("--warmup-steps", type=int, default=0)
     optimization.add_argument("--min-lr-ratio", type=float, default=0.0, help="where a decay ends, times --lr")
-    optimization.add_argument("--weight-decay", type=float, default=0.0, help="L2 added to the gradient (torch SGD's)")
+    optimization.add_argument("--weight-decay", type=float, default=0.0,
+                              help="lomo: L2 added to the gradient (torch SGD's); adalomo: decoupled (AdamW's)")
     optimization.add_argument("--clip-grad-norm", type=float, default=None,
                               help="clip by global norm (costs a second backward pass)")
     optimization.add_argument("--clip-grad-value", type=float, default=None, help="clip each gradient element")
     optimization.add_argument("--seed", type=int, default=1337)
+    optimization.add_argument("--adalomo-eps", type=float, nargs=2, default=(1e-30, 1e-3), metavar=("EPS1", "EPS2"),
+                              help="adalomo: added to G^2, and the least RMS(W) a step is relative to")
+    optimization.add_argument("--adalomo-clip-threshold", type=float, default=1.0,
+                              help="adalomo: each update's RMS is brought down to at most this")
+    optimization.add_argument("--adalomo-decay-rate", type=float, default=-0.8,
+                              help="adalomo: beta2 at update t is 1 - t^rate")
     parallel = p.add_argument_group("parallelism (under torchrun)")
     parallel.add_argument("--device", default="auto", help="auto (cuda if there is a GPU), cpu, cuda or cuda:N; "
                           "under torchrun each process takes the GPU of its LOCAL_RANK")
@@ -127,7 +139,10 @@ def parse_args(argv=None):
                        help="the paper's one pass: no loss check and no gradient norm")
     speed.add_argument("--no-fused-kernel", action="store_true",
                        help="the update and its norm as two PyTorch ops instead of fused_update.py's Triton kernel")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.lr is None:
+        args.lr = 0.5 if args.optimizer == "lomo" else 1e-3
+    return args
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -202,6 +217,11 @@ def check_flags(args) -> torch.dtype:
         raise ValueError(f"--lr={args.lr} must be a positive number (LOMO's rates are SGD's: 1e-2 to 3e-2 for "
                          f"a pretrained LLaMA)")
     learning_rate(1, args.lr, args.steps, args.warmup_steps, args.schedule)  # refuses an unknown schedule
+    if args.optimizer == "adalomo":
+        check_adalomo(args.adalomo_eps, args.adalomo_clip_threshold, args.adalomo_decay_rate, args.weight_decay)
+        if args.cuda_graph:
+            raise ValueError("--cuda-graph replays an update that is w += alpha * g; AdaLomo's is not: drop "
+                             "--cuda-graph, or train with --optimizer lomo")
     if not args.ckpt and args.model not in LLAMA_SIZES:
         raise ValueError(f"--model {args.model!r} is not a named size: choose one of {', '.join(LLAMA_SIZES)}, "
                          f"or pass --ckpt DIR")
@@ -518,14 +538,20 @@ def model_and_lomo(args, grid, dtype, margs, model_name, print0):
         checkpoint.load_checkpoint(args.ckpt, model, grid)  # each rank reads only its own slices
     print0(f"model: {model_name} {margs}\n  {sum(p.numel() for p in model.parameters()):,} parameters per rank, "
            f"{dtype}")
+    rule = None  # lomo.SGD(weight_decay)
+    if args.optimizer == "adalomo":
+        rule = AdaLomo(model, eps=tuple(args.adalomo_eps), clip_threshold=args.adalomo_clip_threshold,
+                       decay_rate=args.adalomo_decay_rate, weight_decay=args.weight_decay, tp_group=grid.tp_group)
     # Every acceleration that applies (speedups.py); the same step as lomo.LOMO(model, ...), faster.
     lomo = speedups.apply(
-        model, lr=args.lr, weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm,
+        model, lr=args.lr, weight_decay=args.weight_decay if rule is None else 0.0, rule=rule,
+        clip_grad_norm=args.clip_grad_norm,
         clip_grad_value=args.clip_grad_value, tp_group=grid.tp_group, dp_group=grid.dp_group,
         activation_checkpointing=args.activation_checkpointing, offload_checkpoints=args.offload_checkpoints,
         compile=args.compile, branch_grads_gpu_gib=args.branch_grads_gpu_gib, fused_kernel=not args.no_fused_kernel,
         check_finite=not args.no_finite_checks)
-    print0(f"LOMO: lr {args.lr} ({args.schedule}, warmup {args.warmup_steps}), weight decay {args.weight_decay}, "
+    print0(f"{'AdaLomo' if rule is not None else 'LOMO'}: lr {args.lr} ({args.schedule}, warmup "
+           f"{args.warmup_steps}), weight decay {args.weight_decay}, "
            f"clip norm {args.clip_grad_norm}, clip value {args.clip_grad_value}, "
            f"{'two backward passes' if lomo.needs_norm_pass else 'one backward pass'}"
            f"{', dynamic loss scaling' if lomo.loss_scaler else ''}")

@@ -1,5 +1,5 @@
-"""Checkpoints in training: exact resume (one process and tp = 2), incomplete saves skipped, a Hugging Face
-export that loads back for evaluation with the same result."""
+"""Checkpoints in training: exact resume (one process and tp = 2, AdaLomo's factors too), incomplete saves
+skipped, a Hugging Face export that loads back for evaluation with the same result."""
 import json
 from pathlib import Path
 
@@ -32,9 +32,10 @@ def train_worker(flags):
     return True
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_half_then_resume_equals_straight_bit_for_bit(tmp_path, tp):
+@pytest.mark.parametrize("tp, optimizer", [(1, "lomo"), (2, "lomo"), (2, "adalomo")])
+def test_half_then_resume_equals_straight_bit_for_bit(tmp_path, tp, optimizer):
     def run(flags):
+        flags = flags + ["--optimizer", optimizer] + (["--lr", "1e-2"] if optimizer == "adalomo" else [])
         if tp == 1:
             train.main(flags)
         else:
