@@ -80,7 +80,7 @@ class AdaLomo:
     def rms(self, x, param):
         """RMS over the whole parameter, of a tensor shaped like this rank's shard of it."""
         split = self.split[param]
-        square_sum = self.whole_sum(x.square().sum(), sharded=split is not None)
+        square_sum = self.whole_sum(torch.linalg.vector_norm(x).square(), sharded=split is not None)
         return (square_sum / (x.numel() * (self.tp if split is not None else 1))).sqrt()
 
     def update(self, param, p32, g32, lr):
@@ -98,8 +98,10 @@ class AdaLomo:
             col_mean = self.whole_sum(squared.sum(dim=0), sharded=split == 0) / rows
             state["row"].mul_(beta2).add_(row_mean, alpha=1.0 - beta2)
             state["col"].mul_(beta2).add_(col_mean, alpha=1.0 - beta2)
+            del squared  # (one fp32 temporary the size of the parameter at a time, besides the update)
             mean_row = self.whole_sum(state["row"].sum(), sharded=split == 0) / rows
-            update = g32 * (state["row"] / mean_row).rsqrt().unsqueeze(1) * state["col"].rsqrt().unsqueeze(0)
+            update = g32 * (state["row"] / mean_row).rsqrt().unsqueeze(1)
+            update.mul_(state["col"].rsqrt().unsqueeze(0))
         else:
             state["v"].mul_(beta2).add_(squared, alpha=1.0 - beta2)
             update = g32 * state["v"].rsqrt()

@@ -11,6 +11,7 @@ Modes, each measured in its own process so that one mode's peak never hides in a
              update, each gradient's norm); --no-finite-checks: without them, as the paper's LOMO;
              --cuda-graph (also lomo-clip): the step replayed as CUDA graphs after the warm-up (cuda_graph.py)
   lomo-clip  LOMO with clipping by global norm: two backward passes
+  adalomo    AdaLomo (adalomo.py) in LOMO's one backward pass: factored second moments, O(m + n) per matrix
   sgd        loss.backward() then torch.optim.SGD (all gradients alive at once)
   adamw      loss.backward() then torch.optim.AdamW (gradients and two states per parameter)
   hook-sgd   PyTorch's optimizer-in-backward pattern: a post-accumulate-grad hook steps a per-parameter SGD
@@ -38,7 +39,7 @@ import torch
 
 import cli
 
-MODES = ["infer", "infer-logits", "lomo", "lomo-clip", "sgd", "adamw", "hook-sgd"]
+MODES = ["infer", "infer-logits", "lomo", "lomo-clip", "adalomo", "sgd", "adamw", "hook-sgd"]
 # Dense bf16/fp16 peak of the card (vendor datasheets), for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "RTX 3090": 71.0, "RTX 4090": 165.2}
 
@@ -102,6 +103,7 @@ def random_model(margs, grid, dtype):
 
 
 def run_mode(args, mode):
+    from adalomo import AdaLomo
     from cuda_graph import GraphedStep, release_graphs
     from losses import model_loss
     import speedups
@@ -121,11 +123,12 @@ def run_mode(args, mode):
         lr = 1e-6  # small: the weights barely move, so every timed step does the same work
         model = random_model(margs, grid, dtype)
         backend = "aot_eager" if args.tiny else "inductor"
-        lomo_mode = mode in ("lomo", "lomo-clip")
+        lomo_mode = mode in ("lomo", "lomo-clip", "adalomo")
         if lomo_mode:  # every acceleration that applies (speedups.py), as train.py
             gib = args.branch_grads_gpu_gib
+            rule = AdaLomo(model, tp_group=grid.tp_group) if mode == "adalomo" else None
             lomo = speedups.apply(
-                model, lr=lr, clip_grad_norm=1.0 if mode == "lomo-clip" else None, tp_group=grid.tp_group,
+                model, lr=lr, rule=rule, clip_grad_norm=1.0 if mode == "lomo-clip" else None, tp_group=grid.tp_group,
                 dp_group=grid.dp_group, activation_checkpointing=args.activation_checkpointing,
                 offload_checkpoints=args.offload_checkpoints, compile=args.compile, compile_backend=backend,
                 gram_norms=not args.no_gram_norms, saved_branch_grads=not args.no_saved_branch_grads,
@@ -236,7 +239,7 @@ def measurements(args, mode, margs, model, grid, seconds, step_ms=()):
                batch_size=args.batch_size, seq_len=args.seq_len, tp=grid.tp, dp=grid.dp,
                activation_checkpointing=args.activation_checkpointing,
                offload_checkpoints=args.offload_checkpoints, compile=args.compile, memory_cap_gb=args.memory_cap_gb,
-               finite_checks=not args.no_finite_checks if mode == "lomo" else None,
+               finite_checks=not args.no_finite_checks if mode in ("lomo", "adalomo") else None,
                device=name, torch=torch.__version__, seconds_per_step=seconds, tokens_per_s=tokens_per_s,
                tokens_per_gpu_per_s=tokens_per_s / grid.world_size, flops_per_token=flops_per_token,
                mfu=(flops_per_token * tokens_per_s / grid.world_size / (peak * 1e12)) if peak else None,

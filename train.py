@@ -40,6 +40,7 @@ from shard import (build_model, check_tensor_parallel, destroy_distributed, gath
 import speedups
 import training_state
 from adalomo import AdaLomo, check_settings as check_adalomo
+from adamw_baseline import AdamWStep
 from tasks import load_dataset
 
 BUNDLED_CORPUS = Path(__file__).parent / "data" / "botchan.txt"
@@ -74,18 +75,19 @@ def parse_args(argv=None):
                        "saved training state); its config replaces --model")
     model.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="fp16 adds dynamic loss scaling")
     optimization = p.add_argument_group("optimization")
-    optimization.add_argument("--optimizer", default="lomo", choices=["lomo", "adalomo"],
-                              help="lomo: SGD inside backward (lomo.py); adalomo: its adaptive sequel (adalomo.py)")
+    optimization.add_argument("--optimizer", default="lomo", choices=["lomo", "adalomo", "adamw"],
+                              help="lomo: SGD inside backward (lomo.py); adalomo: its adaptive sequel (adalomo.py); "
+                                   "adamw: the usual backward then AdamW, for comparison (adamw_baseline.py)")
     optimization.add_argument("--steps", type=int, default=800)
     optimization.add_argument("--batch-size", type=int, default=16, help="sequences per step per data-parallel rank")
     optimization.add_argument("--lr", type=float, default=None, help="learning rate; default 0.5 for lomo (SGD's "
-                              "rates, far larger than AdamW's), 1e-3 for adalomo (a step relative to RMS(W))")
+                              "rates, far larger than AdamW's), 1e-3 for adalomo (relative to RMS(W)) and adamw")
     optimization.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"],
                               help="the decay after the warmup")
     optimization.add_argument("--warmup-steps", type=int, default=0)
     optimization.add_argument("--min-lr-ratio", type=float, default=0.0, help="where a decay ends, times --lr")
     optimization.add_argument("--weight-decay", type=float, default=0.0,
-                              help="lomo: L2 added to the gradient (torch SGD's); adalomo: decoupled (AdamW's)")
+                              help="lomo: L2 added to the gradient (torch SGD's); adalomo and adamw: decoupled")
     optimization.add_argument("--clip-grad-norm", type=float, default=None,
                               help="clip by global norm (costs a second backward pass)")
     optimization.add_argument("--clip-grad-value", type=float, default=None, help="clip each gradient element")
@@ -219,9 +221,9 @@ def check_flags(args) -> torch.dtype:
     learning_rate(1, args.lr, args.steps, args.warmup_steps, args.schedule)  # refuses an unknown schedule
     if args.optimizer == "adalomo":
         check_adalomo(args.adalomo_eps, args.adalomo_clip_threshold, args.adalomo_decay_rate, args.weight_decay)
-        if args.cuda_graph:
-            raise ValueError("--cuda-graph replays an update that is w += alpha * g; AdaLomo's is not: drop "
-                             "--cuda-graph, or train with --optimizer lomo")
+    if args.optimizer != "lomo" and args.cuda_graph:
+        raise ValueError(f"--cuda-graph replays an update that is w += alpha * g; {args.optimizer}'s is not: drop "
+                         f"--cuda-graph, or train with --optimizer lomo")
     if not args.ckpt and args.model not in LLAMA_SIZES:
         raise ValueError(f"--model {args.model!r} is not a named size: choose one of {', '.join(LLAMA_SIZES)}, "
                          f"or pass --ckpt DIR")
@@ -406,7 +408,12 @@ def resume(args, out, model, lomo, sampler, grid, print0):
         flags = " ".join(f"--{k.replace('_', '-')} {started[k]}" for k in ("model", "ckpt", "tp") if started.get(k))
         raise ValueError(f"{latest} was saved by a run of another model ({error}). Resume with the flags the run "
                          f"was started with: {flags}") from None
-    lomo.load_state_dict(state["lomo"])
+    started_with = state.get("config", {}).get("optimizer", "lomo")
+    if started_with != args.optimizer and not args.eval_only:
+        raise ValueError(f"{latest} was saved by a run with --optimizer {started_with}, this one has "
+                         f"--optimizer {args.optimizer}: resume with --optimizer {started_with}")
+    if not args.eval_only or started_with == args.optimizer:
+        lomo.load_state_dict(state["lomo"])
     if not args.eval_only:  # (--eval-only scores the whole file: the training sampler's data is not split off)
         sampler.load_state_dict(state["sampler"])
     if grid.is_main and (out / "metrics.jsonl").is_file() and not args.eval_only:
@@ -538,6 +545,15 @@ def model_and_lomo(args, grid, dtype, margs, model_name, print0):
         checkpoint.load_checkpoint(args.ckpt, model, grid)  # each rank reads only its own slices
     print0(f"model: {model_name} {margs}\n  {sum(p.numel() for p in model.parameters()):,} parameters per rank, "
            f"{dtype}")
+    if args.optimizer == "adamw":
+        if grid.world_size > 1:
+            raise ValueError(f"--optimizer adamw runs in one process ({grid.world_size} here): the baseline has no "
+                             f"dp averaging or tp norms; compare in one process, or train with lomo or adalomo")
+        speedups.apply_layers(model, args.activation_checkpointing, args.offload_checkpoints)
+        lomo = AdamWStep(model, args.lr, weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm,
+                         clip_grad_value=args.clip_grad_value)
+        print0(f"AdamW (the full-backward baseline): lr {args.lr}, weight decay {args.weight_decay}")
+        return model, lomo, None
     rule = None  # lomo.SGD(weight_decay)
     if args.optimizer == "adalomo":
         rule = AdaLomo(model, eps=tuple(args.adalomo_eps), clip_threshold=args.adalomo_clip_threshold,

@@ -1,5 +1,5 @@
-"""Checkpoints in training: exact resume (one process and tp = 2, AdaLomo's factors too), incomplete saves
-skipped, a Hugging Face export that loads back for evaluation with the same result."""
+"""Checkpoints in training: exact resume (one process and tp = 2; AdaLomo's factors and AdamW's moments too),
+incomplete saves skipped, a Hugging Face export that loads back for evaluation with the same result."""
 import json
 from pathlib import Path
 
@@ -32,10 +32,10 @@ def train_worker(flags):
     return True
 
 
-@pytest.mark.parametrize("tp, optimizer", [(1, "lomo"), (2, "lomo"), (2, "adalomo")])
+@pytest.mark.parametrize("tp, optimizer", [(1, "lomo"), (2, "lomo"), (2, "adalomo"), (1, "adamw")])
 def test_half_then_resume_equals_straight_bit_for_bit(tmp_path, tp, optimizer):
     def run(flags):
-        flags = flags + ["--optimizer", optimizer] + (["--lr", "1e-2"] if optimizer == "adalomo" else [])
+        flags = flags + ["--optimizer", optimizer] + (["--lr", "1e-2"] if optimizer != "lomo" else [])
         if tp == 1:
             train.main(flags)
         else:
@@ -97,3 +97,10 @@ def test_checkpoint_without_tokenizer_and_existing_export_folder_are_refused(tmp
 def test_bad_checkpoint_flags_are_refused(tmp_path, flags, error, message):
     with pytest.raises(error, match=message):
         train.main(["--out", str(tmp_path), *flags])
+
+
+def test_resume_with_another_optimizer_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    train.main(QUICK[:1] + ["3"] + QUICK[2:] + ["--out", out])
+    with pytest.raises(ValueError, match="--optimizer lomo, this one has --optimizer adalomo"):
+        train.main(QUICK + ["--out", out, "--resume", "--optimizer", "adalomo", "--lr", "1e-3"])
