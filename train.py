@@ -28,6 +28,7 @@ from tqdm import tqdm
 import checkpoint
 import checkpoint_formats
 import cli
+import plot
 import run_folder
 from cuda_graph import GraphedStep, release_graphs
 from data import ShuffledSampler, Tokenizer, cached_tokenizer, check_token_ids, collate, split_train_val
@@ -496,7 +497,8 @@ def summary_line(evaluations, summary, out) -> str:
     accuracy = f", accuracy {evaluations[0]['acc']:.3f} -> {summary['acc']:.3f}" if "acc" in summary else ""
     return (f"validation loss {evaluations[0]['val_loss']:.4f} -> {summary['val_loss']:.4f} (best "
             f"{summary['best_val_loss']:.4f} at step {summary['best_val_loss_step']}){accuracy}\n"
-            f"{summary['time_s']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s; metrics in {out / 'metrics.jsonl'}")
+            f"{summary['time_s']:.0f} s, {summary['tokens_per_s']:,.0f} tokens/s; metrics in {out / 'metrics.jsonl'}, "
+            f"curves in {out / 'curves.svg'}")
 
 
 class StopOnInterrupt:
@@ -694,6 +696,8 @@ def train(args, grid, dtype):
     if args.export_hf and not interrupt.requested:
         export(args, model, grid, tokenizer, save, print0)
     summary = metrics.summary(args, evaluations, time.perf_counter() - run_started, bool(val_set.choices))
+    if grid.is_main:  # the curves of the whole run, resumed parts included
+        plot.write_svg(out / "curves.svg", {args.optimizer: plot.read_metrics(out)})
     print0(summary_line(evaluations, summary, out))
     return dict(first_val_loss=evaluations[0]["val_loss"], **summary)
 

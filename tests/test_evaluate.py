@@ -143,23 +143,25 @@ def test_schedules_match_their_formulas():
         learning_rate(1, base, total, warmup, "step")
 
 
-def test_plot_draws_curves_or_says_how_to_get_matplotlib(tmp_path, capsys):
+def test_plot_draws_an_svg_with_one_path_per_curve(tmp_path):
+    import xml.etree.ElementTree as ElementTree
     import plot
-    metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("\n".join(json.dumps(r) for r in [
-        {"step": 0, "val_loss": 7.0, "acc": 0.25, "acc_norm": 0.25}, {"step": 1, "loss": 6.0},
-        {"step": 2, "loss": 5.0, "val_loss": 5.5, "acc": 0.5, "acc_norm": 0.5}, {"summary": True, "val_loss": 5.5}]))
-    png = tmp_path / "curves.png"
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert plot.main([str(tmp_path), "--png", str(png)]) == 1
-        assert "pip install matplotlib" in capsys.readouterr().err and not png.exists()
-    else:
-        assert plot.main([str(tmp_path), "--png", str(png)]) == 0
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name, shift in (("a", 0.0), ("b", 0.5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+            {"step": 0, "val_loss": 7.0 + shift, "acc": 0.25}, {"step": 1, "loss": 6.0 + shift},
+            {"step": 2, "loss": 5.0 + shift, "val_loss": 5.5 + shift, "acc": 0.5}, {"summary": True, "val_loss": 5.5}]))
+    svg = tmp_path / "curves.svg"
+    assert plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--svg", str(svg), "--label", "A", "--label", "B"]) == 0
+    root = ElementTree.parse(svg).getroot()  # well-formed XML
+    curves = [p for p in root.iter("{http://www.w3.org/2000/svg}path") if p.get("class") == "curve"]
+    titles = [p.find("{http://www.w3.org/2000/svg}title").text for p in curves]
+    assert titles == ["A train", "A validation", "B train", "B validation", "A acc", "B acc"]
+    assert all(p.get("d").count("L") == 1 for p in curves)  # two points each: one move, one line
     with pytest.raises(FileNotFoundError, match="nothing does not exist: pass a metrics.jsonl"):
         plot.main([str(tmp_path / "nothing")])
+    with pytest.raises(ValueError, match="1 --label for 2 runs"):
+        plot.main([str(tmp_path / "a"), str(tmp_path / "b"), "--label", "A"])
 
 
 def test_the_generate_and_evaluate_command_lines_use_a_checkpoint(tmp_path, capsys):
