@@ -93,6 +93,9 @@ def parse_args(argv=None):
                               help="clip by global norm (costs a second backward pass)")
     optimization.add_argument("--clip-grad-value", type=float, default=None, help="clip each gradient element")
     optimization.add_argument("--seed", type=int, default=1337)
+    optimization.add_argument("--max-skipped-fraction", type=float, default=0.5,
+                              help="a run that skipped more of its steps than this (non-finite loss or gradients) "
+                                   "ends with status 1 and is not exported")
     optimization.add_argument("--adalomo-eps", type=float, nargs=2, default=(1e-30, 1e-3), metavar=("EPS1", "EPS2"),
                               help="adalomo: added to G^2, and the least RMS(W) a step is relative to")
     optimization.add_argument("--adalomo-clip-threshold", type=float, default=1.0,
@@ -214,6 +217,8 @@ def check_flags(args) -> torch.dtype:
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be a positive integer")
+    if not 0 <= args.max_skipped_fraction <= 1:
+        raise ValueError(f"--max-skipped-fraction={args.max_skipped_fraction} must be between 0 and 1")
     if args.warmup_steps < 0 or args.warmup_steps >= args.steps:
         raise ValueError(f"--warmup-steps={args.warmup_steps} must be >= 0 and below --steps={args.steps}")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -479,9 +484,6 @@ class Metrics:
                            acc_norm=evaluations[-1]["acc_norm"])
         if self.grid.device.type == "cuda":
             summary["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        if self.steps_run > 1 and self.skipped_here > self.steps_run / 2 and self.grid.is_main:
-            print(f"warning: {self.skipped_here} of the {self.steps_run} steps were skipped (non-finite loss or "
-                  f"gradients): the model barely trained; lower --lr, or clip with --clip-grad-norm")
         self.log(summary)
         if self.file:
             self.file.close()
@@ -693,12 +695,18 @@ def train(args, grid, dtype):
     finally:
         gc.unfreeze()
         interrupt.restore()
-    if args.export_hf and not interrupt.requested:
+    failed = metrics.steps_run > 0 and metrics.skipped_here > args.max_skipped_fraction * metrics.steps_run
+    if args.export_hf and not interrupt.requested and not failed:
         export(args, model, grid, tokenizer, save, print0)
     summary = metrics.summary(args, evaluations, time.perf_counter() - run_started, bool(val_set.choices))
     if grid.is_main:  # the curves of the whole run, resumed parts included
         plot.write_svg(out / "curves.svg", {args.optimizer: plot.read_metrics(out)})
     print0(summary_line(evaluations, summary, out))
+    if failed:
+        raise FloatingPointError(
+            f"{metrics.skipped_here} of the {metrics.steps_run} steps were skipped (non-finite loss or gradients), "
+            f"more than --max-skipped-fraction={args.max_skipped_fraction}: the model barely trained"
+            f"{' and was not exported' if args.export_hf else ''}. Lower --lr, or clip with --clip-grad-norm")
     return dict(first_val_loss=evaluations[0]["val_loss"], **summary)
 
 

@@ -302,7 +302,7 @@ def test_a_failed_export_keeps_the_weights_in_a_training_state(tmp_path, monkeyp
     assert (tmp_path / "checkpoints" / "step-00000002" / "manifest.json").is_file()
 
 
-def test_a_run_that_skips_most_of_its_steps_says_so(tmp_path, monkeypatch, capsys):
+def test_a_run_that_skips_most_of_its_steps_fails_and_is_not_exported(tmp_path, monkeypatch):
     real_loss, calls = train.model_loss, []
 
     def mostly_nan(*args, **kwargs):  # a non-finite loss at every step but the first
@@ -310,9 +310,16 @@ def test_a_run_that_skips_most_of_its_steps_says_so(tmp_path, monkeypatch, capsy
         loss = real_loss(*args, **kwargs)
         return loss if len(calls) == 1 else loss * float("nan")
     monkeypatch.setattr(train, "model_loss", mostly_nan)
-    run(tmp_path, "--steps", "4", "--eval-every", "4", "--eval-batches", "1", "--batch-size", "2", "--seq-len", "16")
-    out = capsys.readouterr().out
-    assert "warning: 3 of the 4 steps were skipped" in out
+    quick = ["--steps", "4", "--eval-every", "4", "--eval-batches", "1", "--batch-size", "2", "--seq-len", "16"]
+    with pytest.raises(FloatingPointError, match=r"3 of the 4 steps were skipped .* more than "
+                                                 r"--max-skipped-fraction=0.5: the model barely trained and was not "
+                                                 r"exported"):
+        run(tmp_path / "a", *quick, "--export-hf", str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["summary"] and rows[-1]["skipped_steps"] == 3  # the log is complete all the same
+    calls.clear()
+    run(tmp_path / "b", *quick, "--max-skipped-fraction", "0.8")  # a looser bound lets it end normally
 
 
 @pytest.mark.parametrize("program, arguments, message", [
