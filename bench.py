@@ -93,7 +93,7 @@ def parse_args(argv=None):
 def random_model(margs, grid, dtype):
     """This rank's shards of a model of shape `margs`, with weights drawn on the device (the seeded init
     draws on the CPU: minutes for 7B, and speed and memory do not depend on the values): norms at one,
-    matrices at LLaMA-like scale. Also used by the profiling scripts under results/."""
+    matrices at LLaMA-like scale."""
     from shard import build_model
     model = build_model(margs, grid, seed=0, dtype=dtype, init=False)
     with torch.no_grad():

@@ -4,7 +4,7 @@ replayed, so that no kernel launch costs the CPU.
 Why: an eager 7B step launches thousands of kernels (forward, the recomputed blocks, backward, 226 hook
 updates), each costing the CPU some microseconds. At small batches, and at tp = 2 where each GPU's share
 of every matmul halves but the launches do not, the GPU waits for the CPU that issues them
-(PERF_NOTES.md). A CUDA graph records kernels once; a replay launches all of them with one call.
+(PERFORMANCE.md, 'CUDA graphs'). A CUDA graph records kernels once; a replay launches all of them with one call.
 
 What a graph needs: it replays the kernels it recorded, with the same arguments, and runs no Python. So
 nothing inside it may need the host: no sync, no decision made on a value read back, no number that changes

@@ -3,7 +3,7 @@
 Why it exists: a checked one-pass step (lomo.py's default) updates each weight and also sums its
 gradient's squares, for the norm it reports and checks. As two PyTorch ops that is two kernels, and the
 norm's kernel reads the whole gradient a second time: 1.5-2.5% of a 7B step on an H200, most of the
-checked LOMO's gap to plain SGD (PERF_NOTES.md). `torch.compile` does not fuse the two
+checked LOMO's gap to plain SGD (PERFORMANCE.md, fused_update.py). `torch.compile` does not fuse the two
 (it makes three kernels). This Triton kernel does both in one read: each program walks its share of the tensor,
 updates it, and adds the squares it saw into its own slot of a small fp32 buffer. The buffer is summed
 once per step; no slot is written by two programs, so the norm does not depend on timing (no atomics).
@@ -33,9 +33,10 @@ except Exception:  # CPU builds of PyTorch come without Triton (and a broken ins
     triton = None
 
 # Programs per launch (and so slots in the buffer), elements per program per iteration, and warps per
-# program: the fastest of 32 settings on the 7B shapes on an H200 (results/eager-gap/kernel_tune.py),
-# 0.56 ms a 7B step above `add_` alone (9.85 ms), against 0.73 ms for the next guess (4096, 8, 1024). A
-# tensor of more than NUM_SLOTS * BLOCK elements is covered by each program looping over several blocks.
+# program: the fastest of 32 settings on the 7B shapes on an H200 (the search, in git history:
+# `git show 8a5d2d9:results/eager-gap/kernel_tune.py`), 0.56 ms a 7B step above `add_` alone (9.85 ms),
+# against 0.73 ms for the next guess (4096, 8, 1024). A tensor of more than NUM_SLOTS * BLOCK elements is
+# covered by each program looping over several blocks.
 NUM_SLOTS = 2048
 BLOCK = 2048  # 8 per thread with 8 warps of 32 threads: one 16-byte load of bf16
 NUM_WARPS = 8
@@ -131,7 +132,7 @@ def _direct_launcher(device_index, dtype):
     Why: `kernel[grid](...)` costs ~15-25 us of CPU per call (Triton binds the arguments, works out their
     specialization and looks the compiled kernel up), about what the two PyTorch ops the kernel replaces
     cost, and an eager 7B step makes 224 such calls from inside backward, where the CPU is often what the
-    GPU waits for (PERF_NOTES.md). The compiled kernel that the JIT returns can be launched as
+    GPU waits for (PERFORMANCE.md, fused_update.py). The compiled kernel that the JIT returns can be launched as
     `compiled[grid](*args)`, which skips all that. On NVIDIA GPUs it is the right kernel for every later
     call with the same dtype whose pointers are 16-byte aligned: Triton specializes this kernel on the
     dtypes and on each pointer's alignment only (numel and iterations are not specialized on, and all five

@@ -2,7 +2,7 @@
 vocabulary chunks, so that the (tokens x vocab) logits never exist in full.
 
 Why: for 7B at 4 x 512 tokens the logits are 2048 x 32000; in fp32, with the softmax and its gradient
-beside them, they are ~0.7 GiB, more than everything else LOMO keeps beyond the weights (PERF_NOTES.md).
+beside them, they are ~0.7 GiB, more than everything else LOMO keeps beyond the weights (PERFORMANCE.md, 'losses.py').
 At 16 x 1024 they are ~6 GiB. Here each chunk of vocabulary rows is multiplied, reduced and freed:
 
 - forward: for each chunk, logits = hidden @ W[chunk]^T (in the weights' dtype, as `model.output` would

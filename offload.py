@@ -42,14 +42,14 @@ the block from it there:
   (64 MiB on the GPU at 4 x 512). The update pass reaches the blocks in the order the norm pass saved them,
   so the ones kept on the GPU are used first, while the host ones are being fetched. Why not all on the host:
   the copies cost the CPU their stream, event and allocator bookkeeping, 17-50 ms a pass for 7B at 4 x 512
-  on an H200's host, and an eager lomo-clip step there is as much CPU-bound as GPU-bound (PERF_NOTES.md,
+  on an H200's host, and an eager lomo-clip step there is as much CPU-bound as GPU-bound (PERFORMANCE.md,
   'Saved branch gradients'). Why not all on the GPU: 8 GiB at 16 x 1024.
 - On the CPU the "host copy" is a plain copy: the code path runs, so tests can check it against autograd.
 
 Why not torch.utils.checkpoint (non-reentrant): it does the same recompute, but through saved-tensor hooks in
 Python, one call per tensor each block saves, in forward and in backward. Eager 7B steps on a fast GPU are
-partly bound by the CPU that issues them, and this Function issues a step with less CPU (PERF_NOTES.md,
-'Activation checkpointing'). The results are bit-identical (tests/test_offload.py).
+partly bound by the CPU that issues them, and this Function issues a step with less CPU (PERFORMANCE.md,
+'offload.py'). The results are bit-identical (tests/test_offload.py).
 
 Inputs in host memory: 512 MiB less GPU memory for 7B at 4 x 512 tokens (4 GiB at 16 x 1024), the largest
 term of LOMO's memory above the weights, for two PCIe copies of each block input per step (16 MiB each at
@@ -336,7 +336,7 @@ _branch_stash = HostStash()
 # A saved gradient's GPU memory goes back to the allocator only once its copy to the host has run. The CPU
 # issues the norm pass well ahead of the GPU; unbounded, it would free the gradients of many blocks whose
 # copies have not run yet, and the allocator would reserve new memory for what follows (+0.58 GiB reserved
-# for 7B at 4 x 512, +3.6 GiB at 16 x 1024, PERF_NOTES.md, 'Saved branch gradients'). So the CPU waits for
+# for 7B at 4 x 512, +3.6 GiB at 16 x 1024, PERFORMANCE.md, 'Saved branch gradients'). So the CPU waits for
 # the copy issued this many copies earlier before it goes on: at most that many gradients in flight (two
 # blocks' worth).
 COPIES_IN_FLIGHT = 4

@@ -126,6 +126,8 @@ def write_args(args, out: Path):
         flag = "--" + name.replace("_", "-")
         if value is True:
             lines.append(flag)
+        elif isinstance(value, (list, tuple)):  # a flag of several values (nargs)
+            lines += [flag, *map(str, value)]
         elif value not in (None, False):
             lines += [flag, str(value)]
     temporary = out / "args.txt.tmp"

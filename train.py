@@ -96,7 +96,7 @@ def parse_args(argv=None):
     optimization.add_argument("--max-skipped-fraction", type=float, default=0.5,
                               help="a run that skipped more of its steps than this (non-finite loss or gradients) "
                                    "ends with status 1 and is not exported")
-    optimization.add_argument("--adalomo-eps", type=float, nargs=2, default=(1e-30, 1e-3), metavar=("EPS1", "EPS2"),
+    optimization.add_argument("--adalomo-eps", type=float, nargs=2, default=[1e-30, 1e-3], metavar=("EPS1", "EPS2"),
                               help="adalomo: added to G^2, and the least RMS(W) a step is relative to")
     optimization.add_argument("--adalomo-clip-threshold", type=float, default=1.0,
                               help="adalomo: each update's RMS is brought down to at most this")

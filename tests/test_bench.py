@@ -41,23 +41,3 @@ def test_offloaded_checkpoints_run_and_need_checkpointing(tmp_path):
     assert all(r["offload_checkpoints"] and r["tokens_per_s"] > 0 for r in rows)
     with pytest.raises(SystemExit, match="add --activation-checkpointing"):
         bench.main(["--tiny", "--offload-checkpoints", "--modes", "lomo"])
-
-
-def test_emulated_tensor_parallel_runs_one_rank_with_its_shards(tmp_path):
-    """results/tp-emulated/emulate_tp.py: bench.py's measurement of rank 0 of a tp group whose collectives do
-    nothing, in one process (where only one GPU is lent)."""
-    import pathlib
-    import subprocess
-    import sys
-    script = str(pathlib.Path(__file__).resolve().parents[1] / "results" / "tp-emulated" / "emulate_tp.py")
-    out = tmp_path / "rows.jsonl"
-    done = subprocess.run([sys.executable, script, "--tiny", "--tp", "2", "--modes",
-                           "lomo", "--steps", "1", "--warmup", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    row = json.loads(out.read_text())
-    assert row["emulated_tp"] is True and row["tp"] == 2 and row["tokens_per_s"] > 0
-    assert row["param_gib"] < 0.6 * 869_504 * 4 / 2**30  # rank 0's shards, about half the model
-    two_modes = subprocess.run([sys.executable, script, "--tiny", "--tp", "2", "--modes", "lomo,sgd"],
-                               capture_output=True, text=True, timeout=300)
-    assert two_modes.returncode != 0 and "runs one mode" in two_modes.stderr
