@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The 4-GPU runs (issue: 30B at tp = 4 under a 24 GB cap per GPU, and tp = 4 agreement on NCCL).
+# The 4-GPU runs: 30B at tp = 4 under a 24 GB cap per GPU, and the tp = 4 and dp 2 x tp 2 agreement on NCCL.
 # Usage: bash gpu_four_gpus.sh OUTDIR   (on a machine with 4 GPUs)
 set -uo pipefail
 out=${1:?usage: bash gpu_four_gpus.sh OUTDIR}
