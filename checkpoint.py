@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 
 import cli
+import gguf
+from bpe import ByteLevelBPE
 from checkpoint_formats import (IGNORED, MANIFEST, META_SPLIT_DIM, checkpoint_args, detect_format, from_hf_name,
                                 hf_rope_scaling, load_tokenizer, permute_for_hf, read_args, read_json, to_hf_name,
                                 unpermute_from_hf)
@@ -110,9 +112,17 @@ def _state_entries(folder) -> dict:
             for name in opened[0]}
 
 
+def _gguf_entries(path) -> dict:
+    _, tensors = gguf.read_gguf(path)
+    return {gguf.our_name(name) or name: ([tensor], None) for name, tensor in tensors.items()
+            if name != "rope_freqs.weight"}  # (Llama 3's scaled frequencies: model.py computes them)
+
+
 def _open_entries(folder, layout: str, args: ModelArgs):
     """{our name: (pieces, dim)}: the full tensor is the pieces concatenated along dim (None: pieces[0] is it)."""
-    if layout == "meta":
+    if layout == "gguf":
+        entries, where = _gguf_entries(folder), folder
+    elif layout == "meta":
         entries, where = _meta_entries(folder, args.dim), folder / "consolidated.*.pth"
     elif layout == "hf":
         entries, where = _hf_entries(folder)
@@ -161,12 +171,13 @@ def model_params(model) -> dict:
 
 
 def load_pretrained(folder, tokenizer_path=None):
-    """The model and tokenizer of a Meta, Hugging Face or training-state folder, in one process (the command
-    lines of generate.py and evaluate.py); a training state has no tokenizer, so it needs tokenizer_path."""
+    """The model and tokenizer of a Meta, Hugging Face or training-state folder, or of a GGUF file, in one
+    process (the command lines of generate.py and evaluate.py); a training state has no tokenizer, so it needs
+    tokenizer_path."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist: pass --ckpt a Meta, Hugging Face or "
-                                f"training-state folder")
+    if not folder.is_dir() and not (folder.is_file() and folder.suffix == ".gguf"):
+        raise FileNotFoundError(f"checkpoint {folder} does not exist: pass --ckpt a Meta, Hugging Face or "
+                                f"training-state folder, or a .gguf file")
     if detect_format(folder) == "state" and tokenizer_path is None:
         raise ValueError(f"{folder} is a training state, which holds no tokenizer: pass --tokenizer PATH (the "
                          f"tokenizer.model that the run used)")
@@ -263,10 +274,17 @@ def _gathered(model, grid: Grid, names):
 
 
 def _copy_tokenizer(tokenizer_path, folder, vocab_size):
-    if tokenizer_path is not None:
-        load_tokenizer(tokenizer_path, vocab_size)
-        shutil.copyfile(Path(tokenizer_path) / "tokenizer.model" if Path(tokenizer_path).is_dir() else tokenizer_path,
-                        folder / "tokenizer.model")
+    """The tokenizer into the export: tokenizer.model (SentencePiece), or tokenizer.json and tokenizer_config.json
+    (byte-level BPE, written anew, also for the tokenizer of a GGUF file)."""
+    if tokenizer_path is None:
+        return
+    tokenizer = load_tokenizer(tokenizer_path, vocab_size)
+    if isinstance(tokenizer, ByteLevelBPE):
+        for name, content in tokenizer.hugging_face_files().items():
+            write_file(folder / name, lambda f, content=content: f.write(json.dumps(content, ensure_ascii=False,
+                                                                                     indent=1).encode("utf-8")))
+        return
+    shutil.copyfile(tokenizer.path, folder / "tokenizer.model")
 
 
 def save_hf(model, folder, grid: Optional[Grid] = None, tokenizer_path=None, max_shard_bytes: int = 5 * 2**30):

@@ -15,9 +15,12 @@ writes the weights with these, training_state.py writes the training state.
   choose a multiple_of that derives it. rotary_emb.inv_freq is ignored knowingly.
 - Training state (a folder holding manifest.json, MANIFEST): its config is the manifest's model_args.
   training_state.py writes it and describes what it holds.
+- GGUF (one .gguf file, gguf.py): config, tensors and tokenizer in one file; q/k are in Meta's layout already.
+- Tokenizers: SentencePiece (tokenizer.model, data.py) or byte-level BPE (tokenizer.json, or a GGUF file's own:
+  bpe.py).
 
-Left out: RoPE frequency scaling (Llama 3.1's use_scaled_rope, HF's rope_scaling) and biases (refused with a
-message); Llama 3's tiktoken tokenizer (refused: data.py reads SentencePiece only).
+Left out: RoPE scalings other than llama3, and biases (refused with a message); Llama 3's tiktoken file (its
+tokenizer.json is read instead).
 """
 import dataclasses
 import json
@@ -25,6 +28,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+import gguf
+from bpe import ByteLevelBPE
 from data import Tokenizer
 from model import ModelArgs
 from shard import SPLIT_DIM
@@ -87,8 +92,10 @@ def read_json(path):
 
 
 def detect_format(folder) -> str:
-    """"meta", "hf" or "state" (our training state), from the files present."""
+    """"meta", "hf", "state" (our training state) or "gguf" (a .gguf file), from the files present."""
     folder = Path(folder)
+    if folder.is_file() and folder.suffix == ".gguf":
+        return "gguf"
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
     names = sorted(p.name for p in folder.iterdir())
@@ -103,7 +110,7 @@ def detect_format(folder) -> str:
                      f"pytorch_model*.bin) nor a training state ({MANIFEST}); files found: {names or 'none'}")
 
 
-def _hf_multiple_of(dim: int, width: int) -> int:
+def hf_multiple_of(dim: int, width: int) -> int:
     """A multiple_of from which Meta's rule derives the FFN width HF's config states (256 for LLaMA-1/2, a smaller
     power of two for small models, else the width itself: 8/3 dim rounded up to a multiple of the width is the width
     whenever the width is at least 8/3 dim, as Llama 3's 14336 is for dim 4096). 0: no multiple_of derives it."""
@@ -168,7 +175,7 @@ def _args_from_hf_config(config: dict, path) -> ModelArgs:
     if config.get("head_dim", dim // n_heads) != dim // n_heads:
         raise ValueError(f"{path}: head_dim={config['head_dim']} differs from hidden_size / num_attention_heads = "
                          f"{dim // n_heads}; model.py derives head_dim from them")
-    multiple_of = _hf_multiple_of(dim, width)
+    multiple_of = hf_multiple_of(dim, width)
     if not multiple_of:
         raise ValueError(f"{path}: intermediate_size={width}, but ModelArgs derives at least {int(8 * dim / 3)} from "
                          f"hidden_size={dim} (Meta's rule: 8/3 dim rounded up to multiple_of); model.py cannot "
@@ -182,6 +189,15 @@ def read_args(folder, layout: str) -> ModelArgs:
         return _args_from_hf_config(read_json(folder / "config.json"), folder / "config.json")
     if layout == "state":
         return ModelArgs(**read_json(folder / MANIFEST)["model_args"])
+    if layout == "gguf":
+        metadata, _ = gguf.read_gguf(folder, tensors=False)
+        fields, width = gguf.model_fields(metadata, folder)
+        multiple_of = hf_multiple_of(fields["dim"], width)
+        if not multiple_of:
+            raise ValueError(f"{folder}: llama.feed_forward_length={width} cannot be derived from dim={fields['dim']} "
+                             f"by Meta's rule (8/3 dim rounded up to multiple_of)")
+        return ModelArgs(multiple_of=multiple_of, tie_embeddings=not gguf.holds_tensor(folder, "output.weight"),
+                         **fields)
     params = read_json(folder / "params.json")  # Llama 3.1's use_scaled_rope and 3.2's rope_scaling_factor included
     unknown = sorted(params.keys() - {field.name for field in dataclasses.fields(ModelArgs)})
     if unknown:
@@ -199,14 +215,23 @@ def checkpoint_args(folder, tokenizer_path=None, **overrides) -> ModelArgs:
     return dataclasses.replace(args, **overrides)
 
 
-def load_tokenizer(path, vocab_size: Optional[int] = None) -> Tokenizer:
-    """The SentencePiece tokenizer at `path` (a file, or a folder holding tokenizer.model), refused when it has
-    more tokens than the model's vocabulary (its largest ids would index past the embedding)."""
+def load_tokenizer(path, vocab_size: Optional[int] = None):
+    """The tokenizer at `path`: a SentencePiece tokenizer.model, a byte-level BPE tokenizer.json, a folder holding
+    one of them, or a .gguf file (its own tokenizer). Refused when it has more tokens than the model's vocabulary
+    (its largest ids would index past the embedding)."""
     path = Path(path)
-    path = path / "tokenizer.model" if path.is_dir() else path
+    if path.is_dir():
+        path = path / "tokenizer.model" if (path / "tokenizer.model").is_file() or \
+            not (path / "tokenizer.json").is_file() else path / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {path}: pass the path of the checkpoint's tokenizer.model")
-    tokenizer = Tokenizer(path)  # a git-lfs pointer or another format (Llama 3's tiktoken, ...) is refused here
+        raise FileNotFoundError(f"no tokenizer at {path}: pass the path of the checkpoint's tokenizer.model or "
+                                f"tokenizer.json")
+    if path.suffix == ".gguf":
+        tokenizer = ByteLevelBPE.from_gguf(gguf.read_gguf(path, tensors=False)[0], path)
+    elif path.suffix == ".json":
+        tokenizer = ByteLevelBPE.from_tokenizer_json(path)
+    else:
+        tokenizer = Tokenizer(path)  # a git-lfs pointer or another format (Llama 3's tiktoken, ...) is refused here
     if vocab_size is not None and tokenizer.vocab_size > vocab_size:
         raise ValueError(f"the tokenizer {path} has {tokenizer.vocab_size} tokens, more than the model's vocabulary of "
                          f"{vocab_size}: use the tokenizer that belongs to this checkpoint")

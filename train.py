@@ -72,8 +72,8 @@ def parse_args(argv=None):
     data.add_argument("--seq-len", type=int, default=128)
     model = p.add_argument_group("model")
     model.add_argument("--model", default="tiny", help=f"named size: {', '.join(LLAMA_SIZES)}")
-    model.add_argument("--ckpt", default=None, help="start from a Meta or Hugging Face checkpoint folder (or a "
-                       "saved training state); its config replaces --model")
+    model.add_argument("--ckpt", default=None, help="start from a Meta or Hugging Face checkpoint folder, a .gguf "
+                       "file, or a saved training state; its config replaces --model")
     model.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="fp16 adds dynamic loss scaling")
     optimization = p.add_argument_group("optimization")
     optimization.add_argument("--optimizer", default="lomo", choices=["lomo", "adalomo", "adamw"],
@@ -238,9 +238,10 @@ def check_flags(args) -> torch.dtype:
     for flag, path in (("--data", args.data), ("--val-data", args.val_data)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path} does not exist: pass a data file (.txt, .json, .jsonl or .npy)")
-    if args.ckpt and not Path(args.ckpt).is_dir():
-        raise FileNotFoundError(f"checkpoint folder {args.ckpt} does not exist: pass --ckpt a folder holding a Meta "
-                                f"(params.json) or Hugging Face (config.json) checkpoint")
+    if args.ckpt and not Path(args.ckpt).is_dir() and not (Path(args.ckpt).suffix == ".gguf" and
+                                                            Path(args.ckpt).is_file()):
+        raise FileNotFoundError(f"checkpoint {args.ckpt} does not exist: pass --ckpt a folder holding a Meta "
+                                f"(params.json) or Hugging Face (config.json) checkpoint, or a .gguf file")
     if args.offload_checkpoints and not args.activation_checkpointing:
         raise ValueError("--offload-checkpoints moves the block inputs that checkpointing saves: add "
                          "--activation-checkpointing")
@@ -293,15 +294,16 @@ def learning_rate(step: int, base_lr: float, total_steps: int, warmup_steps: int
 
 
 def tokenizer_and_config(args, grid, print0):
-    """The tokenizer and the model's ModelArgs: a Meta or HF checkpoint brings both; else a named size, with a
+    """The tokenizer and the model's ModelArgs: a Meta, HF or GGUF checkpoint brings both; else a named size, with a
     tokenizer trained on the text data (once, by rank 0) or given."""
     cache = Path(__file__).parent / "data" / ".cache"
     tokenizer_corpus = args.data if Path(args.data).suffix == ".txt" else BUNDLED_CORPUS
     layout = checkpoint_formats.detect_format(args.ckpt) if args.ckpt else None
-    if layout in ("meta", "hf"):
-        if not args.tokenizer and not (Path(args.ckpt) / "tokenizer.model").is_file():
-            raise ValueError(f"{args.ckpt} has no tokenizer.model: pass --tokenizer PATH to the SentencePiece "
-                             f"tokenizer.model that belongs to this checkpoint")
+    if layout in ("meta", "hf", "gguf"):
+        if not args.tokenizer and layout != "gguf" and not any((Path(args.ckpt) / name).is_file()
+                                                               for name in ("tokenizer.model", "tokenizer.json")):
+            raise ValueError(f"{args.ckpt} has no tokenizer.model or tokenizer.json: pass --tokenizer PATH to the "
+                             f"tokenizer that belongs to this checkpoint")
         # Meta's params.json has no context length (Meta uses 2048 for LLaMA-1); HF's config.json has one.
         overrides = dict(max_seq_len=max(args.seq_len, 2048)) if layout == "meta" else {}
         margs = checkpoint_formats.checkpoint_args(args.ckpt, args.tokenizer, **overrides)

@@ -91,7 +91,7 @@ def test_checkpoint_without_tokenizer_and_existing_export_folder_are_refused(tmp
 @pytest.mark.parametrize("flags, error, message", [
     (["--eval-only"], ValueError, "--eval-only evaluates a trained model: pass --ckpt DIR"),
     (["--min-lr-ratio", "-1"], ValueError, "--min-lr-ratio=-1.0 must be between 0 and 1"),
-    (["--ckpt", "/nonexistent"], FileNotFoundError, "checkpoint folder /nonexistent does not exist"),
+    (["--ckpt", "/nonexistent"], FileNotFoundError, "checkpoint /nonexistent does not exist"),
     (["--save-every", "-1"], ValueError, "--save-every=-1 must be >= 0"),
 ])
 def test_bad_checkpoint_flags_are_refused(tmp_path, flags, error, message):
