@@ -226,7 +226,7 @@ class ByteLevelBPE:
     def hugging_face_files(self) -> dict:
         """{file name: JSON content}: tokenizer.json and tokenizer_config.json for this tokenizer, which
         from_tokenizer_json (and Hugging Face's library) read back to the same ids."""
-        vocab = {token: i for i, token in enumerate(self.tokens) if token is not None and token not in self.special}
+        vocab = {token: i for i, token in enumerate(self.tokens) if token is not None}  # the special ones too
         added = [dict(id=i, content=token, single_word=False, lstrip=False, rstrip=False, normalized=False,
                       special=True) for token, i in sorted(self.special.items(), key=lambda item: item[1])]
         byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=True)
