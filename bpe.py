@@ -145,11 +145,12 @@ class ByteLevelBPE:
     """The tokenizer interface of data.Tokenizer: vocab_size, bos_id, eos_id, encode, decode, path."""
 
     def __init__(self, tokens: list, merges: list, pre: str, special: dict, bos_id: int, eos_id: int, path=None,
-                 chat_template: str = ""):
+                 chat_template: str = "", ignore_merges: bool = False):
         if pre not in PRE_TOKENIZERS:
             raise ValueError(f"{path}: pre-tokenizer {pre!r} is not implemented (gpt2, smollm and llama3 are)")
         self.tokens, self.pre, self.split, self.path = tokens, pre, PRE_TOKENIZERS[pre], Path(path) if path else None
         self.chat_template = chat_template  # (Jinja text, kept for the export; not rendered here)
+        self.ignore_merges = ignore_merges  # Llama 3's: a piece that is a whole vocabulary entry is that entry
         self.ids = {token: i for i, token in enumerate(tokens) if token is not None}
         self.ranks = {tuple(merge): rank for rank, merge in enumerate(merges)}
         self.special = special  # content -> id, cut out of a text before pre-tokenizing
@@ -160,6 +161,8 @@ class ByteLevelBPE:
         word = "".join(BYTE_SYMBOL[b] for b in piece.encode("utf-8"))
         if word in self.cache:
             return self.cache[word]
+        if self.ignore_merges and word in self.ids:
+            return [self.ids[word]]
         symbols = list(word)
         while len(symbols) > 1:
             pair = min(zip(symbols, symbols[1:]), key=lambda p: self.ranks.get(p, len(self.ranks)))
@@ -240,7 +243,7 @@ class ByteLevelBPE:
                          pre_tokenizer=pre, post_processor=None, decoder=dict(byte_level, add_prefix_space=True),
                          model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix=None,
                                     end_of_word_suffix=None, fuse_unk=False, byte_fallback=False,
-                                    ignore_merges=False, vocab=vocab, merges=merges))
+                                    ignore_merges=self.ignore_merges, vocab=vocab, merges=merges))
         config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=self.tokens[self.bos_id],
                       eos_token=self.tokens[self.eos_id], **({"chat_template": self.chat_template}
                                                              if self.chat_template else {}))
@@ -260,7 +263,8 @@ class ByteLevelBPE:
         special = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind in (3, 4)}  # control, user-defined
         merges = [merge.split(" ", 1) for merge in metadata.get("tokenizer.ggml.merges", [])]
         return cls(tokens, merges, GGUF_PRE[pre], special, metadata["tokenizer.ggml.bos_token_id"],
-                   metadata["tokenizer.ggml.eos_token_id"], path, metadata.get("tokenizer.chat_template", ""))
+                   metadata["tokenizer.ggml.eos_token_id"], path, metadata.get("tokenizer.chat_template", ""),
+                   ignore_merges=GGUF_PRE[pre] == "llama3")  # (as llama.cpp does for Llama 3's vocabulary)
 
     @classmethod
     def from_tokenizer_json(cls, path):
@@ -297,7 +301,8 @@ class ByteLevelBPE:
                              f"tokenizer_config.json of the checkpoint beside it")
         return cls(tokens, merges, pre, special, id_of("bos_token", ["<|begin_of_text|>", "<s>", "<|endoftext|>"]),
                    id_of("eos_token", ["<|end_of_text|>", "</s>", "<|endoftext|>"]), path,
-                   names.get("chat_template", "") if isinstance(names.get("chat_template", ""), str) else "")
+                   names.get("chat_template", "") if isinstance(names.get("chat_template", ""), str) else "",
+                   ignore_merges=bool(model.get("ignore_merges")))
 
 
 def pre_tokenizer_of(spec, path) -> str:

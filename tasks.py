@@ -8,6 +8,9 @@ and SentencePiece's dummy prefix supplies the space after "Answer:". The fields 
 official jsonl files (BoolQ: passage/question/label, COPA: premise/choice1/choice2/question/label, ...);
 test files without labels are refused.
 
+Addition (`python tasks.py addition OUT_DIR`): "What is a + b?" for two-digit numbers, the sum among three near
+misses; the real-model demonstration's task (demo_smollm2.sh).
+
 Word order (`python tasks.py word-order OUT_DIR`): each sentence of the book becomes a 4-way choice
 between the sentence and three shufflings of its words; a model that has learned English word order
 gives the real sentence the lowest loss. Chance is 25%. Train on the first 85% of the book's sentences,
@@ -175,6 +178,25 @@ def word_order_task(text: str, n_choices: int = 4, seed: int = 0, val_fraction: 
     return examples[:n_train], examples[n_train:]
 
 
+def addition_task(seed: int = 0, n_train: int = 2000, n_validation: int = 200):
+    """(train, validation) lists of MultipleChoice: "What is a + b?" for two-digit a and b, the sum against three
+    near misses (off by 1, 2, 9, 10 or 11: the digits a model gets wrong). The held-out pairs are never trained on.
+    A pretrained small model is near chance (SmolLM2-135M: 0.275); the answer is a skill, not a fact of the text."""
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]
+    rng.shuffle(pairs)
+    examples = []
+    for a, b in pairs[:n_validation + n_train]:
+        total, wrong = a + b, []
+        for miss in rng.sample([1, -1, 2, -2, 9, -9, 10, -10, 11, -11], 10):
+            if len(wrong) < 3:
+                wrong.append(str(total + miss))
+        label = rng.randrange(4)
+        examples.append(MultipleChoice(f"Question: What is {a} + {b}?\nAnswer: ", wrong[:label] + [str(total)] +
+                                       wrong[label:], label))
+    return examples[n_validation:], examples[:n_validation]
+
+
 def write_mc_jsonl(examples, path: Path):
     with open(path, "w") as f:
         for e in examples:
@@ -258,18 +280,22 @@ def detect_format(path: Path) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Make the word-order multiple-choice task from a corpus.")
-    parser.add_argument("task", choices=["word-order"])
+    parser = argparse.ArgumentParser(description="Make a multiple-choice task: word order (from a corpus) or "
+                                                 "two-digit addition.")
+    parser.add_argument("task", choices=["word-order", "addition"])
     parser.add_argument("out", help="folder for train.jsonl and validation.jsonl")
     parser.add_argument("--corpus", default=str(Path(__file__).parent / "data" / "botchan.txt"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    train, validation = word_order_task(read_corpus(args.corpus), seed=args.seed)
+    if args.task == "word-order":
+        train, validation = word_order_task(read_corpus(args.corpus), seed=args.seed)
+    else:
+        train, validation = addition_task(seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_mc_jsonl(train, out / "train.jsonl")
     write_mc_jsonl(validation, out / "validation.jsonl")
-    print(f"word order: {len(train)} training and {len(validation)} held-out examples in {out}")
+    print(f"{args.task.replace('-', ' ')}: {len(train)} training and {len(validation)} held-out examples in {out}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from bpe import BYTE_SYMBOL, ByteLevelBPE, split_gpt2, split_llama3, split_smollm
-from fixtures.make_bpe_reference import FIXTURE, PRE_TOKENIZERS, smollm2_gguf, texts, tokenizer_json
+from fixtures.make_bpe_reference import FIXTURE, VARIANTS, smollm2_gguf, texts, tokenizer_json
 from gguf import read_gguf
 
 
@@ -53,11 +53,11 @@ def digest(ids):
 
 
 @needs_smollm2
-@pytest.mark.parametrize("pre", list(PRE_TOKENIZERS))
-def test_ids_equal_the_reference_librarys(tmp_path, metadata, pre):
-    reference = json.loads(FIXTURE.read_text())[pre]
+@pytest.mark.parametrize("pre, ignore_merges", VARIANTS)
+def test_ids_equal_the_reference_librarys(tmp_path, metadata, pre, ignore_merges):
+    reference = json.loads(FIXTURE.read_text())[pre + ("+ignore_merges" if ignore_merges else "")]
     path = tmp_path / "tokenizer.json"
-    path.write_text(json.dumps(tokenizer_json(metadata, pre)))
+    path.write_text(json.dumps(tokenizer_json(metadata, pre, ignore_merges)))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(bos_token="<|im_start|>", eos_token="<|im_end|>")))
     tokenizers = [ByteLevelBPE.from_tokenizer_json(path)]
     if pre == "smollm":
