@@ -255,7 +255,8 @@ class ByteLevelBPE:
     def from_gguf(cls, metadata: dict, path):
         if metadata.get("tokenizer.ggml.model") != "gpt2":
             raise ValueError(f"{path}: tokenizer.ggml.model is {metadata.get('tokenizer.ggml.model')!r}; only "
-                             f"byte-level BPE ('gpt2') is read from GGUF")
+                             f"byte-level BPE ('gpt2') is read from GGUF: pass --tokenizer the model's own "
+                             f"tokenizer.model (SentencePiece) or tokenizer.json")
         pre = metadata.get("tokenizer.ggml.pre", "gpt-2")
         if pre not in GGUF_PRE:
             raise ValueError(f"{path}: tokenizer.ggml.pre is {pre!r}; {', '.join(sorted(GGUF_PRE))} are read")

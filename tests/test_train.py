@@ -343,3 +343,22 @@ def test_eval_only_scores_the_whole_file_and_the_sample_continues_a_real_prompt(
     assert "sample: 'Below is an instruction that describes a task." in out  # not an empty continuation of "I"
     run(tmp_path / "run", *quick, "--resume", "--eval-only")
     assert "data: 30 training and 30 validation sequences" in capsys.readouterr().out  # all of them, not a tenth
+
+
+def test_the_demo_script_prints_its_progress_as_it_runs(tmp_path):
+    import os
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, STEPS="40", EVAL_EVERY="20", SEEDS="1", PYTHONUNBUFFERED="1")
+    demo = subprocess.Popen(["bash", str(root / "demo_word_order.sh"), str(tmp_path)], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        for line in demo.stdout:
+            lines.append(line)
+            if line.startswith("step 0:"):
+                assert demo.poll() is None  # the first evaluation's line arrived while training still runs
+        assert demo.wait(timeout=120) == 0
+    finally:
+        demo.kill()
+    assert [line.split(":")[0] for line in lines if line.startswith("step")] == ["step 0", "step 20", "step 40"]
+    assert lines[-1].startswith("validation loss")
