@@ -30,6 +30,7 @@ import numpy as np
 import cli
 from data import (MultipleChoice, Sequences, field_of, pack, prompt_answer_sequences, read_corpus,
                   read_jsonl)
+from model import IGNORE_INDEX
 
 
 def alpaca_prompt(instruction: str, input_text: str = "") -> str:
@@ -207,6 +208,62 @@ def write_mc_jsonl(examples, path: Path):
 # Data files in every format, as Sequences
 
 
+# Chat data: {"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]} per line, laid out
+# with the markers of the checkpoint's own chat format, found among its tokenizer's special tokens: ChatML
+# (SmolLM2, Qwen: <|im_start|>role\n ... <|im_end|>\n) or Llama 3's (<|start_header_id|>role<|end_header_id|>\n\n
+# ... <|eot_id|>). The loss is on each assistant turn and its end marker, so the model learns to stop; the headers
+# and the other turns are context. The template's Jinja text is not rendered: a default system prompt it would
+# add is not added.
+CHAT_FORMATS = {"chatml": ("<|im_start|>{role}\n", "<|im_end|>", "\n"),
+                "llama3": ("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", "")}
+
+
+def chat_format(tokenizer, path) -> str:
+    special = getattr(tokenizer, "special", {})
+    if "<|im_start|>" in special and "<|im_end|>" in special:
+        return "chatml"
+    if "<|start_header_id|>" in special and "<|eot_id|>" in special:
+        return "llama3"
+    raise ValueError(f"{path} is chat data (messages), but the tokenizer has no chat markers (ChatML's "
+                     f"<|im_start|>/<|im_end|> or Llama 3's <|start_header_id|>/<|eot_id|>): train a chat "
+                     f"checkpoint, or write the data as Alpaca instruction/output pairs")
+
+
+def chat_sequences(rows, path, tokenizer, seq_len: int, train_on_prompt: bool, long: str) -> Sequences:
+    layout = chat_format(tokenizer, path)
+    header, end, after = CHAT_FORMATS[layout]
+    result = Sequences(items=[])
+    for row in rows:
+        messages = field_of(row, "messages", path, list)
+        ids = [tokenizer.bos_id] if layout == "llama3" else []  # Llama 3 begins with <|begin_of_text|>
+        labels = [IGNORE_INDEX] * len(ids)
+        for message in messages:
+            role, content = (message.get(k) if isinstance(message, dict) else None for k in ("role", "content"))
+            if role not in ("system", "user", "assistant") or not isinstance(content, str):
+                raise ValueError(f"{path}:{row['_line']}: each message is {{\"role\": system, user or assistant, "
+                                 f"\"content\": text}}; got {json.dumps(message)[:80]}")
+            context = tokenizer.encode(header.format(role=role), bos=False)
+            turn = tokenizer.encode(content + end, bos=False)
+            tail = tokenizer.encode(after, bos=False) if after else []
+            trained = role == "assistant" or train_on_prompt
+            ids += context + turn + tail
+            labels += (context if train_on_prompt else [IGNORE_INDEX] * len(context)) + \
+                (turn if trained else [IGNORE_INDEX] * len(turn)) + [IGNORE_INDEX] * len(tail)
+        if not any(role_of(m) == "assistant" for m in messages):
+            raise ValueError(f"{path}:{row['_line']}: no assistant turn, so nothing to learn from this line")
+        if len(ids) > seq_len + 1:
+            if long == "drop":
+                result.dropped += 1
+                continue
+            ids, labels, result.truncated = ids[:seq_len + 1], labels[:seq_len + 1], result.truncated + 1
+        result.items.append((ids, labels))
+    return result
+
+
+def role_of(message):
+    return message.get("role") if isinstance(message, dict) else None
+
+
 def read_npy_ids(path):
     """The token stream of a .npy file: an array of non-negative integers, else an error naming the file."""
     try:
@@ -254,6 +311,8 @@ def load_dataset(path, fmt: str, tokenizer, seq_len: int, train_on_prompt: bool 
             raise ValueError(f"{path}: every output is empty, so there is nothing to learn but the end of text "
                              f"(its loss would fall to 0): check the data's output field")
         return prompt_answer_sequences(pairs, tokenizer, seq_len, train_on_prompt, long)
+    if fmt == "chat":
+        return chat_sequences(read_jsonl(path), path, tokenizer, seq_len, train_on_prompt, long)
     if fmt == "mc" or fmt in SUPERGLUE_TASKS:
         examples = superglue_examples(fmt, read_jsonl(path), path)
         pairs = [(e.prompt, e.choices[e.label]) for e in examples]
@@ -272,7 +331,7 @@ def detect_format(path: Path) -> str:
                          f"or pass --format")
     keys = set(read_jsonl(path)[0])
     for fmt, required in (("text", {"text"}), ("alpaca", {"instruction", "output"}), ("ids", {"input_ids"}),
-                          ("mc", {"prompt", "choices", "label"})):
+                          ("mc", {"prompt", "choices", "label"}), ("chat", {"messages"})):
         if required <= keys:
             return fmt
     raise ValueError(f"cannot tell the format of {path} from its fields {sorted(keys - {'_line'})}: pass --format "

@@ -57,10 +57,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, fromfile_prefix_chars="@")
     data = p.add_argument_group("data")
     data.add_argument("--data", "--corpus", default=str(BUNDLED_CORPUS),
-                      help=".txt, .jsonl (text, Alpaca, multiple choice, input_ids), .json (Alpaca) or .npy (ids)")
+                      help=".txt, .jsonl (text, Alpaca, multiple choice, chat messages, input_ids), .json (Alpaca) "
+                           "or .npy (ids)")
     data.add_argument("--val-data", default=None, help="a validation file; default: hold out 10%% of --data")
-    data.add_argument("--format", default="auto", choices=["auto", "text", "ids", "alpaca", "mc", "boolq", "cb",
-                      "copa", "multirc", "rte", "wic", "wsc", "record"],
+    data.add_argument("--format", default="auto", choices=["auto", "text", "ids", "alpaca", "mc", "chat", "boolq",
+                      "cb", "copa", "multirc", "rte", "wic", "wsc", "record"],
                       help="auto: from the extension and fields; the SuperGLUE tasks as distributed")
     data.add_argument("--train-on-prompt", action="store_true", help="also train on prompt tokens (default: "
                       "loss on the answers only)")

@@ -304,3 +304,29 @@ def test_word_order_task_holds_out_the_end_of_the_book():
         assert all(sorted(c.split()) == sorted(real.split()) for c in example.choices)
     assert validation[-1].choices[validation[-1].label] == "Sentence number 99 has quite a few words in it."
     assert pack(list(range(7)), 3) == [([0, 1, 2, 3], [0, 1, 2, 3]), ([3, 4, 5, 6], [3, 4, 5, 6])]
+
+
+def test_chat_data_trains_on_the_assistant_turns_only(tmp_path):
+    from bpe import BYTE_SYMBOL, ByteLevelBPE
+    from model import IGNORE_INDEX
+    from tasks import load_dataset
+    tokens = list(BYTE_SYMBOL) + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = ByteLevelBPE(tokens, [], "gpt2", {t: 256 + i for i, t in enumerate(tokens[256:])}, 257, 258)
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Yo"}]}) + "\n")
+    (ids, labels), = load_dataset(path, "auto", tokenizer, seq_len=64).items
+    expected = [257, *b"user\n", *b"Hi", 258, 10, 257, *b"assistant\n", *b"Yo", 258, 10]  # bytes are their ids here
+    assert ids == expected
+    trained = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert trained == [*b"Yo", 258]  # the answer and its end marker; not the headers, not the user's turn
+    assert tokenizer.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    with pytest.raises(ValueError, match="chat.jsonl:1: no assistant turn"):
+        load_dataset(path, "auto", tokenizer, seq_len=64)
+    path.write_text(json.dumps({"messages": [{"role": "robot", "content": "Hi"}]}) + "\n")
+    with pytest.raises(ValueError, match="chat.jsonl:1: each message is"):
+        load_dataset(path, "auto", tokenizer, seq_len=64)
+    plain = ByteLevelBPE(tokens[:257], [], "gpt2", {"<|endoftext|>": 256}, 256, 256)
+    with pytest.raises(ValueError, match="the tokenizer has no chat markers"):
+        load_dataset(path, "chat", plain, seq_len=64)
