@@ -7,10 +7,11 @@ and a deterministic sampler whose position can be saved.
   corpus and vocabulary size and keeps the file in a cache folder (rebuilt, never committed).
 - Formats (read by tasks.py's `load_dataset` from the records that this file parses): plain text
   (.txt), jsonl with a "text" field, Alpaca instruction data (.json list or .jsonl with
-  instruction/input/output), multiple-choice jsonl ({"prompt", "choices", "label"}),
-  the SuperGLUE task files as distributed (tasks.py turns them into prompts and choices), and
-  pre-tokenized ids (.npy of one token stream, or jsonl with "input_ids") for tokenizers we do not
-  ship, such as Llama 3's. Malformed lines are errors that name the file and the line.
+  instruction/input/output), multiple-choice jsonl ({"prompt", "choices", "label"}), chat jsonl
+  ({"messages": [{"role", "content"}]}, laid out by tasks.py in the checkpoint's chat markers), the
+  SuperGLUE task files as distributed (tasks.py turns them into prompts and choices), and pre-tokenized
+  ids (.npy of one token stream, or jsonl with "input_ids"). Byte-level BPE tokenizers (tokenizer.json,
+  GGUF) are bpe.py's. Malformed lines are errors that name the file and the line.
 - Text is packed: all documents, each wrapped in BOS ... EOS, form one stream cut into windows of
   seq_len + 1 tokens, so no position is padding. Prompt/answer examples are one sequence each; by
   default the loss is on the answer only (labels -100 on the prompt), `train_on_prompt` trains on both.
