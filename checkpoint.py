@@ -15,7 +15,8 @@ training_state.py.
   training state all load at any tp.
 - Export (`save_hf`, `save_meta`) gathers the tp shards one parameter at a time; rank 0 alone writes, one file at
   a time, into a temporary folder next to the destination that is renamed at the end.
-- CLI: `python checkpoint.py convert SRC DST --to hf|meta [--shards N]`.
+- CLI: `python checkpoint.py convert SRC DST --to hf|meta [--shards N]`; SRC may also be a training state or a
+  .gguf file (gguf.py).
 
 Left out: padding a checkpoint's vocabulary when tp does not divide it; a checkpoint folder that not every rank can
 see; checkpoints whose tensors have different dtypes (the model holds one dtype). What the formats leave out (RoPE
@@ -376,7 +377,7 @@ def save_meta(model, folder, grid: Optional[Grid] = None, shards: int = 1, token
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Convert LLaMA checkpoints between Meta and Hugging Face folders "
-                                     "(a training-state step folder is also accepted as the source).")
+                                     "(a training-state step folder or a .gguf file is also accepted as the source).")
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser("convert", help="convert SRC into a new folder DST")
     convert.add_argument("src")
@@ -384,12 +385,14 @@ def main(argv=None):
     convert.add_argument("--to", choices=["hf", "meta"], required=True)
     convert.add_argument("--shards", type=int, default=1, help="number of consolidated.NN.pth files (--to meta)")
     convert.add_argument("--max-shard-bytes", type=int, default=5 * 2**30, help="largest safetensors file (--to hf)")
-    convert.add_argument("--tokenizer", default=None, help="tokenizer.model (default: SRC's, when it has one)")
+    convert.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json (default: SRC's, when it "
+                         "has one)")
     options = parser.parse_args(argv)
     src = Path(options.src)
-    tokenizer = options.tokenizer or (src / "tokenizer.model" if (src / "tokenizer.model").is_file() else None)
+    tokenizer = options.tokenizer or next((path for path in (src / "tokenizer.model", src / "tokenizer.json")
+                                           if path.is_file()), src if src.suffix == ".gguf" else None)
     if tokenizer is None:
-        print(f"{src} has no tokenizer.model: {options.dst} will have none either")
+        print(f"{src} has no tokenizer.model or tokenizer.json: {options.dst} will have none either")
     args = checkpoint_args(src, tokenizer)
     if tokenizer is not None:
         load_tokenizer(tokenizer, args.vocab_size)  # refuse a wrong tokenizer before converting anything

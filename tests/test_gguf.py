@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import gguf
 import shard
 from bpe import BYTE_SYMBOL
@@ -114,6 +115,11 @@ def test_a_written_gguf_file_loads_to_the_same_logits_and_exports(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(tokens), model(tokens))
     assert tokenizer_again.encode("the tiny model") == tokenizer.encode("the tiny model")
+    checkpoint.main(["convert", str(tmp_path / "tiny.gguf"), str(tmp_path / "meta"), "--to", "meta"])
+    meta, meta_tokenizer = load_pretrained(tmp_path / "meta")  # the command line takes a .gguf source too
+    with torch.no_grad():
+        assert torch.equal(meta(tokens), model(tokens))
+    assert meta_tokenizer.encode("the tiny model") == tokenizer.encode("the tiny model")
 
 
 def test_truncated_corrupt_and_unsupported_files_are_refused(tmp_path):
