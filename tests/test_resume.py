@@ -81,7 +81,7 @@ def test_exported_hf_folder_evaluates_to_the_same_loss(tmp_path):
 def test_checkpoint_without_tokenizer_and_existing_export_folder_are_refused(tmp_path):
     train.main(QUICK[:1] + ["1"] + QUICK[2:] + ["--out", str(tmp_path / "run"), "--export-hf", str(tmp_path / "hf")])
     (tmp_path / "hf" / "tokenizer.model").unlink()
-    with pytest.raises(ValueError, match="has no tokenizer.model: pass --tokenizer PATH"):
+    with pytest.raises(ValueError, match="has no tokenizer.model or tokenizer.json: pass --tokenizer PATH"):
         train.main(QUICK + ["--out", str(tmp_path / "eval"), "--ckpt", str(tmp_path / "hf"), "--eval-only"])
     with pytest.raises(ValueError, match="the folder exists; choose a new one"):
         train.main(QUICK + ["--out", str(tmp_path / "again"), "--export-hf", str(tmp_path / "hf")])
