@@ -348,7 +348,7 @@ def test_eval_only_scores_the_whole_file_and_the_sample_continues_a_real_prompt(
 def test_the_demo_script_prints_its_progress_as_it_runs(tmp_path):
     import os
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, STEPS="40", EVAL_EVERY="20", SEEDS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, STEPS="20", EVAL_EVERY="10", SEEDS="1", PYTHONUNBUFFERED="1")
     demo = subprocess.Popen(["bash", str(root / "demo_word_order.sh"), str(tmp_path)], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -360,5 +360,5 @@ def test_the_demo_script_prints_its_progress_as_it_runs(tmp_path):
         assert demo.wait(timeout=120) == 0
     finally:
         demo.kill()
-    assert [line.split(":")[0] for line in lines if line.startswith("step")] == ["step 0", "step 20", "step 40"]
+    assert [line.split(":")[0] for line in lines if line.startswith("step")] == ["step 0", "step 10", "step 20"]
     assert lines[-1].startswith("validation loss")
