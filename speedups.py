@@ -13,7 +13,8 @@ says what it removes from the step and which test holds it equal to the referenc
    parameter name unchanged (bit for bit the plain layers' gradients);
 2. offload.py: activation checkpointing per block, its inputs on the GPU or in pinned host memory, and a
    recomputation that skips each block's w2;
-3. the update rule (lomo.SGD), and whether the step has a norm pass (clipping by norm, or fp16);
+3. the update rule (lomo.SGD, or any rule passed in: adalomo.AdaLomo), and whether the step has a norm pass
+   (clipping by norm, or fp16);
 4. extensions of the norm pass: Gram-matrix norms (gram_norm.py) and saved branch gradients (offload.py);
 5. fast paths of the update (fused_update.py): the vectors batched after backward, the Triton update with its
    square-sum, and the one-op bf16 add;
