@@ -63,6 +63,10 @@ class AdaLomo:
         self.decay_rate, self.weight_decay, self.tp_group = decay_rate, weight_decay, tp_group
         self.tp = dist.get_world_size(tp_group) if tp_group is not None else 1
         self.names = {p: name for name, p in model.named_parameters()}
+        sharded = next((name for p, name in self.names.items() if hasattr(p, "tensor_parallel_dim")), None)
+        if sharded is not None and tp_group is None:
+            raise ValueError(f"{sharded} is split over a tensor-parallel group, so its statistics need that group: "
+                             f"pass AdaLomo(model, tp_group=grid.tp_group)")
         # The dim along which each parameter is split over the tp group (shard.py's attribute), or None.
         self.split = {p: getattr(p, "tensor_parallel_dim", None) if self.tp > 1 else None for p in self.names}
         self.state = {}  # parameter name -> {"step": t, "row": R, "col": C} (a matrix) or {"step": t, "v": v}

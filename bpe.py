@@ -154,6 +154,8 @@ class ByteLevelBPE:
         self.ids = {token: i for i, token in enumerate(tokens) if token is not None}
         self.ranks = {tuple(merge): rank for rank, merge in enumerate(merges)}
         self.special = special  # content -> id, cut out of a text before pre-tokenizing
+        self.special_longest_first = sorted(special, key=len, reverse=True)
+        self.special_starts = {content[0] for content in special}
         self.vocab_size, self.bos_id, self.eos_id = len(tokens), bos_id, eos_id
         self.cache = {}
 
@@ -200,9 +202,10 @@ class ByteLevelBPE:
         if not self.special:
             return [(text, False)]
         parts, start, i = [], 0, 0
-        ordered = sorted(self.special, key=len, reverse=True)
         while i < len(text):
-            found = next((s for s in ordered if text.startswith(s, i)), None) if text[i] in self.first_chars else None
+            found = None
+            if text[i] in self.special_starts:
+                found = next((s for s in self.special_longest_first if text.startswith(s, i)), None)
             if found is None:
                 i += 1
                 continue
@@ -212,14 +215,12 @@ class ByteLevelBPE:
             i = start = i + len(found)
         return parts + ([(text[start:], False)] if start < len(text) else [])
 
-    @property
-    def first_chars(self):
-        return {s[0] for s in self.special}
-
     def decode(self, ids) -> str:
         out = bytearray()
         for i in ids:
             token = self.tokens[int(i)]
+            if token is None:  # an id the vocabulary leaves unused
+                continue
             if token in self.special:
                 out += token.encode("utf-8")
             else:

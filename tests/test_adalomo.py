@@ -203,3 +203,10 @@ def test_a_state_saved_at_tp_2_continues_at_tp_1_and_tp_4():
     for world_size in (1, 4):
         for rank, result in enumerate(run_ranks(parallel_worker, world_size, world_size, 2, saved)):
             assert_same_run(result, reference, f"rank {rank} of tp {world_size}, resumed from tp 2")
+
+
+def test_a_sharded_model_without_its_tp_group_is_refused():
+    model = tiny_model()
+    model.layers[0].attention.wq.weight.tensor_parallel_dim = 0  # as shard.build_model marks a split
+    with pytest.raises(ValueError, match="layers.0.attention.wq.weight is split .* pass AdaLomo\\(model, tp_group"):
+        AdaLomo(model)
