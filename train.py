@@ -507,25 +507,51 @@ def summary_line(evaluations, summary, out) -> str:
 
 
 class StopOnInterrupt:
-    """Ctrl-C in a one-process run: the running step ends, a checkpoint is saved (with --save-every) and the run
-    stops with a message; a second Ctrl-C stops at once. With several processes Ctrl-C ends the job as torchrun
-    does: a stop at one step would need the ranks to agree on it, a collective every step."""
+    """Ctrl-C: the running step ends, a checkpoint is saved (with --save-every) and the run stops with a message;
+    a second Ctrl-C stops at once.
+
+    Under torchrun every rank gets the terminal's SIGINT, and torchrun then sends its workers SIGTERM and kills
+    them 30 s later. After a Ctrl-C that SIGTERM is taken as the same request (a SIGTERM alone, as when another
+    rank died, still ends the process at once). The ranks may see the signal at different steps, so they agree
+    through a one-number all-reduce on a gloo group: each step posts its flag and reads the previous step's
+    without waiting, and every rank stops after the same step, one step after the first that saw it. A save that
+    outlasts torchrun's 30 s is cut off; the previous one stays complete."""
 
     def __init__(self, grid):
-        self.requested, self.previous = False, None
-        if grid.world_size == 1 and threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.requested, self.first_at, self.previous, self.posted = False, None, {}, None
+        self.group = dist.new_group(backend="gloo") if grid.world_size > 1 else None
+        if threading.current_thread() is threading.main_thread():
+            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self.handle)
 
     def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: ending after this step (press it again to stop at once)", file=sys.stderr, flush=True)
+        if self.requested and signum == signal.SIGINT and time.monotonic() - self.first_at > 2.0:
+            raise KeyboardInterrupt  # a second Ctrl-C (not the same one reaching several processes)
+        if not self.requested:
+            self.requested, self.first_at = True, time.monotonic()
+            if self.group is not None and signal.SIGTERM not in self.previous:
+                self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self.handle)  # torchrun's, next
+            print("\nCtrl-C: ending after this step (press it again to stop at once)", file=sys.stderr, flush=True)
+
+    def stop_now(self) -> bool:
+        """Whether to stop after the step that has just run: the same answer on every rank."""
+        if self.group is None:
+            return self.requested
+        agreed = False
+        if self.posted is not None:
+            flag, work = self.posted
+            work.wait()
+            agreed = bool(flag.item())
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        self.posted = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        return agreed
 
     def restore(self):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
+        if self.posted is not None:
+            self.posted[1].wait()  # every rank posted as many as the others: it completes
+            self.posted = None
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
 
 
 def export(args, model, grid, tokenizer, save, print0):
@@ -661,7 +687,7 @@ def train(args, grid, dtype):
             skipped_steps=metrics.skipped_steps, totals=metrics.totals(time.perf_counter() - run_started),
             config=vars(args)), keep=args.keep)
 
-    interrupt = StopOnInterrupt(grid)
+    interrupt, stopped = StopOnInterrupt(grid), False
     try:
         bar = tqdm(range(first_step, args.steps + 1), desc="train", dynamic_ncols=True, file=sys.stdout,
                    initial=first_step - 1, total=args.steps, disable=not grid.is_main)
@@ -682,13 +708,15 @@ def train(args, grid, dtype):
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
             previous = (step, lr, result, targets.numel() * grid.dp, peak, step_mark)
             evaluate_now = step % args.eval_every == 0 or step == args.steps
-            save_now = args.save_every and (step % args.save_every == 0 or step == args.steps or interrupt.requested)
-            if evaluate_now or save_now or interrupt.requested:
+            stop = interrupt.stop_now()
+            save_now = args.save_every and (step % args.save_every == 0 or step == args.steps or stop)
+            if evaluate_now or save_now or stop:
                 finish(*previous[:-1], clock.seconds(step_mark, clock.mark()), evaluate_now)  # waits for the step
                 previous = None
             if save_now:
                 save(step)
-            if interrupt.requested:
+            if stop:
+                stopped = True  # (agreed by every rank: they all export, or none does)
                 print0(f"stopped by Ctrl-C after step {step}" + (f"; saved in {saves}: continue with --resume"
                                                                  if save_now else " (no --save-every: nothing saved)"))
                 break
@@ -699,7 +727,7 @@ def train(args, grid, dtype):
         gc.unfreeze()
         interrupt.restore()
     failed = metrics.steps_run > 0 and metrics.skipped_here > args.max_skipped_fraction * metrics.steps_run
-    if args.export_hf and not interrupt.requested and not failed:
+    if args.export_hf and not stopped and not failed:
         export(args, model, grid, tokenizer, save, print0)
     summary = metrics.summary(args, evaluations, time.perf_counter() - run_started, bool(val_set.choices))
     if grid.is_main:  # the curves of the whole run, resumed parts included

@@ -355,3 +355,30 @@ def test_the_demo_learns_above_chance_and_prints_its_progress_as_it_runs(tmp_pat
     evaluations = [row for row in rows(tmp_path / "word-order-1") if "acc" in row]
     assert evaluations[0]["acc"] < 0.4 and evaluations[0]["n"] == 165
     assert evaluations[-1]["acc"] > 0.6
+
+
+def ctrl_c_on_one_rank_worker(out):
+    """Rank 1 alone gets Ctrl-C during step 3's forward, then SIGTERM as torchrun sends its workers."""
+    import os
+    import signal
+    import torch.distributed as dist
+    real_loss, calls = train.model_loss, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3 and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)  # after a Ctrl-C: the same request, not the end
+        return real_loss(*args, **kwargs)
+    train.model_loss = interrupted
+    train.main(["--out", out, "--steps", "8", "--eval-every", "8", "--eval-batches", "1", "--batch-size", "2",
+                "--seq-len", "16", "--sample-tokens", "0", "--save-every", "100", "--tp", "2"])
+    return len(calls)
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step_and_saves(tmp_path):
+    from distributed import run_ranks
+    calls = run_ranks(ctrl_c_on_one_rank_worker, 2, str(tmp_path))
+    assert calls == [4, 4]  # both ran step 4 (the step after rank 1's request) and no further
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004"]
+    assert [r["step"] for r in rows(tmp_path) if "loss" in r and "summary" not in r] == [1, 2, 3, 4]
