@@ -448,7 +448,7 @@ class Metrics:
     def __init__(self, path, append: bool, grid, totals: dict):
         """totals: of the run's earlier segments (a resumed run), else empty."""
         self.file = open(path, "a" if append else "w") if grid.is_main else None
-        self.grid, self.skipped_steps = grid, totals.get("skipped_steps", 0)
+        self.path, self.grid, self.skipped_steps = Path(path), grid, totals.get("skipped_steps", 0)
         self.steps_run, self.skipped_here = 0, 0  # in this segment
         self.tokens, self.seconds, self.earlier_time_s = totals.get("tokens", 0), totals.get("seconds", 0.0), \
             totals.get("time_s", 0.0)
@@ -490,7 +490,18 @@ class Metrics:
         self.log(summary)
         if self.file:
             self.file.close()
+            label = vars(args).get("optimizer", "lomo")  # the curves of the whole run, resumed parts included
+            plot.write_svg(self.path.with_name("curves.svg"), {label: plot.read_metrics(self.path)})
         return summary
+
+    def too_many_skipped(self, args) -> bool:
+        return self.steps_run > 0 and self.skipped_here > args.max_skipped_fraction * self.steps_run
+
+    def skipped_error(self, args) -> FloatingPointError:
+        return FloatingPointError(
+            f"{self.skipped_here} of the {self.steps_run} steps were skipped (non-finite loss or gradients), more "
+            f"than --max-skipped-fraction={args.max_skipped_fraction}: the model barely trained"
+            f"{' and was not exported' if args.export_hf else ''}. Lower --lr, or clip with --clip-grad-norm")
 
 
 def on_device(tensors, device):
@@ -726,18 +737,12 @@ def train(args, grid, dtype):
     finally:
         gc.unfreeze()
         interrupt.restore()
-    failed = metrics.steps_run > 0 and metrics.skipped_here > args.max_skipped_fraction * metrics.steps_run
-    if args.export_hf and not stopped and not failed:
+    if args.export_hf and not stopped and not metrics.too_many_skipped(args):
         export(args, model, grid, tokenizer, save, print0)
     summary = metrics.summary(args, evaluations, time.perf_counter() - run_started, bool(val_set.choices))
-    if grid.is_main:  # the curves of the whole run, resumed parts included
-        plot.write_svg(out / "curves.svg", {args.optimizer: plot.read_metrics(out)})
     print0(summary_line(evaluations, summary, out))
-    if failed:
-        raise FloatingPointError(
-            f"{metrics.skipped_here} of the {metrics.steps_run} steps were skipped (non-finite loss or gradients), "
-            f"more than --max-skipped-fraction={args.max_skipped_fraction}: the model barely trained"
-            f"{' and was not exported' if args.export_hf else ''}. Lower --lr, or clip with --clip-grad-norm")
+    if metrics.too_many_skipped(args):
+        raise metrics.skipped_error(args)
     return dict(first_val_loss=evaluations[0]["val_loss"], **summary)
 
 

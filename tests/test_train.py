@@ -36,6 +36,9 @@ def test_shortened_default_run_lowers_validation_loss(tmp_path, capsys):
     assert step["grad_norm"] > 0 and step["skipped"] is False and step["tokens_per_s"] > 0
     out = capsys.readouterr().out
     assert "val loss" in out and "sample: " in out
+    import xml.etree.ElementTree as ElementTree
+    curves = ElementTree.parse(tmp_path / "curves.svg").getroot()  # every run draws its curves
+    assert len([p for p in curves.iter("{http://www.w3.org/2000/svg}path") if p.get("class") == "curve"]) == 2
 
 
 def test_schedule_reaches_the_metrics(tmp_path):
