@@ -79,7 +79,7 @@ def multiple_choice_accuracy(model, examples, tokenizer, seq_len, device, grid=N
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Score the model of a checkpoint folder on every example of a data file.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a Meta, Hugging Face or training-state folder")
+    p.add_argument("--ckpt", required=True, help="a Meta, Hugging Face or training-state folder, or a .gguf file")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the checkpoint's)")
     p.add_argument("--data", required=True, help="a data file in any format train.py reads")
     p.add_argument("--format", default="auto", help="as train.py's --format")

@@ -64,7 +64,7 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.8, t
 def main(argv=None) -> str:
     p = argparse.ArgumentParser(description="Continue a prompt with the model of a checkpoint folder.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a Meta, Hugging Face or training-state folder")
+    p.add_argument("--ckpt", required=True, help="a Meta, Hugging Face or training-state folder, or a .gguf file")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the checkpoint's)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--template", default="none", choices=["none", "alpaca"], help="wrap the prompt as an instruction")
