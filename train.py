@@ -231,6 +231,10 @@ def check_flags(args) -> torch.dtype:
     if args.optimizer != "lomo" and args.cuda_graph:
         raise ValueError(f"--cuda-graph replays an update that is w += alpha * g; {args.optimizer}'s is not: drop "
                          f"--cuda-graph, or train with --optimizer lomo")
+    if args.optimizer == "adamw" and (args.dtype == "fp16" or args.no_finite_checks):
+        raise ValueError(f"--optimizer adamw with {'--dtype fp16' if args.dtype == 'fp16' else '--no-finite-checks'}: "
+                         f"the AdamW baseline has no loss scaling and checks every step; use --dtype bf16 or fp32, "
+                         f"without --no-finite-checks")
     if not args.ckpt and args.model not in LLAMA_SIZES:
         raise ValueError(f"--model {args.model!r} is not a named size: choose one of {', '.join(LLAMA_SIZES)}, "
                          f"or pass --ckpt DIR")
@@ -594,6 +598,8 @@ def model_and_lomo(args, grid, dtype, margs, model_name, print0):
             raise ValueError(f"--optimizer adamw runs in one process ({grid.world_size} here): the baseline has no "
                              f"dp averaging or tp norms; compare in one process, or train with lomo or adalomo")
         speedups.apply_layers(model, args.activation_checkpointing, args.offload_checkpoints)
+        if args.compile:
+            speedups.compile_blocks(model)
         lomo = AdamWStep(model, args.lr, weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm,
                          clip_grad_value=args.clip_grad_value)
         print0(f"AdamW (the full-backward baseline): lr {args.lr}, weight decay {args.weight_decay}")

@@ -68,6 +68,9 @@ def test_low_precision_runs_with_clipping_log_norm_and_scale(tmp_path, dtype):
     (["--cuda-graph", "--device", "cpu", "--dtype", "bf16"], ValueError,
      "--cuda-graph replays CUDA graphs: it needs a GPU"),
     (["--cuda-graph"], ValueError, "--cuda-graph with --dtype fp32: .* add --dtype bf16"),
+    (["--optimizer", "adamw", "--dtype", "fp16"], ValueError, "--optimizer adamw with --dtype fp16: .* no loss "),
+    (["--optimizer", "adalomo", "--cuda-graph"], ValueError, "adalomo's is not: drop --cuda-graph"),
+    (["--optimizer", "adalomo", "--adalomo-decay-rate", "0.5"], ValueError, "AdaLomo decay_rate=0.5 must be negative"),
 ])
 def test_bad_input_is_refused_before_training(tmp_path, flags, error, message):
     with pytest.raises(error, match=message):
